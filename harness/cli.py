@@ -1,0 +1,198 @@
+"""`harness …`: the command line. Every subcommand has --help; those that
+report take --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+from harness.errors import ClusterError, HarnessError
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, ["-" * w for w in widths], *rows]]
+    return "\n".join(lines)
+
+
+def _mib(n: int | None) -> str:
+    return f"{n >> 20} MiB" if n else "-"
+
+
+# ---- doctor ---------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from harness.doctor import run_checks
+
+    checks = run_checks()
+    if args.json:
+        print(json.dumps({"checks": [c.__dict__ for c in checks]}))
+    else:
+        rows = [[c.name, "ok" if c.ok else ("MISSING" if c.required else "no"), c.detail,
+                 "" if c.ok else c.fix] for c in checks]
+        print(_table(["check", "state", "detail", "fix"], rows))
+    return 0 if all(c.ok or not c.required for c in checks) else 1
+
+
+# ---- up / status / down ---------------------------------------------------
+
+def _status_rows(nodes: list[dict]) -> list[list[str]]:
+    return [[n["name"], n["role"], n["state"], n["placement"], n.get("accel") or "-",
+             _mib(n.get("memory")), ", ".join(n.get("links", [])) or "-",
+             f"{n['boot_s']:.2f} s" if n.get("boot_s") is not None else "-"]
+            for n in nodes]
+
+
+_STATUS_HEAD = ["node", "role", "state", "placement", "accel", "memory", "links", "boot"]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from harness.nodes import control
+    from harness.nodes.cluster import Cluster
+    from harness.topology import load
+
+    topo = load(args.topology)
+    if args.placement:
+        topo = topo.with_placement(args.placement)
+    try:
+        state = control.request(topo.name, "status", timeout=2.0)
+    except ClusterError:
+        state = None
+    if state is not None:
+        raise ClusterError(f"a cluster named {topo.name!r} is already running "
+                           f"(pid {state['pid']}); `harness down` first")
+    run_dir = control.cluster_dir(topo.name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stale one whose `up` died
+    cluster = Cluster(topo, run_dir=run_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cluster.start(timeout=args.timeout, progress=lambda m: _err(f"  {m}"))
+        print(_table(_STATUS_HEAD, _status_rows(cluster.status())), flush=True)
+        _err(f"cluster {topo.name} is up (logs in {run_dir}); `harness status` and "
+             "`harness down` work from another shell; Ctrl-C here stops it")
+        try:
+            control.serve(cluster, stop)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        _err(f"stopping {topo.name} ...")
+        cluster.stop()
+    _err(f"cluster {topo.name} is down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from harness.nodes import control
+
+    try:
+        state = control.request(args.name, "status", timeout=args.timeout)
+        code = 0
+    except ClusterError as exc:
+        state, code = control.last_state(args.name), 1
+        if not args.json:
+            _err(str(exc))
+    if args.json:
+        print(json.dumps(state or {"cluster": None, "nodes": []}))
+    elif state:
+        print(_table(_STATUS_HEAD, _status_rows(state["nodes"])))
+    return code
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from harness.nodes import control
+
+    control.request(args.name, "down", timeout=args.timeout)
+    if not control.wait_gone(args.name, args.timeout):
+        raise ClusterError(f"cluster {args.name!r} said it was stopping but its control "
+                           f"socket is still there after {args.timeout:g} s")
+    _err(f"cluster {args.name} is down")
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import transport
+
+    progress = None if args.json else (lambda m: _err(f"  {m}"))
+    rep = transport.run(link=args.link, n=args.n, progress=progress)
+    print(rep.to_json() if args.json else rep.table())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from harness import demo
+
+    return demo.run()
+
+
+# ---- parser ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness",
+        description="Boot LegoOS-style disaggregated clusters (processor, memory and storage "
+                    "nodes) as processes or QEMU VMs, and measure them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            json_flag: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print one JSON object")
+        return sp
+
+    add("doctor", cmd_doctor, "what this host has and lacks, each with its fix", True)
+
+    sp = add("up", cmd_up, "boot a cluster and keep it up until Ctrl-C or `harness down`")
+    sp.add_argument("topology", nargs="?", default="lego3",
+                    help="a built-in topology name or a .toml file (default: lego3)")
+    sp.add_argument("--placement", choices=["process", "vm"],
+                    help="run every node this way (default: as the topology says)")
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to wait for every node to be ready (default: 60)")
+
+    for name, fn, help_ in (("status", cmd_status, "list the nodes of a running cluster"),
+                            ("down", cmd_down, "stop a cluster started with `harness up`")):
+        sp = add(name, fn, help_, json_flag=name == "status")
+        sp.add_argument("--name", default="lego3",
+                        help="the cluster (topology) name (default: lego3)")
+        sp.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for an answer (default: 10)")
+
+    sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
+    sp.add_argument("which", choices=["transport"], help="the benchmark")
+    sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
+                    help="transport benchmark: the kind of link (default: shm)")
+    sp.add_argument("-n", type=int, default=20000,
+                    help="samples per round-trip row (default: 20000)")
+    add("demo", cmd_demo, "the main job: boot the cluster, run a workload, report")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except HarnessError as exc:
+        _err(f"harness {args.command}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _err(f"harness {args.command}: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The node agent: opens its links, serves requests, prints READY.
+
+Run as `python -m harness.nodes.agent SPEC.json`, on the host or in a guest.
+It cannot tell which except through the links it is given. Each link it
+serves gets a thread; a malformed frame closes that link only, and the node
+keeps serving the others."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from harness._native.transport import Link
+from harness.errors import (
+    HarnessError,
+    LinkClosed,
+    ProtocolError,
+    TransportError,
+    TransportTimeout,
+)
+from harness.nodes.role import ROLES
+from harness.nodes.spec import AgentSpec, LinkEnd
+
+log = logging.getLogger("harness.agent")
+PR_SET_PDEATHSIG = 1
+READY = "DH-READY"
+
+
+def open_link(end: LinkEnd, nid: int) -> Link:
+    if end.kind == "shm":
+        link = Link.shm_open(end.path, end.side, name=end.peer)
+    elif end.kind == "fd":
+        link = Link.from_fd(end.fd, name=end.peer)
+        os.close(end.fd)  # the link holds its own duplicate
+    else:
+        raise HarnessError(f"unknown link kind {end.kind!r} for peer {end.peer}")
+    link.set_src(nid)
+    if end.latency_ns or end.bytes_per_sec:
+        link.set_model(end.latency_ns, end.bytes_per_sec)
+    return link
+
+
+class Agent:
+    def __init__(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        self.stop = threading.Event()
+        self.control = open_link(spec.control, spec.nid)
+        self.servers: dict[str, Link] = {}
+        self.clients: dict[str, Link] = {}
+        self._client_locks: dict[str, threading.Lock] = {}
+        for end in spec.links:
+            link = open_link(end, spec.nid)
+            if end.serve:
+                self.servers[end.peer] = link
+            else:
+                self.clients[end.peer] = link
+                self._client_locks[end.peer] = threading.Lock()
+        self.role = ROLES[spec.role](self)
+
+    def all_links(self) -> list[tuple[str, Link]]:
+        return [("controller", self.control), *self.servers.items(), *self.clients.items()]
+
+    def call(self, peer: str, opcode: int, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+        """A request to a node this one calls; one caller per link at a time."""
+        with self._client_locks[peer]:
+            return self.clients[peer].call(opcode, payload, timeout=timeout)
+
+    def serve(self, peer: str, link: Link, is_control: bool) -> None:
+        while not self.stop.is_set():
+            try:
+                hdr, payload = link.recv(timeout=0.5)
+            except TransportTimeout:
+                continue
+            except ProtocolError as exc:
+                log.error("%s: %s; still serving the other links", self.spec.name, exc)
+                break
+            except LinkClosed:
+                break
+            try:
+                out, err = self.role.handle(hdr.opcode, payload), False
+            except Exception as exc:  # reported to the caller, never fatal here
+                out, err = f"{type(exc).__name__}: {exc}".encode(), True
+            try:
+                link.reply(hdr, out[: link.max_payload], error=err)
+            except TransportError as exc:
+                log.error("%s: reply to %s failed: %s", self.spec.name, peer, exc)
+                break
+        if is_control:  # the controller is gone or said shut down
+            self.stop.set()
+
+    def run(self) -> int:
+        threads = [threading.Thread(target=self.serve, args=("controller", self.control, True),
+                                    name="control", daemon=True)]
+        threads += [threading.Thread(target=self.serve, args=(peer, link, False),
+                                     name=f"serve-{peer}", daemon=True)
+                    for peer, link in self.servers.items()]
+        for t in threads:
+            t.start()
+        print(f"{READY} {self.spec.name} role={self.spec.role} pid={os.getpid()}", flush=True)
+        self.stop.wait()
+        for _, link in self.all_links():
+            link.close()
+        for t in threads:
+            t.join(timeout=2.0)
+        return 0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A node process must not outlive the harness that started it."""
+    if not parent_pid:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m harness.nodes.agent SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    spec = AgentSpec.load(Path(args[0]))
+    _die_with_parent(spec.parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return Agent(spec).run()
+    except HarnessError as exc:
+        print(f"{spec.name}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

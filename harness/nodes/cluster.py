@@ -1,0 +1,311 @@
+"""A cluster: the nodes of a topology, started, linked and supervised.
+
+Process placement runs each node agent as a host process; the controller
+holds a control link to every node (it calls, the node answers) and creates
+the links between nodes before starting them. Every wait has a timeout and
+no node process outlives the controller (the agent sets a parent-death
+signal)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness._native.transport import Link, Op, create_shm_file
+from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
+from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.topology import Topology, load, parse_size
+
+Progress = Callable[[str], None]
+_serial = itertools.count()
+
+
+def run_root() -> Path:
+    """Where clusters keep their run directories (logs, state, sockets)."""
+    env = os.environ.get("HARNESS_RUN_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "disagg-harness" if xdg else Path(f"/tmp/disagg-harness-{os.getuid()}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class ExecResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    truncated: bool = False
+
+
+class NodeHandle:
+    """The controller's view of one node."""
+
+    def __init__(self, node, spec_path: Path, log_path: Path) -> None:
+        self.node = node
+        self.spec_path = spec_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.control: Link | None = None
+        self.lock = threading.Lock()
+        self.state = "booting"
+        self.boot_s: float | None = None
+        self.peers: dict[str, float] = {}
+
+    def call(self, opcode: int, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+        if self.control is None:
+            raise ClusterError(f"{self.node.name} has no control link (it never started)")
+        with self.lock:
+            try:
+                return self.control.call(opcode, payload, timeout=timeout)
+            except TransportError as exc:
+                raise type(exc)(f"{self.node.name}: {exc}") from exc
+
+
+class Cluster:
+    """The nodes of one topology. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, topology: Topology, run_dir: Path | None = None,
+                 cache: str | int | None = None) -> None:
+        self.topology = topology
+        vm = [n.name for n in topology.nodes if n.placement == "vm"]
+        if vm:
+            raise NotSupported(
+                f"placement 'vm' ({', '.join(vm)}) needs the QEMU launcher, which this "
+                "version does not have yet; use placement='process'")
+        self.cache_bytes = parse_size(cache) if cache is not None else None
+        # A private run directory is removed after a clean stop; a given one is kept.
+        self._private = run_dir is None
+        self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
+        self.shm_dir = Path("/dev/shm") / f"disagg-harness-{os.getuid()}" / self.run_dir.name
+        self.nodes = {n.name: NodeHandle(n, self.run_dir / f"{n.name}.json",
+                                         self.run_dir / f"{n.name}.log")
+                      for n in topology.nodes}
+        self.started_at: float | None = None
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.topology.name
+
+    # ---- start -----------------------------------------------------------
+
+    def _link_ends(self) -> tuple[dict[str, list[LinkEnd]], list[int]]:
+        """Creates every inter-node link; returns each node's ends and the fds
+        the controller must close once the agents have inherited them."""
+        ends: dict[str, list[LinkEnd]] = {n: [] for n in self.nodes}
+        fds: list[int] = []
+        for k in self.topology.links:
+            model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
+            if k.kind == "shm":
+                path = str(self.shm_dir / f"{k.name}.shm")
+                create_shm_file(path, k.size)
+                ends[k.client].append(LinkEnd(k.server, "shm", False, path=path, side=0, **model))
+                ends[k.server].append(LinkEnd(k.client, "shm", True, path=path, side=1, **model))
+                continue
+            a, b = _socket_pair(k.kind)
+            fds += [a.detach(), b.detach()]
+            ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **model))
+            ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **model))
+        return ends, fds
+
+    def start(self, timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
+        say = progress or (lambda _msg: None)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        try:
+            ends, fds = self._link_ends()
+            try:
+                for h in self.nodes.values():
+                    self._spawn(h, ends[h.node.name])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self._wait_ready(time.monotonic() + timeout, say)
+            self._check_links(say)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, h: NodeHandle, links: list[LinkEnd]) -> None:
+        n = h.node
+        ctl_path = str(self.shm_dir / f"controller-{n.name}.shm")
+        create_shm_file(ctl_path, 1 << 22)
+        h.control = Link.shm_open(ctl_path, 0, name=n.name)
+        spec = AgentSpec(name=n.name, role=n.role, nid=n.nid, cluster=self.name,
+                         placement=n.placement,
+                         control=LinkEnd("controller", "shm", True, path=ctl_path, side=1),
+                         links=links, parent_pid=os.getpid())
+        spec.dump(h.spec_path)
+        mine = [e.fd for e in links if e.kind == "fd"]
+        with open(h.log_path, "wb") as log:
+            h.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.nodes.agent", str(h.spec_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=mine, close_fds=True)
+
+    def _wait_ready(self, deadline: float, say: Progress) -> None:
+        t0 = time.monotonic()
+        pending = dict(self.nodes)
+        while pending:
+            for name, h in list(pending.items()):
+                assert h.proc is not None
+                if h.proc.poll() is not None:
+                    h.state = "failed"
+                    raise ClusterError(
+                        f"{name} exited with status {h.proc.returncode} before it was ready; "
+                        f"its log ({h.log_path}) ends:\n{tail(h.log_path)}")
+                try:
+                    h.call(Op.HELLO, timeout=0.2)
+                except TransportError:
+                    continue
+                h.state, h.boot_s = "ready", time.monotonic() - t0
+                say(f"{name} ({h.node.role}, {h.node.placement}) ready in {h.boot_s:.2f} s")
+                del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(
+                    f"timed out waiting for {', '.join(pending)} to answer HELLO; "
+                    f"see the logs in {self.run_dir}")
+
+    def _check_links(self, say: Progress) -> None:
+        """Every link answers: each node pings the nodes it calls."""
+        for name, h in self.nodes.items():
+            if not any(k.client == name for k in self.topology.links):
+                continue
+            h.peers = json.loads(h.call(Op.PING, b"peers", timeout=10.0))
+            for peer, rtt in h.peers.items():
+                say(f"link {name} -> {peer} answers ({rtt:.0f} us round trip from Python)")
+
+    # ---- use -------------------------------------------------------------
+
+    def node(self, name: str) -> NodeHandle:
+        if name not in self.nodes:
+            raise ClusterError(f"no node named {name!r} in {self.name} "
+                               f"(nodes: {', '.join(self.nodes)})")
+        return self.nodes[name]
+
+    def call(self, node: str, opcode: int, payload: bytes = b"", timeout: float = 5.0) -> bytes:
+        return self.node(node).call(opcode, payload, timeout)
+
+    def status(self) -> list[dict]:
+        rows = []
+        for name, h in self.nodes.items():
+            if h.state == "ready":
+                alive = h.proc is not None and h.proc.poll() is None
+                try:
+                    if alive:
+                        h.call(Op.PING, timeout=1.0)
+                except TransportError:
+                    alive = False
+                if not alive:
+                    h.state = "down"
+            rows.append({
+                "name": name, "role": h.node.role, "state": h.state,
+                "placement": h.node.placement, "nid": h.node.nid,
+                "pid": h.proc.pid if h.proc else None, "accel": None,
+                "memory": h.node.memory, "boot_s": h.boot_s,
+                "links": [k.name for k in self.topology.links_of(name)],
+            })
+        return rows
+
+    def exec(self, node: str, argv: Sequence[str], timeout: float = 60.0,
+             stdin: bytes = b"") -> ExecResult:
+        """Runs a command on a node and returns its status and output."""
+        if not argv:
+            raise ValueError("exec needs a command")
+        req = {"argv": list(argv), "timeout": timeout, "stdin": base64.b64encode(stdin).decode()}
+        r = json.loads(self.call(node, Op.EXEC, json.dumps(req).encode(), timeout=timeout + 5))
+        return ExecResult(r["returncode"], base64.b64decode(r["stdout"]),
+                          base64.b64decode(r["stderr"]), r["truncated"])
+
+    def stats(self) -> dict:
+        return {name: json.loads(self.call(name, Op.STATS)) for name in self.nodes}
+
+    def alloc(self, nbytes: int):
+        raise NotSupported("disaggregated memory (ExCache) is not built yet in this version")
+
+    def sql(self, query: str, params: Sequence = ()):
+        raise NotSupported("the DBOS layer is not built yet in this version")
+
+    def fault(self, node: str, action: str) -> None:
+        raise NotSupported("fault injection is not built yet in this version")
+
+    # ---- stop ------------------------------------------------------------
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Asks every node to shut down, then terminates and kills stragglers."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for h in self.nodes.values():
+            if h.proc is not None and h.proc.poll() is None and h.state == "ready":
+                try:
+                    h.call(Op.SHUTDOWN, timeout=1.0)
+                except HarnessError:
+                    pass
+        deadline = time.monotonic() + timeout
+        clean = True
+        for h in self.nodes.values():
+            if h.control is not None:
+                h.control.close()
+            if h.proc is None:
+                clean = False
+                continue
+            try:
+                h.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+                h.proc.wait(5.0)
+            clean = clean and h.proc.returncode == 0 and h.state != "failed"
+            h.state = "down"
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
+        if clean and self._private:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of the given kind; tcp stays on loopback."""
+    if kind == "unix":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname(), timeout=5.0)
+        srv.settimeout(5.0)
+        b, _ = srv.accept()
+    a.settimeout(None)
+    b.settimeout(None)
+    return a, b
+
+
+def open_cluster(topology: str | Path | Topology = "lego3", placement: str | None = None,
+                 cache: str | int | None = None, run_dir: Path | None = None,
+                 timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
+    """Starts a cluster and returns it; use it in a `with` block."""
+    topo = topology if isinstance(topology, Topology) else load(topology)
+    if placement is not None:
+        topo = topo.with_placement(placement)
+    return Cluster(topo, run_dir=run_dir, cache=cache).start(timeout, progress)

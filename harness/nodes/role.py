@@ -1,0 +1,112 @@
+"""A node's role: what it answers on its links.
+
+Every role answers the control protocol (HELLO, PING, STATS, EXEC,
+SHUTDOWN); the pnode, mnode and snode add their own opcodes as the
+ExCache, memory and DBOS layers land."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from harness._native.transport import Op
+from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.nodes.agent import Agent
+
+EXEC_OUTPUT_LIMIT = 256 << 10  # per stream; the rest is cut and flagged
+
+Handler = Callable[[bytes], bytes]
+
+
+def _clip(data: bytes) -> tuple[str, bool]:
+    return base64.b64encode(data[:EXEC_OUTPUT_LIMIT]).decode(), len(data) > EXEC_OUTPUT_LIMIT
+
+
+class Role:
+    """The base role; `handlers` maps opcodes to functions of the payload."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.started = time.time()
+        self.handled = 0
+        self._lock = threading.Lock()
+        self.handlers: dict[int, Handler] = {
+            Op.HELLO: self.hello,
+            Op.PING: self.ping,
+            Op.STATS: self.stats_json,
+            Op.EXEC: self.exec,
+            Op.SHUTDOWN: self.shutdown,
+        }
+
+    def handle(self, opcode: int, payload: bytes) -> bytes:
+        fn = self.handlers.get(opcode)
+        if fn is None:
+            raise HarnessError(
+                f"{self.agent.spec.name} ({self.agent.spec.role}) does not serve "
+                f"opcode {Op(opcode).name}")
+        with self._lock:
+            self.handled += 1
+        return fn(payload)
+
+    def hello(self, _payload: bytes) -> bytes:
+        s = self.agent.spec
+        return json.dumps({
+            "name": s.name, "role": s.role, "nid": s.nid, "pid": os.getpid(),
+            "placement": s.placement, "cluster": s.cluster,
+            "links": [{"peer": e.peer, "kind": e.kind, "serve": e.serve} for e in s.links],
+        }).encode()
+
+    def ping(self, payload: bytes) -> bytes:
+        """Empty payload: a plain ping. b"peers": ping every link this node
+        calls, and report each round trip in microseconds."""
+        if payload != b"peers":
+            return b""
+        rtts = {}
+        for peer in self.agent.clients:
+            t0 = time.perf_counter()
+            self.agent.call(peer, Op.PING, b"", timeout=2.0)
+            rtts[peer] = round((time.perf_counter() - t0) * 1e6, 1)
+        return json.dumps(rtts).encode()
+
+    def stats(self) -> dict:
+        return {
+            "name": self.agent.spec.name, "role": self.agent.spec.role,
+            "uptime_s": round(time.time() - self.started, 3), "handled": self.handled,
+            "links": {peer: link.stats() for peer, link in self.agent.all_links()},
+        }
+
+    def stats_json(self, _payload: bytes) -> bytes:
+        return json.dumps(self.stats()).encode()
+
+    def exec(self, payload: bytes) -> bytes:
+        req = json.loads(payload)
+        argv, timeout = req["argv"], float(req.get("timeout", 60))
+        try:
+            p = subprocess.run(argv, capture_output=True, timeout=timeout,
+                               input=base64.b64decode(req.get("stdin", "")),
+                               cwd=req.get("cwd"), check=False)
+        except FileNotFoundError as exc:
+            raise HarnessError(f"{self.agent.spec.name}: no such program: {argv[0]}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise HarnessError(
+                f"{self.agent.spec.name}: {argv!r} did not finish within {timeout:g} s "
+                "and was killed") from exc
+        out, out_cut = _clip(p.stdout)
+        err, err_cut = _clip(p.stderr)
+        return json.dumps({"returncode": p.returncode, "stdout": out, "stderr": err,
+                           "truncated": out_cut or err_cut}).encode()
+
+    def shutdown(self, _payload: bytes) -> bytes:
+        self.agent.stop.set()
+        return b""
+
+
+ROLES: dict[str, type[Role]] = {"pnode": Role, "mnode": Role, "snode": Role}

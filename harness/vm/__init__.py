@@ -1,0 +1,1 @@
+"""QEMU: command lines, the acceleration probe, launch and shutdown."""

@@ -1,0 +1,157 @@
+/* Frame codec and CRC32C. */
+#include <pthread.h>
+#include <string.h>
+
+#include "link.h"
+
+static uint32_t crc_table[8][256];
+static int crc_hw;
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^
+                              crc_table[0][crc_table[t - 1][i] & 0xff];
+    __builtin_cpu_init();
+    crc_hw = __builtin_cpu_supports("sse4.2");
+}
+
+__attribute__((target("sse4.2"))) static uint32_t crc_sse42(uint32_t c,
+                                                            const uint8_t *p,
+                                                            size_t n)
+{
+    uint64_t c64 = c;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c64 = __builtin_ia32_crc32di(c64, v);
+        p += 8;
+        n -= 8;
+    }
+    c = (uint32_t)c64;
+    while (n--)
+        c = __builtin_ia32_crc32qi(c, *p++);
+    return c;
+}
+
+static uint32_t crc_soft(uint32_t c, const uint8_t *p, size_t n)
+{
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= c;
+        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
+            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
+            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
+            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c;
+}
+
+uint32_t dh_crc32c(uint32_t crc, const void *buf, size_t n)
+{
+    pthread_once(&crc_once, crc_init);
+    uint32_t c = ~crc;
+    c = crc_hw ? crc_sse42(c, buf, n) : crc_soft(c, buf, n);
+    return ~c;
+}
+
+int dh_op_known(uint16_t op)
+{
+    switch (op) {
+    case DH_OP_HELLO: case DH_OP_PING: case DH_OP_STATS: case DH_OP_SHUTDOWN:
+    case DH_OP_EXEC: case DH_OP_ECHO: case DH_OP_CTL:
+    case DH_OP_P2M_PCACHE_MISS: case DH_OP_P2M_PCACHE_FLUSH:
+    case DH_OP_P2M_PCACHE_MISS_FLUSH: case DH_OP_P2M_ZERO_FILL:
+    case DH_OP_P2M_ALLOC: case DH_OP_P2M_FREE: case DH_OP_M2M_REPLICA:
+    case DH_OP_M2S_LOG: case DH_OP_SQL: case DH_OP_GATE_CALL:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* x86-64 is little-endian, the wire too: the header is stored as is. */
+_Static_assert(sizeof(dh_frame_hdr) == DH_FRAME_HDR_SIZE, "header layout");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "little-endian host");
+
+int dh_frame_encode(uint8_t *buf, size_t cap, const dh_frame_hdr *h,
+                    const void *payload, uint32_t len)
+{
+    if (len > DH_FRAME_MAX_PAYLOAD)
+        return DH_ETOOBIG;
+    if (cap < DH_FRAME_HDR_SIZE + (size_t)len)
+        return DH_ETOOBIG;
+    if (!dh_op_known(h->opcode))
+        return DH_EINVAL;
+    dh_frame_hdr w = *h;
+    w.magic = DH_FRAME_MAGIC;
+    w.version = DH_FRAME_VERSION;
+    w.length = len;
+    w.checksum = dh_frame_crc(&w, payload);
+    memcpy(buf, &w, sizeof w);
+    if (len)
+        memcpy(buf + sizeof w, payload, len);
+    return (int)(DH_FRAME_HDR_SIZE + len);
+}
+
+int dh_frame_check_hdr(const uint8_t *buf, size_t n, dh_frame_hdr *out)
+{
+    if (n < DH_FRAME_HDR_SIZE)
+        return DH_EAGAIN;
+    dh_frame_hdr h;
+    memcpy(&h, buf, sizeof h);
+    if (h.magic != DH_FRAME_MAGIC || h.version != DH_FRAME_VERSION ||
+        h.length > DH_FRAME_MAX_PAYLOAD || !dh_op_known(h.opcode))
+        return DH_EPROTO;
+    *out = h;
+    return 0;
+}
+
+/* CRC of a header as sent: computed with its checksum field zero. */
+static uint32_t hdr_crc(const dh_frame_hdr *h)
+{
+    dh_frame_hdr z = *h;
+    z.checksum = 0;
+    return dh_crc32c(0, &z, sizeof z);
+}
+
+int dh_frame_decode(const uint8_t *buf, size_t n, dh_frame_hdr *out,
+                    const uint8_t **payload)
+{
+    dh_frame_hdr h;
+    int rc = dh_frame_check_hdr(buf, n, &h);
+    if (rc)
+        return rc;
+    if (n - DH_FRAME_HDR_SIZE < h.length)
+        return DH_EAGAIN;
+    if (dh_frame_verify_split(&h, buf + DH_FRAME_HDR_SIZE))
+        return DH_EPROTO;
+    *out = h;
+    *payload = buf + DH_FRAME_HDR_SIZE;
+    return (int)(DH_FRAME_HDR_SIZE + h.length);
+}
+
+int dh_frame_verify_split(const dh_frame_hdr *h, const void *payload)
+{
+    return dh_frame_crc(h, payload) == h->checksum ? 0 : DH_EPROTO;
+}
+
+uint32_t dh_frame_crc(const dh_frame_hdr *h, const void *payload)
+{
+    uint32_t crc = hdr_crc(h);
+    return h->length ? dh_crc32c(crc, payload, h->length) : crc;
+}

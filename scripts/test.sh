@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: set-up, lint, then pytest
+# (unit tests, native C tests, and the VM tests, which boot real guests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check harness tests
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,10 @@
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_run_dir(tmp_path_factory):
+    """Clusters started by tests keep their run directories out of the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HARNESS_RUN_DIR", str(tmp_path_factory.mktemp("run")))
+    yield
+    mp.undo()

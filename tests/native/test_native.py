@@ -1,0 +1,27 @@
+"""Builds the C core with its native tests under AddressSanitizer and
+UndefinedBehaviorSanitizer, with warnings as errors, and runs them."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-Wshadow",
+         "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("name", ["transport"])
+def test_native(tmp_path, name):
+    sources = [ROOT / "native/error.c", *sorted((ROOT / f"native/{name}").glob("*.c"))]
+    exe = tmp_path / f"test_{name}"
+    build = subprocess.run(
+        ["gcc", *FLAGS, f"-I{ROOT / 'native/include'}", f"-I{ROOT / 'native' / name}",
+         str(Path(__file__).parent / f"test_{name}.c"), *map(str, sources), "-lpthread",
+         "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("0 failed")

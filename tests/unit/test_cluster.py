@@ -1,0 +1,144 @@
+"""Nodes as host processes: the lego3 cluster starts, answers, runs
+commands, survives a malformed frame on one link, and leaves nothing
+behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import topology
+from harness._native import transport as t
+from harness.errors import (
+    ClusterError,
+    LinkClosed,
+    NotSupported,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from harness.nodes.cluster import open_cluster
+
+from .helpers import alive
+
+
+@pytest.fixture
+def cluster():
+    with open_cluster("lego3", placement="process") as c:
+        yield c
+
+
+def test_lego3_starts_and_every_node_answers(cluster):
+    rows = cluster.status()
+    assert [(r["name"], r["role"], r["state"]) for r in rows] == [
+        ("pnode0", "pnode", "ready"), ("mnode0", "mnode", "ready"), ("snode0", "snode", "ready")]
+    hello = json.loads(cluster.call("mnode0", t.Op.HELLO))
+    assert hello["role"] == "mnode" and hello["pid"] == rows[1]["pid"]
+    assert set(cluster.nodes["pnode0"].peers) == {"mnode0", "snode0"}
+
+
+def test_exec_passes_status_and_output(cluster):
+    r = cluster.exec("pnode0", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
+    r = cluster.exec("pnode0", ["cat"], stdin=b"fed in")
+    assert r.stdout == b"fed in"
+
+
+def test_exec_of_a_missing_program_is_a_clear_error(cluster):
+    with pytest.raises(RemoteError, match="no such program: /no/such/thing"):
+        cluster.exec("pnode0", ["/no/such/thing"])
+
+
+def test_stats_count_link_traffic(cluster):
+    s = cluster.stats()
+    assert s["pnode0"]["links"]["mnode0"]["frames_sent"] >= 1
+    assert s["snode0"]["role"] == "snode"
+
+
+def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
+    """Garbage on the pnode->mnode ring: mnode closes that link, still
+    answers its controller; pnode sees the link closed."""
+    path = next(e["path"] for e in json.loads(
+        cluster.nodes["mnode0"].spec_path.read_text())["links"])
+    intruder = t.Link.shm_open(path, 0, name="intruder")  # pose as the pnode end
+    intruder.send_raw(b"DHF1 this is not a frame at all")
+    deadline = time.monotonic() + 5
+    with pytest.raises(LinkClosed):  # once mnode has dropped the link
+        while time.monotonic() < deadline:
+            intruder.send(t.Op.PING, timeout=0.1)
+            time.sleep(0.01)
+    assert cluster.call("mnode0", t.Op.PING, timeout=2) == b""
+    stats = json.loads(cluster.call("mnode0", t.Op.STATS))
+    assert stats["links"]["pnode0"]["proto_errors"] == 1
+    with pytest.raises(RemoteError, match="closed"):
+        cluster.call("pnode0", t.Op.PING, b"peers", timeout=5)
+
+
+def test_unsupported_parts_say_so(cluster):
+    with pytest.raises(NotSupported):
+        cluster.alloc(1 << 20)
+    with pytest.raises(NotSupported):
+        cluster.sql("SELECT 1")
+
+
+def test_vm_placement_is_not_claimed():
+    with pytest.raises(NotSupported, match="QEMU launcher"):
+        open_cluster("lego3", placement="vm")
+
+
+def test_stop_leaves_no_process_and_no_shm():
+    c = open_cluster("lego3")
+    pids = [h.proc.pid for h in c.nodes.values()]
+    shm = c.shm_dir
+    assert shm.exists()
+    c.stop()
+    assert not any(alive(p) for p in pids)
+    assert not shm.exists() and not c.run_dir.exists()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_stream_links_between_nodes(tmp_path, kind):
+    topo = topology.load("lego3")
+    text = (topology.BUILTIN_DIR / "lego3.toml").read_text().replace(
+        'kind = "shm"', f'kind = "{kind}"')
+    path = tmp_path / "streams.toml"
+    path.write_text(text)
+    topo = topology.load(path)
+    with open_cluster(topo) as c:
+        peers = json.loads(c.call("pnode0", t.Op.PING, b"peers"))
+        assert set(peers) == {"mnode0", "snode0"}
+
+
+def test_a_node_that_dies_at_start_is_reported(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[[nodes]]\nname = "p"\nrole = "pnode"\n')
+    # Every Python the cluster starts now dies at start-up, as a broken node would.
+    (tmp_path / "sitecustomize.py").write_text("raise SystemExit('boom at import')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(ClusterError,
+                       match=r"(?s)p exited with status 1 before it was ready.*boom at import"):
+        open_cluster(bad, timeout=20)
+
+
+def test_controller_sigkill_takes_the_nodes_down(tmp_path):
+    code = ("from harness.nodes.cluster import open_cluster\n"
+            "c = open_cluster('lego3')\n"
+            "print(' '.join(str(h.proc.pid) for h in c.nodes.values()), flush=True)\n"
+            "import time; time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 3 and all(alive(x) for x in pids)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 5
+    while any(alive(x) for x in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(x) for x in pids)
+
+
+def test_protocol_error_type_is_a_transport_error():
+    assert issubclass(ProtocolError, TransportError)
