@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,8 +22,9 @@ from pathlib import Path
 
 from harness._native.transport import Link, Op, create_shm_file
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
+from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
-from harness.topology import Topology, load, parse_size
+from harness.topology import Node, Topology, load, parse_size
 
 Progress = Callable[[str], None]
 _serial = itertools.count()
@@ -40,13 +39,6 @@ def run_root() -> Path:
     return Path(xdg) / "disagg-harness" if xdg else Path(f"/tmp/disagg-harness-{os.getuid()}")
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @dataclass
 class ExecResult:
     returncode: int
@@ -56,13 +48,11 @@ class ExecResult:
 
 
 class NodeHandle:
-    """The controller's view of one node."""
+    """The controller's view of one node: its runner and its control link."""
 
-    def __init__(self, node, spec_path: Path, log_path: Path) -> None:
+    def __init__(self, node: Node, runner: ProcessRunner | VMRunner) -> None:
         self.node = node
-        self.spec_path = spec_path
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
+        self.runner = runner
         self.control: Link | None = None
         self.lock = threading.Lock()
         self.state = "booting"
@@ -83,21 +73,24 @@ class Cluster:
     """The nodes of one topology. Use as a context manager, or start()/stop()."""
 
     def __init__(self, topology: Topology, run_dir: Path | None = None,
-                 cache: str | int | None = None) -> None:
+                 cache: str | int | None = None, disk_dir: Path | None = None,
+                 deterministic: bool = False) -> None:
+        vm = {n.name for n in topology.nodes if n.placement == "vm"}
+        for k in topology.links:
+            if {k.client, k.server} & vm:
+                raise NotSupported(
+                    f"link {k.name}: links to nodes in VMs (ivshmem, socket netdevs) are not "
+                    "built yet in this version; use placement 'process' for linked nodes")
         self.topology = topology
-        vm = [n.name for n in topology.nodes if n.placement == "vm"]
-        if vm:
-            raise NotSupported(
-                f"placement 'vm' ({', '.join(vm)}) needs the QEMU launcher, which this "
-                "version does not have yet; use placement='process'")
+        self.deterministic = deterministic
         self.cache_bytes = parse_size(cache) if cache is not None else None
         # A private run directory is removed after a clean stop; a given one is kept.
         self._private = run_dir is None
         self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
         self.shm_dir = Path("/dev/shm") / f"disagg-harness-{os.getuid()}" / self.run_dir.name
-        self.nodes = {n.name: NodeHandle(n, self.run_dir / f"{n.name}.json",
-                                         self.run_dir / f"{n.name}.log")
-                      for n in topology.nodes}
+        # Disks outlive a node's restart; a private cluster keeps them in its run dir.
+        self.disk_dir = disk_dir or self.run_dir
+        self.nodes: dict[str, NodeHandle] = {}
         self.started_at: float | None = None
         self._stopped = False
 
@@ -126,16 +119,37 @@ class Cluster:
             ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **model))
         return ends, fds
 
+    def _runners(self, say: Progress) -> None:
+        vm_nodes = [n for n in self.topology.nodes if n.placement == "vm"]
+        image = probe = None
+        if vm_nodes:
+            from harness import images
+            from harness.vm import accel
+
+            image, probe = images.build(progress=say), accel.probe()
+        for n in self.topology.nodes:
+            runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic)
+                      if n.placement == "vm" and image and probe
+                      else ProcessRunner(n, self.run_dir, self.shm_dir))
+            self.nodes[n.name] = NodeHandle(n, runner)
+
     def start(self, timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
+        """Starts every node (VMs are launched from this thread: QEMU's
+        parent-death signal is tied to it) and waits until all answer."""
         say = progress or (lambda _msg: None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.shm_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         try:
+            self._runners(say)
             ends, fds = self._link_ends()
             try:
                 for h in self.nodes.values():
-                    self._spawn(h, ends[h.node.name])
+                    links = ends[h.node.name]
+                    spec = AgentSpec(name=h.node.name, role=h.node.role, nid=h.node.nid,
+                                     cluster=self.name, placement=h.node.placement,
+                                     control=LinkEnd("controller", "", True), links=links)
+                    h.control = h.runner.start(spec, [e.fd for e in links if e.kind == "fd"])
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -146,34 +160,16 @@ class Cluster:
             raise
         return self
 
-    def _spawn(self, h: NodeHandle, links: list[LinkEnd]) -> None:
-        n = h.node
-        ctl_path = str(self.shm_dir / f"controller-{n.name}.shm")
-        create_shm_file(ctl_path, 1 << 22)
-        h.control = Link.shm_open(ctl_path, 0, name=n.name)
-        spec = AgentSpec(name=n.name, role=n.role, nid=n.nid, cluster=self.name,
-                         placement=n.placement,
-                         control=LinkEnd("controller", "shm", True, path=ctl_path, side=1),
-                         links=links, parent_pid=os.getpid())
-        spec.dump(h.spec_path)
-        mine = [e.fd for e in links if e.kind == "fd"]
-        with open(h.log_path, "wb") as log:
-            h.proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.nodes.agent", str(h.spec_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=mine, close_fds=True)
-
     def _wait_ready(self, deadline: float, say: Progress) -> None:
         t0 = time.monotonic()
         pending = dict(self.nodes)
         while pending:
             for name, h in list(pending.items()):
-                assert h.proc is not None
-                if h.proc.poll() is not None:
+                if not h.runner.alive:
                     h.state = "failed"
-                    raise ClusterError(
-                        f"{name} exited with status {h.proc.returncode} before it was ready; "
-                        f"its log ({h.log_path}) ends:\n{tail(h.log_path)}")
+                    raise ClusterError(h.runner.failure())
+                if not h.runner.console_ready():
+                    continue
                 try:
                     h.call(Op.HELLO, timeout=0.2)
                 except TransportError:
@@ -185,6 +181,8 @@ class Cluster:
                 raise ClusterError(
                     f"timed out waiting for {', '.join(pending)} to answer HELLO; "
                     f"see the logs in {self.run_dir}")
+            if pending:
+                time.sleep(0.01)
 
     def _check_links(self, say: Progress) -> None:
         """Every link answers: each node pings the nodes it calls."""
@@ -210,7 +208,7 @@ class Cluster:
         rows = []
         for name, h in self.nodes.items():
             if h.state == "ready":
-                alive = h.proc is not None and h.proc.poll() is None
+                alive = h.runner.alive
                 try:
                     if alive:
                         h.call(Op.PING, timeout=1.0)
@@ -221,7 +219,7 @@ class Cluster:
             rows.append({
                 "name": name, "role": h.node.role, "state": h.state,
                 "placement": h.node.placement, "nid": h.node.nid,
-                "pid": h.proc.pid if h.proc else None, "accel": None,
+                "pid": h.runner.pid, "accel": h.runner.accel,
                 "memory": h.node.memory, "boot_s": h.boot_s,
                 "links": [k.name for k in self.topology.links_of(name)],
             })
@@ -257,7 +255,7 @@ class Cluster:
             return
         self._stopped = True
         for h in self.nodes.values():
-            if h.proc is not None and h.proc.poll() is None and h.state == "ready":
+            if h.runner.alive and h.state == "ready":
                 try:
                     h.call(Op.SHUTDOWN, timeout=1.0)
                 except HarnessError:
@@ -265,17 +263,10 @@ class Cluster:
         deadline = time.monotonic() + timeout
         clean = True
         for h in self.nodes.values():
+            ok = h.runner.stop(max(0.0, deadline - time.monotonic()))
             if h.control is not None:
                 h.control.close()
-            if h.proc is None:
-                clean = False
-                continue
-            try:
-                h.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                h.proc.kill()
-                h.proc.wait(5.0)
-            clean = clean and h.proc.returncode == 0 and h.state != "failed"
+            clean = clean and ok and h.state != "failed"
             h.state = "down"
         shutil.rmtree(self.shm_dir, ignore_errors=True)
         if clean and self._private:

@@ -6,10 +6,8 @@ ExCache, memory and DBOS layers land."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +25,8 @@ Handler = Callable[[bytes], bytes]
 
 
 def _clip(data: bytes) -> tuple[str, bool]:
+    import base64
+
     return base64.b64encode(data[:EXEC_OUTPUT_LIMIT]).decode(), len(data) > EXEC_OUTPUT_LIMIT
 
 
@@ -87,6 +87,9 @@ class Role:
         return json.dumps(self.stats()).encode()
 
     def exec(self, payload: bytes) -> bytes:
+        import base64  # here, not at the top: the agent starts faster in a guest
+        import subprocess
+
         req = json.loads(payload)
         argv, timeout = req["argv"], float(req.get("timeout", 60))
         try:

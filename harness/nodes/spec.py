@@ -1,45 +1,61 @@
 """What a node agent is told at start: who it is and which links to open.
 
 The cluster writes one spec per node as JSON; the agent reads it. The same
-spec serves a host process and (later) a guest, which is why links are
-described by path or fd rather than handed over as objects."""
+spec serves a host process and a guest, which is why links are described by
+path or fd rather than handed over as objects. Plain classes, not
+dataclasses: the agent imports this in a TCG guest, where every module
+imported costs ~20 times what it costs on the host."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+_LINK_FIELDS = {"peer": str, "kind": str, "serve": bool, "path": str, "side": int, "fd": int,
+                "latency_ns": int, "bytes_per_sec": int}
 
 
-@dataclass
 class LinkEnd:
-    peer: str            # the node (or "controller") at the other end
-    kind: str            # "shm" (path + side) or "fd" (an inherited stream fd)
-    serve: bool          # True: this end answers requests; False: it calls
-    path: str = ""
-    side: int = 0
-    fd: int = -1
-    latency_ns: int = 0
-    bytes_per_sec: int = 0
+    """One end of a link. kind: "shm" (path + side), "fd" (an inherited
+    stream fd) or "dev" (a character device at path: a virtio-serial port).
+    serve: True when this end answers requests, False when it calls."""
+
+    __slots__ = tuple(_LINK_FIELDS)
+
+    def __init__(self, peer: str, kind: str, serve: bool, path: str = "", side: int = 0,
+                 fd: int = -1, latency_ns: int = 0, bytes_per_sec: int = 0) -> None:
+        self.peer, self.kind, self.serve, self.path = peer, kind, serve, path
+        self.side, self.fd = side, fd
+        self.latency_ns, self.bytes_per_sec = latency_ns, bytes_per_sec
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in _LINK_FIELDS}
 
 
-@dataclass
 class AgentSpec:
-    name: str
-    role: str
-    nid: int
-    cluster: str
-    placement: str
-    control: LinkEnd
-    links: list[LinkEnd] = field(default_factory=list)
-    parent_pid: int = 0  # the agent exits if this process is not its parent
+    """A node's identity and links; parent_pid: the agent exits if this
+    process is not its parent (0 in a guest)."""
 
-    def dump(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+    def __init__(self, name: str, role: str, nid: int, cluster: str, placement: str,
+                 control: LinkEnd, links: list[LinkEnd] | None = None, parent_pid: int = 0,
+                 data_dir: str = "") -> None:
+        self.name, self.role, self.nid, self.cluster = name, role, nid, cluster
+        self.placement, self.control, self.links = placement, control, links or []
+        self.parent_pid, self.data_dir = parent_pid, data_dir
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d["control"] = self.control.to_dict()
+        d["links"] = [e.to_dict() for e in self.links]
+        return json.dumps(d, indent=1)
+
+    def dump(self, path) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> AgentSpec:
-        raw = json.loads(path.read_text())
+    def load(cls, path) -> AgentSpec:
+        with open(path) as f:
+            raw = json.load(f)
         raw["control"] = LinkEnd(**raw["control"])
         raw["links"] = [LinkEnd(**x) for x in raw["links"]]
         return cls(**raw)

@@ -63,7 +63,7 @@ def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
     """Garbage on the pnode->mnode ring: mnode closes that link, still
     answers its controller; pnode sees the link closed."""
     path = next(e["path"] for e in json.loads(
-        cluster.nodes["mnode0"].spec_path.read_text())["links"])
+        (cluster.run_dir / "mnode0.json").read_text())["links"])
     intruder = t.Link.shm_open(path, 0, name="intruder")  # pose as the pnode end
     intruder.send_raw(b"DHF1 this is not a frame at all")
     deadline = time.monotonic() + 5
@@ -85,14 +85,14 @@ def test_unsupported_parts_say_so(cluster):
         cluster.sql("SELECT 1")
 
 
-def test_vm_placement_is_not_claimed():
-    with pytest.raises(NotSupported, match="QEMU launcher"):
+def test_links_between_vms_are_not_claimed():
+    with pytest.raises(NotSupported, match="links to nodes in VMs"):
         open_cluster("lego3", placement="vm")
 
 
 def test_stop_leaves_no_process_and_no_shm():
     c = open_cluster("lego3")
-    pids = [h.proc.pid for h in c.nodes.values()]
+    pids = [h.runner.pid for h in c.nodes.values()]
     shm = c.shm_dir
     assert shm.exists()
     c.stop()
@@ -127,7 +127,7 @@ def test_a_node_that_dies_at_start_is_reported(tmp_path, monkeypatch):
 def test_controller_sigkill_takes_the_nodes_down(tmp_path):
     code = ("from harness.nodes.cluster import open_cluster\n"
             "c = open_cluster('lego3')\n"
-            "print(' '.join(str(h.proc.pid) for h in c.nodes.values()), flush=True)\n"
+            "print(' '.join(str(h.runner.pid) for h in c.nodes.values()), flush=True)\n"
             "import time; time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     pids = [int(x) for x in p.stdout.readline().split()]

@@ -1,0 +1,3 @@
+"""Type stubs for harness._native.errors (C error codes to exceptions)."""
+
+def strerror(code: int) -> str: ...

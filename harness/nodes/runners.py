@@ -1,0 +1,160 @@
+"""Where a node agent runs: a host process or a QEMU guest.
+
+Both give the cluster the same things: a control link to the agent, whether
+it is alive, its log, and a stop that always leaves nothing running. The
+agent itself cannot tell the difference except through the links it gets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import harness
+from harness._native.transport import Link, create_shm_file
+from harness.errors import NotSupported
+from harness.images import Image
+from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.topology import Node
+from harness.vm.accel import AccelProbe
+from harness.vm.disk import ensure_ext4
+from harness.vm.machine import READY_RE, VM
+from harness.vm.qemu import MachineConfig
+
+CONTROL_PORT = "dh.ctl"
+GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
+GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class ProcessRunner:
+    """The agent as a host process, controlled over an shm ring; it dies
+    with the controller (parent-death signal)."""
+
+    accel = None
+
+    def __init__(self, node: Node, run_dir: Path, shm_dir: Path) -> None:
+        self.node = node
+        self.run_dir = run_dir
+        self.shm_dir = shm_dir
+        self.log_path = run_dir / f"{node.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
+        ctl_path = str(self.shm_dir / f"controller-{self.node.name}.shm")
+        create_shm_file(ctl_path, 1 << 22)
+        control = Link.shm_open(ctl_path, 0, name=self.node.name)
+        spec.control = LinkEnd("controller", "shm", True, path=ctl_path, side=1)
+        spec.parent_pid = os.getpid()
+        spec_path = self.run_dir / f"{self.node.name}.json"
+        spec.dump(spec_path)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=pass_fds, close_fds=True)
+        return control
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def console_ready(self) -> bool:
+        return True  # a host process is asked with HELLO directly
+
+    def failure(self) -> str:
+        code = self.proc.returncode if self.proc else None
+        return (f"{self.node.name} exited with status {code} before it was ready; "
+                f"its log ({self.log_path}) ends:\n{tail(self.log_path)}")
+
+    def stop(self, timeout: float) -> bool:
+        """True when the agent exited by itself with status 0."""
+        if self.proc is None:
+            return False
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5.0)
+        return self.proc.returncode == 0
+
+
+class VMRunner:
+    """The agent in a QEMU guest, controlled over a virtio-serial port."""
+
+    def __init__(self, node: Node, run_dir: Path, image: Image, accel: AccelProbe,
+                 disk_dir: Path, deterministic: bool = False) -> None:
+        self.node = node
+        self.run_dir = run_dir
+        self.image = image
+        self.accel = accel.accel
+        self._probe = accel
+        self.disk_dir = disk_dir
+        self.deterministic = deterministic
+        self.vm: VM | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.node.name}.console.log"
+
+    def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
+        if spec.links or pass_fds:
+            raise NotSupported(
+                f"{self.node.name}: links between nodes in VMs need ivshmem or socket "
+                "netdevs, which this version does not have yet; use placement 'process'")
+        n = self.node.name
+        spec.control = LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}")
+        disk = None
+        if self.node.disk:
+            disk = ensure_ext4(self.disk_dir / f"{n}.ext4", self.node.disk)
+            spec.data_dir = GUEST_DISK_DIR
+        spec.dump(self.run_dir / f"{n}.json")
+        # Straight into Python, no shell: -S skips site.py, whose path
+        # scanning over 9p costs a TCG guest most of a second.
+        root = Path(harness.__file__).resolve().parent.parent
+        script = self.run_dir / f"{n}.agent"
+        script.write_text(f"#!{sys.executable} -S\n"
+                          f"import sys\nsys.path[:0] = [{str(root)!r}]\n"
+                          "from harness.nodes.agent import main\n"
+                          f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
+        script.chmod(0o755)
+        cfg = MachineConfig(name=n, image=self.image, accel=self._probe, run_dir=self.run_dir,
+                            script=script.name, memory=self.node.memory, cpus=self.node.cpus,
+                            disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic)
+        self.vm = VM(cfg).launch()
+        return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
+
+    @property
+    def alive(self) -> bool:
+        return self.vm is not None and self.vm.alive
+
+    @property
+    def pid(self) -> int | None:
+        return self.vm.pid if self.vm else None
+
+    def console_ready(self) -> bool:
+        return self.vm is not None and self.vm.console_has(READY_RE)
+
+    def failure(self) -> str:
+        code = self.vm.exit_code if self.vm else None
+        tail_text = self.vm.console_tail() if self.vm else "(not started)"
+        return (f"{self.node.name}: QEMU exited with status {code} before the agent was ready; "
+                f"the console ({self.log_path}) ends:\n{tail_text}")
+
+    def stop(self, timeout: float) -> bool:
+        if self.vm is None:
+            return False
+        code = self.vm.stop(grace=timeout)
+        return code == 0
+

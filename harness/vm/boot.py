@@ -1,0 +1,100 @@
+"""`harness boot -- CMD`: one guest, one command, its output and status.
+
+The command runs in the guest's chroot of the host root (read-only), in the
+caller's working directory when the guest can see it. Its stdout and stderr
+come back on two virtio-serial ports and are passed through as they arrive;
+the guest's init reports the exit status on the console and powers off."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
+
+from harness import images
+from harness.nodes.cluster import run_root
+from harness.topology import ROLES
+from harness.vm import accel
+from harness.vm.disk import data_dir, ensure_ext4
+from harness.vm.machine import EXIT_RE, VM
+from harness.vm.qemu import MachineConfig
+
+Progress = Callable[[str], None]
+SNODE_DISK = 256 << 20
+
+
+def guest_script(argv: Sequence[str], cwd: str, env: dict[str, str]) -> str:
+    """The shell script init runs in the guest's chroot."""
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    return (f"{exports}cd {shlex.quote(cwd)} 2>/dev/null || cd /\n"
+            f"exec {shlex.join(argv)}\n")
+
+
+def guest_env() -> dict[str, str]:
+    """What a command in the guest inherits: the caller's PATH and Python
+    setup; HOME is the guest's tmpfs (the host's root is read-only there)."""
+    env = {"HOME": "/tmp", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1",
+           "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+    for k in ("VIRTUAL_ENV", "PYTHONPATH", "LANG", "LC_ALL"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def _relay(src, dst: BinaryIO) -> None:
+    while True:
+        try:
+            data = src.recv(65536)
+        except OSError:
+            return
+        if not data:
+            return
+        dst.write(data)
+        dst.flush()
+
+
+def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
+         deterministic: bool = False, memory: int = 512 << 20,
+         progress: Progress | None = None, stdout: BinaryIO | None = None,
+         stderr: BinaryIO | None = None) -> int:
+    """Boots a guest, runs argv in it and returns its exit status."""
+    if not argv:
+        raise ValueError("harness boot needs a command after --")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    say = progress or (lambda _m: None)
+    out = stdout or sys.stdout.buffer
+    err = stderr or sys.stderr.buffer
+    image = images.build(progress=say)
+    probe = accel.probe()
+    run_dir = run_root() / f"boot.{os.getpid()}.{time.monotonic_ns()}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "cmd.sh").write_text(guest_script(argv, os.getcwd(), guest_env()))
+    disk = ensure_ext4(data_dir() / "disks" / "boot-snode.ext4", SNODE_DISK) \
+        if role == "snode" else None
+    cfg = MachineConfig(name=f"boot-{role}", image=image, accel=probe, run_dir=run_dir,
+                        script="cmd.sh", memory=memory, disk=disk,
+                        ports=["dh.out", "dh.err"], deterministic=deterministic)
+    say(f"booting a {role} guest ({probe.accel}"
+        f"{', deterministic' if deterministic else ''}; kernel {image.kernel_version})")
+    clean = False
+    with VM(cfg) as vm:
+        vm.launch()
+        relays = [threading.Thread(target=_relay, args=(vm.ports[p], f), daemon=True)
+                  for p, f in (("dh.out", out), ("dh.err", err))]
+        for r in relays:
+            r.start()
+        m = vm.wait_for(EXIT_RE, timeout, "DH-EXIT (the command's exit status)")
+        vm.wait(10.0)  # init powers off after reporting
+        for r in relays:
+            r.join(5.0)
+        code = int(m.group(1))
+        clean = True
+    if clean:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return code

@@ -1,0 +1,43 @@
+"""Disk images for guests: raw files with ext4, made on the host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from harness.errors import ImageError
+
+
+def data_dir() -> Path:
+    """Persistent per-user state (disks that survive restarts): XDG data home."""
+    base = os.environ.get("HARNESS_DATA_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local/share") / "disagg-harness"
+
+
+def ensure_ext4(path: Path, size: int) -> Path:
+    """An ext4 image at path: made (sparse) if missing, kept as it is otherwise,
+    so whatever a guest wrote survives the next boot."""
+    if path.exists():
+        return path
+    if size < (8 << 20):
+        raise ImageError(f"{path}: a disk needs at least 8 MiB, got {size} bytes")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".new")
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    try:
+        p = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "dh-data",
+                            "-E", "lazy_itable_init=1,lazy_journal_init=1", str(tmp)],
+                           capture_output=True, text=True, timeout=120)
+    except FileNotFoundError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImageError("mkfs.ext4 not found: `apt-get install e2fsprogs`") from exc
+    if p.returncode:
+        tmp.unlink(missing_ok=True)
+        raise ImageError(f"mkfs.ext4 {tmp} failed: {p.stderr.strip()}")
+    tmp.rename(path)
+    return path
