@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from harness.errors import ClusterError, HarnessError
@@ -120,13 +121,73 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- images and boot ------------------------------------------------------
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from harness import images
+
+    if args.action == "build":
+        img = images.build(progress=None if args.json else (lambda m: _err(f"  {m}")),
+                           force=args.force)
+        if args.json:
+            print(json.dumps({"kernel": img.kernel, "vmlinux": img.vmlinux,
+                              "initramfs": img.initramfs, "kernel_version": img.kernel_version,
+                              "kernel_package": img.kernel_package, "key": img.key}))
+        else:
+            print(f"kernel     {img.kernel} ({img.kernel_package})\n"
+                  f"vmlinux    {img.vmlinux or '- (no PVH note: the bzImage boots)'}\n"
+                  f"initramfs  {img.initramfs} ({len(img.modules)} modules)")
+    elif args.action == "list":
+        found = images.list_images()
+        if args.json:
+            print(json.dumps({"images": [i.__dict__ for i in found]}))
+        elif found:
+            print(_table(["key", "kernel", "boots", "built"],
+                         [[i.key, i.kernel_version, "vmlinux (PVH)" if i.vmlinux else "bzImage",
+                           time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built))]
+                          for i in found]))
+        else:
+            _err("no images yet; `harness images build` makes one")
+    else:
+        freed = images.clean()
+        if args.json:
+            print(json.dumps({"freed_bytes": freed}))
+        else:
+            _err(f"removed the cached images and packages ({freed >> 20} MiB)")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from harness.topology import parse_size
+    from harness.vm.boot import boot
+
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not argv:
+        raise HarnessError("give the command to run after --, e.g. "
+                           "`harness boot -- uname -a`")
+    quiet = args.quiet or not sys.stderr.isatty()
+    return boot(argv, role=args.role, timeout=args.timeout, deterministic=args.deterministic,
+                memory=parse_size(args.memory),
+                progress=None if quiet else (lambda m: _err(f"[boot] {m}")))
+
+
 # ---- bench ----------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench import transport
-
     progress = None if args.json else (lambda m: _err(f"  {m}"))
-    rep = transport.run(link=args.link, n=args.n, progress=progress)
+    if args.which == "transport":
+        from harness.bench import transport
+
+        rep = transport.run(link=args.link, n=args.n, progress=progress)
+    else:
+        from harness.bench import boot
+
+        if args.vng and not shutil.which(args.vng):
+            raise HarnessError(f"--vng {args.vng}: not found; install virtme-ng "
+                               "(`pip install virtme-ng`) or give the path to vng")
+        rep = boot.run(n=args.rounds, parallel=not args.no_parallel,
+                       vng=shutil.which(args.vng) if args.vng else None,
+                       deterministic=args.deterministic, progress=progress)
     print(rep.to_json() if args.json else rep.table())
     return 0
 
@@ -172,12 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for an answer (default: 10)")
 
+    sp = add("images", cmd_images, "guest kernel + initramfs: built once and cached", True)
+    sp.add_argument("action", choices=["build", "list", "clean"])
+    sp.add_argument("--force", action="store_true", help="build: rebuild even if up to date")
+
+    sp = add("boot", cmd_boot, "boot one guest, run CMD in it, pass its output through, "
+             "exit with its status")
+    sp.add_argument("--role", choices=["pnode", "mnode", "snode"], default="pnode",
+                    help="the guest's role; an snode gets its persistent ext4 disk "
+                         "(default: pnode)")
+    sp.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds to wait for the command to finish (default: 300)")
+    sp.add_argument("--memory", default="512MiB", help="guest memory (default: 512MiB)")
+    sp.add_argument("--deterministic", action="store_true",
+                    help="count instructions (-icount): in-guest timings repeat exactly")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
-    sp.add_argument("which", choices=["transport"], help="the benchmark")
+    sp.add_argument("which", choices=["transport", "boot"], help="the benchmark")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
-                    help="samples per round-trip row (default: 20000)")
+                    help="transport: samples per round-trip row (default: 20000)")
+    sp.add_argument("--rounds", type=int, default=5,
+                    help="boot: samples per row (default: 5)")
+    sp.add_argument("--no-parallel", action="store_true",
+                    help="boot: skip the three-guests-at-once rows")
+    sp.add_argument("--vng", metavar="PATH",
+                    help="boot: also time virtme-ng's `vng --exec true` (give vng's path)")
+    sp.add_argument("--deterministic", action="store_true",
+                    help="boot: guests count instructions (-icount)")
     add("demo", cmd_demo, "the main job: boot the cluster, run a workload, report")
     return p
 

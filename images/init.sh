@@ -1,11 +1,12 @@
 #!/bin/busybox sh
-# disagg-harness guest init. Mounts the host's root read-only over 9p, the
-# run directory read-write beside it, and runs one script in a chroot with
-# the host's own programs (the project's own Python, so a code change needs
-# no image rebuild). Kernel parameters:
+# disagg-harness guest init. Mounts the host's root read-only over 9p, shows
+# the harness's run directory at /run/dh/run, and runs one executable from it
+# in a chroot with the host's own programs (the project's own Python, so a
+# code change needs no image rebuild). Kernel parameters:
 #   dh.mode=bare      power off at once (the boot benchmark's floor)
 #   dh.script=NAME    run RUN_DIR/NAME (an executable: a shebang script), then
 #                     report "DH-EXIT <status>"
+#   dh.rundir=PATH    the run directory's path on the host
 #   dh.disk=1         load ext4, mount /dev/vda at /run/dh/disk
 /bin/busybox mkdir -p /proc /sys /dev /bin /newroot
 /bin/busybox --install -s /bin
@@ -37,11 +38,15 @@ load /etc/modules.load
 
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot \
     || { echo "dh-init: cannot mount the host root over 9p" > /dev/console; finish 125; }
+# The run directory usually lives under the host's /tmp or /run, which the
+# guest's own tmpfs mounts below would hide: hold it aside, then move it in.
+mkdir -p /rundir
+mount --bind "/newroot$(arg dh.rundir)" /rundir \
+    || { echo "dh-init: the run directory $(arg dh.rundir) is not visible" > /dev/console; finish 125; }
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 mount -t tmpfs -o mode=755 run /newroot/run
 mkdir -p /newroot/run/dh/run /newroot/run/dh/disk
-mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=512000 rundir /newroot/run/dh/run \
-    || { echo "dh-init: cannot mount the run directory over 9p" > /dev/console; finish 125; }
+mount --move /rundir /newroot/run/dh/run
 mount -t devtmpfs dev /newroot/dev
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
@@ -58,6 +63,7 @@ out=/dev/console
 err=/dev/console
 [ -e /newroot/dev/virtio-ports/dh.out ] && out=/newroot/dev/virtio-ports/dh.out
 [ -e /newroot/dev/virtio-ports/dh.err ] && err=/newroot/dev/virtio-ports/dh.err
+echo "DH-RUN $(cut -d' ' -f1 /proc/uptime)" > /dev/console
 chroot /newroot "/run/dh/run/$(arg dh.script)" < /dev/null > "$out" 2> "$err"
 rc=$?
 umount /newroot/run/dh/disk 2>/dev/null

@@ -8,7 +8,6 @@ keeps serving the others."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 
@@ -121,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m harness.nodes.agent SPEC.json", file=sys.stderr)
         return 2
     spec = AgentSpec.load(args[0])
-    if spec.parent_pid:  # a host process must not outlive the harness
+    if spec.parent_pid:  # a host process: it must not outlive the harness
+        import signal
+
         from harness.procs import die_with_parent
+
         die_with_parent(spec.parent_pid)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return Agent(spec).run()
     except HarnessError as exc:

@@ -21,7 +21,7 @@ from harness.nodes.cluster import run_root
 from harness.topology import ROLES
 from harness.vm import accel
 from harness.vm.disk import data_dir, ensure_ext4
-from harness.vm.machine import EXIT_RE, VM
+from harness.vm.machine import EXIT_RE, RUN_RE, VM
 from harness.vm.qemu import MachineConfig
 
 Progress = Callable[[str], None]
@@ -31,7 +31,7 @@ SNODE_DISK = 256 << 20
 def guest_script(argv: Sequence[str], cwd: str, env: dict[str, str]) -> str:
     """The shell script init runs in the guest's chroot."""
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-    return (f"{exports}cd {shlex.quote(cwd)} 2>/dev/null || cd /\n"
+    return (f"#!/bin/sh\n{exports}cd {shlex.quote(cwd)} 2>/dev/null || cd /\n"
             f"exec {shlex.join(argv)}\n")
 
 
@@ -74,7 +74,9 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
     probe = accel.probe()
     run_dir = run_root() / f"boot.{os.getpid()}.{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
-    (run_dir / "cmd.sh").write_text(guest_script(argv, os.getcwd(), guest_env()))
+    script = run_dir / "cmd.sh"
+    script.write_text(guest_script(argv, os.getcwd(), guest_env()))
+    script.chmod(0o755)
     disk = ensure_ext4(data_dir() / "disks" / "boot-snode.ext4", SNODE_DISK) \
         if role == "snode" else None
     cfg = MachineConfig(name=f"boot-{role}", image=image, accel=probe, run_dir=run_dir,
@@ -89,6 +91,9 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
                   for p, f in (("dh.out", out), ("dh.err", err))]
         for r in relays:
             r.start()
+        vm.wait_for(RUN_RE, timeout, "DH-RUN (the guest's init starting the command)")
+        say(f"guest up in {time.monotonic() - (vm.launched_at or 0):.2f} s; running "
+            f"{shlex.join(argv)}")
         m = vm.wait_for(EXIT_RE, timeout, "DH-EXIT (the command's exit status)")
         vm.wait(10.0)  # init powers off after reporting
         for r in relays:

@@ -23,6 +23,7 @@ from harness.procs import die_with_parent
 from harness.vm.qemu import MachineConfig, command
 
 READY_RE = re.compile(rb"DH-READY (\S+)")
+RUN_RE = re.compile(rb"DH-RUN ([0-9.]+)")  # init is about to run the script (guest uptime)
 EXIT_RE = re.compile(rb"DH-EXIT (\d+)")
 _KEEP = 1 << 20  # console bytes kept in memory for matching and error messages
 
@@ -176,6 +177,11 @@ class VM:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         if self._qmp is None:
+            deadline = time.monotonic() + 10.0  # QEMU makes the socket as it starts
+            while not self.cfg.qmp_socket.exists() and self.alive:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
             q = QEMUMonitorProtocol(str(self.cfg.qmp_socket))
             q.settimeout(5.0)
             try:

@@ -26,7 +26,7 @@ class MachineConfig:
     name: str
     image: Image
     accel: AccelProbe
-    run_dir: Path                 # exported read-write to the guest at /run/dh/run
+    run_dir: Path                 # seen (read-only, through the host root) at /run/dh/run
     mode: str = "run"             # "run": init runs run_dir/script; "bare": powers off at once
     script: str = ""
     memory: int = 512 << 20
@@ -53,7 +53,11 @@ def command(cfg: MachineConfig) -> list[str]:
         raise ValueError(f"mode must be 'run' or 'bare', got {cfg.mode!r}")
     params = [BOOT_PARAMS, f"dh.mode={cfg.mode}"]
     if cfg.mode == "run":
-        params.append(f"dh.script={cfg.script}")
+        run_dir = str(cfg.run_dir.resolve())
+        if any(c.isspace() for c in run_dir + cfg.script):
+            raise ValueError(f"the run directory and script name must not contain spaces "
+                             f"(they go on the kernel command line): {run_dir}/{cfg.script}")
+        params += [f"dh.script={cfg.script}", f"dh.rundir={run_dir}"]
     if cfg.disk is not None:
         params.append("dh.disk=1")
     if cfg.extra_params:
@@ -74,9 +78,7 @@ def command(cfg: MachineConfig) -> list[str]:
     if cfg.mode == "run":
         cmd += ["-fsdev",
                 "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-                "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-                "-fsdev", f"local,id=rundir,path={cfg.run_dir},security_model=none",
-                "-device", "virtio-9p-pci,fsdev=rundir,mount_tag=rundir"]
+                "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
         if cfg.ports:
             cmd += ["-device", "virtio-serial-pci,id=vser"]
         for i, port in enumerate(cfg.ports):

@@ -1,0 +1,158 @@
+"""`harness bench boot`: how long a guest takes, beside a guest that does
+nothing, measured in the same run with the same kernel and QEMU flags.
+
+  bare_boot         launch -> QEMU gone, with an init that powers off at once
+                    (the floor: kernel boot plus power-off)
+  vm_boot_ready     launch -> the node agent's DH-READY line
+  vm_exec_true      launch -> `true` ran in the guest -> QEMU gone
+  vm_boot_ready_x3  three agents launched together -> all READY
+  bare_boot_x3      three bare guests launched together -> all gone (its floor)
+  vng_exec_true     (with --vng) virtme-ng's `vng --exec true` on the same
+                    kernel under TCG, end to end; its "floor" is
+                    harness_boot_true, `harness boot -- true` end to end, so
+                    the ratio is our speed-up
+
+Samples of the different rows are interleaved, so that the machine's noise
+falls on all of them alike."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import images
+from harness.bench.report import Report, Row
+from harness.errors import HarnessError
+from harness.nodes.cluster import run_root
+from harness.nodes.runners import VMRunner
+from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.topology import Node
+from harness.vm import accel
+from harness.vm.machine import READY_RE, VM
+from harness.vm.qemu import MachineConfig
+
+Progress = Callable[[str], None]
+TIMEOUT = 120.0
+
+
+class _Ctx:
+    def __init__(self, run_dir: Path, deterministic: bool) -> None:
+        self.image = images.build()
+        self.probe = accel.probe()
+        self.run_dir = run_dir
+        self.deterministic = deterministic
+        self.serial = 0
+
+    def name(self, kind: str) -> str:
+        self.serial += 1
+        return f"{kind}{self.serial}"
+
+
+def _bare(ctx: _Ctx, count: int) -> float:
+    vms = [VM(MachineConfig(name=ctx.name("bare"), image=ctx.image, accel=ctx.probe,
+                            run_dir=ctx.run_dir, mode="bare", deterministic=ctx.deterministic))
+           for _ in range(count)]
+    t0 = time.monotonic()
+    try:
+        for vm in vms:
+            vm.launch()
+        for vm in vms:
+            if vm.wait(TIMEOUT) is None:
+                raise HarnessError(f"{vm.name}: a bare guest did not power off in {TIMEOUT:g} s")
+        return time.monotonic() - t0
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
+def _ready(ctx: _Ctx, count: int) -> float:
+    runners = []
+    for _ in range(count):
+        node = Node(name=ctx.name("ready"), role="pnode", nid=1, placement="vm")
+        runners.append(VMRunner(node, ctx.run_dir, ctx.image, ctx.probe, ctx.run_dir,
+                                ctx.deterministic))
+    t0 = time.monotonic()
+    try:
+        for r in runners:
+            r.start(AgentSpec(name=r.node.name, role="pnode", nid=1, cluster="bench",
+                              placement="vm", control=LinkEnd("controller", "", True)), [])
+        for r in runners:
+            assert r.vm is not None
+            r.vm.wait_for(READY_RE, TIMEOUT, "DH-READY")
+        return time.monotonic() - t0
+    finally:
+        for r in runners:
+            if r.vm is not None:
+                r.vm.stop()
+
+
+def _exec_true(ctx: _Ctx) -> float:
+    from harness.vm.boot import boot
+
+    t0 = time.monotonic()
+    code = boot(["true"], deterministic=ctx.deterministic)
+    if code != 0:
+        raise HarnessError(f"`true` exited with status {code} in the guest")
+    return time.monotonic() - t0
+
+
+def _command(cmd: list[str], check: bool = True) -> float:
+    # vng runs its helpers (virtme-run) from its own directory, by PATH
+    env = {**os.environ, "PATH": f"{Path(cmd[0]).parent}{os.pathsep}{os.environ['PATH']}"}
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                       env=env)
+    if b"Kernel panic" in p.stdout + p.stderr or (check and p.returncode):
+        raise HarnessError(f"`{' '.join(cmd)}` exited with status {p.returncode}: "
+                           f"{p.stderr.decode(errors='replace')[-500:]}")
+    return time.monotonic() - t0
+
+
+def run(n: int = 5, parallel: bool = True, vng: str | None = None,
+        deterministic: bool = False, progress: Progress | None = None) -> Report:
+    say = progress or (lambda _m: None)
+    run_dir = run_root() / f"bench-boot.{os.getpid()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        say("building or checking the guest image")
+        ctx = _Ctx(run_dir, deterministic)
+        samples: dict[str, list[float]] = {}
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("bare_boot", lambda: _bare(ctx, 1)),
+            ("vm_boot_ready", lambda: _ready(ctx, 1)),
+            ("vm_exec_true", lambda: _exec_true(ctx)),
+        ]
+        if parallel:
+            steps += [("bare_boot_x3", lambda: _bare(ctx, 3)),
+                      ("vm_boot_ready_x3", lambda: _ready(ctx, 3))]
+        if vng:
+            harness_cmd = [sys.executable, "-m", "harness.cli", "boot", "--", "true"]
+            kernel = ctx.image.kernel
+            # vng exits 255 here even when the command ran (no virtio-serial
+            # script ports: it falls back to the console), so only a panic fails it.
+            steps += [("harness_boot_true", lambda: _command(harness_cmd)),
+                      ("vng_exec_true", lambda: _command(
+                          [vng, "-r", kernel, "--disable-kvm", "--exec", "true"], check=False))]
+        for i in range(n):
+            for metric, fn in steps:
+                say(f"round {i + 1}/{n}: {metric}")
+                samples.setdefault(metric, []).append(fn() * 1000)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    floors = {"vm_boot_ready": "bare_boot", "vm_exec_true": "bare_boot",
+              "vm_boot_ready_x3": "bare_boot_x3", "harness_boot_true": "bare_boot",
+              "vng_exec_true": "harness_boot_true"}
+    rep = Report("boot", placement="vm", accel=ctx.probe.accel)
+    for metric, s in samples.items():
+        floor = floors.get(metric)
+        rep.rows.append(Row.of(metric, "ms", s, floor, samples[floor] if floor else None))
+    rep.notes.append(f"kernel {ctx.image.kernel_version} booted as "
+                     f"{'PVH vmlinux' if ctx.image.vmlinux else 'bzImage'}; {n} rounds; "
+                     f"host cpus={os.cpu_count()}"
+                     + ("; deterministic (-icount)" if deterministic else ""))
+    return rep
