@@ -7,6 +7,8 @@
 #   dh.script=NAME    run RUN_DIR/NAME (an executable: a shebang script), then
 #                     report "DH-EXIT <status>"
 #   dh.rundir=PATH    the run directory's path on the host
+#   dh.keep=P1,P2     host paths under /tmp or /run the guest must still see
+#                     (the project, its venv, the caller's directory)
 #   dh.disk=1         load ext4, mount /dev/vda at /run/dh/disk
 /bin/busybox mkdir -p /proc /sys /dev /bin /newroot
 /bin/busybox --install -s /bin
@@ -43,10 +45,22 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroo
 mkdir -p /rundir
 mount --bind "/newroot$(arg dh.rundir)" /rundir \
     || { echo "dh-init: the run directory $(arg dh.rundir) is not visible" > /dev/console; finish 125; }
+i=0
+for p in $(arg dh.keep | tr , ' '); do
+    mkdir -p "/keep/$i"
+    mount --bind "/newroot$p" "/keep/$i" && echo "$p" > "/keep/$i.path"
+    i=$((i + 1))
+done
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 mount -t tmpfs -o mode=755 run /newroot/run
 mkdir -p /newroot/run/dh/run /newroot/run/dh/disk
 mount --move /rundir /newroot/run/dh/run
+for f in /keep/*.path; do
+    [ -e "$f" ] || continue
+    p=$(cat "$f")
+    mkdir -p "/newroot$p"
+    mount --move "${f%.path}" "/newroot$p"
+done
 mount -t devtmpfs dev /newroot/dev
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys

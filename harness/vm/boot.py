@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 from harness import images
@@ -22,7 +23,7 @@ from harness.topology import ROLES
 from harness.vm import accel
 from harness.vm.disk import data_dir, ensure_ext4
 from harness.vm.machine import EXIT_RE, RUN_RE, VM
-from harness.vm.qemu import MachineConfig
+from harness.vm.qemu import MachineConfig, guest_visible
 
 Progress = Callable[[str], None]
 SNODE_DISK = 256 << 20
@@ -81,7 +82,8 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
         if role == "snode" else None
     cfg = MachineConfig(name=f"boot-{role}", image=image, accel=probe, run_dir=run_dir,
                         script="cmd.sh", memory=memory, disk=disk,
-                        ports=["dh.out", "dh.err"], deterministic=deterministic)
+                        ports=["dh.out", "dh.err"], deterministic=deterministic,
+                        keep=guest_visible((Path.cwd(),)))
     say(f"booting a {role} guest ({probe.accel}"
         f"{', deterministic' if deterministic else ''}; kernel {image.kernel_version})")
     clean = False

@@ -7,9 +7,11 @@ deterministic (instruction-counting) mode."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import harness
 from harness.images import Image
 from harness.vm.accel import AccelProbe
 
@@ -19,6 +21,20 @@ from harness.vm.accel import AccelProbe
 BOOT_PARAMS = ("console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off nokaslr "
                "tsc=reliable no_timer_check audit=0 cryptomgr.notests random.trust_cpu=on "
                "i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 rcupdate.rcu_expedited=1")
+
+
+# The guest mounts its own tmpfs here, hiding what the host has there.
+SHADOWED = (Path("/tmp"), Path("/run"))
+
+
+def guest_visible(extra: tuple[Path, ...] = ()) -> list[Path]:
+    """Host paths under /tmp or /run that a guest must still see: the
+    project (its code runs in the guest), the venv, and any extra ones (the
+    caller's directory). Nested paths are covered by their parents."""
+    project = Path(harness.__file__).resolve().parent.parent
+    paths = sorted({p.resolve() for p in (project, Path(sys.prefix), *extra)
+                    if any(p.resolve().is_relative_to(s) for s in SHADOWED)})
+    return [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
 
 
 @dataclass
@@ -34,6 +50,7 @@ class MachineConfig:
     disk: Path | None = None      # ext4 image, mounted at /run/dh/disk
     ports: list[str] = field(default_factory=list)  # virtio-serial port names
     deterministic: bool = False   # -icount: in-guest time counts instructions
+    keep: list[Path] = field(default_factory=guest_visible)  # see guest_visible()
     extra_params: str = ""
 
     def port_socket(self, port: str) -> Path:
@@ -54,10 +71,13 @@ def command(cfg: MachineConfig) -> list[str]:
     params = [BOOT_PARAMS, f"dh.mode={cfg.mode}"]
     if cfg.mode == "run":
         run_dir = str(cfg.run_dir.resolve())
-        if any(c.isspace() for c in run_dir + cfg.script):
-            raise ValueError(f"the run directory and script name must not contain spaces "
-                             f"(they go on the kernel command line): {run_dir}/{cfg.script}")
+        keep = ",".join(str(p) for p in cfg.keep)
+        if any(c.isspace() or c == "," for c in run_dir + cfg.script + "".join(map(str, cfg.keep))):
+            raise ValueError("paths a guest must see go on the kernel command line and must not "
+                             f"contain spaces or commas: {run_dir}, {cfg.script}, {keep}")
         params += [f"dh.script={cfg.script}", f"dh.rundir={run_dir}"]
+        if keep:
+            params.append(f"dh.keep={keep}")
     if cfg.disk is not None:
         params.append("dh.disk=1")
     if cfg.extra_params:
