@@ -121,6 +121,32 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- sql ------------------------------------------------------------------
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    if args.db:
+        from harness.dbos import DBOS
+
+        db = DBOS.open(args.db)
+        try:
+            res = db.sql(args.query, args.params, write=args.write).to_dict()
+        finally:
+            db.close()
+    else:
+        from harness.nodes import control
+
+        res = control.request(args.name, "sql", timeout=60.0, query=args.query,
+                              params=args.params, write=args.write)
+    if args.json:
+        print(json.dumps(res))
+    elif res["columns"]:
+        print(_table(res["columns"], [["NULL" if v is None else str(v) for v in r]
+                                      for r in res["rows"]]))
+    else:
+        _err(f"{res['changes']} row(s) changed")
+    return 0
+
+
 # ---- images and boot ------------------------------------------------------
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -179,6 +205,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from harness.bench import transport
 
         rep = transport.run(link=args.link, n=args.n, progress=progress)
+    elif args.which == "dbos":
+        from harness.bench import dbos
+
+        rep = dbos.run(placement=args.placement, n=min(args.n, 2000), progress=progress)
     else:
         from harness.bench import boot
 
@@ -233,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for an answer (default: 10)")
 
+    sp = add("sql", cmd_sql, "query the DBOS tables: of the running cluster's snode, or of a "
+             "local file with --db (a new file gets the schema)", True)
+    sp.add_argument("query", help="one SQL statement")
+    sp.add_argument("params", nargs="*", help="values for the statement's ? placeholders")
+    sp.add_argument("--db", metavar="FILE", help="a local DBOS database file instead of a cluster")
+    sp.add_argument("--write", action="store_true",
+                    help="allow the statement to change data (refused without it)")
+    sp.add_argument("--name", default="lego3", help="the cluster (default: lego3)")
+
     sp = add("images", cmd_images, "guest kernel + initramfs: built once and cached", True)
     sp.add_argument("action", choices=["build", "list", "clean"])
     sp.add_argument("--force", action="store_true", help="build: rebuild even if up to date")
@@ -251,11 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
-    sp.add_argument("which", choices=["transport", "boot"], help="the benchmark")
+    sp.add_argument("which", choices=["transport", "boot", "dbos"], help="the benchmark")
+    sp.add_argument("--placement", choices=["process", "vm"], default="process",
+                    help="dbos: on the host, or in an snode guest on its disk (default: process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
-                    help="transport: samples per round-trip row (default: 20000)")
+                    help="samples per row: transport round trips (default: 20000); dbos "
+                         "operations (capped at 2000)")
     sp.add_argument("--rounds", type=int, default=5,
                     help="boot: samples per row (default: 5)")
     sp.add_argument("--no-parallel", action="store_true",

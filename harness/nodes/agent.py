@@ -19,7 +19,7 @@ from harness.errors import (
     TransportError,
     TransportTimeout,
 )
-from harness.nodes.role import ROLES
+from harness.nodes.role import role_class
 from harness.nodes.spec import AgentSpec, LinkEnd
 
 READY = "DH-READY"
@@ -64,7 +64,7 @@ class Agent:
             else:
                 self.clients[end.peer] = link
                 self._client_locks[end.peer] = threading.Lock()
-        self.role = ROLES[spec.role](self)
+        self.role = role_class(spec.role)(self)
 
     def all_links(self) -> list[tuple[str, Link]]:
         return [("controller", self.control), *self.servers.items(), *self.clients.items()]
@@ -106,7 +106,9 @@ class Agent:
         for t in threads:
             t.start()
         print(f"{READY} {self.spec.name} role={self.spec.role} pid={os.getpid()}", flush=True)
+        self.role.start()
         self.stop.wait()
+        self.role.close()
         for _, link in self.all_links():
             link.close()
         for t in threads:

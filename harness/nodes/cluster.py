@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness._native.transport import Link, Op, create_shm_file
+from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
 from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
@@ -105,18 +106,21 @@ class Cluster:
         the controller must close once the agents have inherited them."""
         ends: dict[str, list[LinkEnd]] = {n: [] for n in self.nodes}
         fds: list[int] = []
+        role = {n.name: n.role for n in self.topology.nodes}
         for k in self.topology.links:
             model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
+            cl = {**model, "peer_role": role[k.server]}
+            sv = {**model, "peer_role": role[k.client]}
             if k.kind == "shm":
                 path = str(self.shm_dir / f"{k.name}.shm")
                 create_shm_file(path, k.size)
-                ends[k.client].append(LinkEnd(k.server, "shm", False, path=path, side=0, **model))
-                ends[k.server].append(LinkEnd(k.client, "shm", True, path=path, side=1, **model))
+                ends[k.client].append(LinkEnd(k.server, "shm", False, path=path, side=0, **cl))
+                ends[k.server].append(LinkEnd(k.client, "shm", True, path=path, side=1, **sv))
                 continue
             a, b = _socket_pair(k.kind)
             fds += [a.detach(), b.detach()]
-            ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **model))
-            ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **model))
+            ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
+            ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))
         return ends, fds
 
     def _runners(self, say: Progress) -> None:
@@ -130,7 +134,7 @@ class Cluster:
         for n in self.topology.nodes:
             runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic)
                       if n.placement == "vm" and image and probe
-                      else ProcessRunner(n, self.run_dir, self.shm_dir))
+                      else ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir))
             self.nodes[n.name] = NodeHandle(n, runner)
 
     def start(self, timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
@@ -155,6 +159,7 @@ class Cluster:
                     os.close(fd)
             self._wait_ready(time.monotonic() + timeout, say)
             self._check_links(say)
+            self._report_nodes()
         except BaseException:
             self.stop()
             raise
@@ -193,7 +198,31 @@ class Cluster:
             for peer, rtt in h.peers.items():
                 say(f"link {name} -> {peer} answers ({rtt:.0f} us round trip from Python)")
 
+    def _report_nodes(self) -> None:
+        """Cluster state goes into the snode's DBOS tables."""
+        if self._snode() is None:
+            return
+        for h in self.nodes.values():
+            self.dbos.state.report_node(h.node.name, h.node.role, h.node.nid,
+                                        h.node.placement, h.state)
+
     # ---- use -------------------------------------------------------------
+
+    def _snode(self) -> str | None:
+        return next((n.name for n in self.topology.nodes if n.role == "snode"), None)
+
+    @property
+    def dbos(self) -> RemoteDBOS:
+        """The DBOS services of the cluster's snode (scheduler, IPC, files, …)."""
+        snode = self._snode()
+        if snode is None:
+            raise NotSupported(f"{self.name} has no snode, so no DBOS tables")
+        return RemoteDBOS(lambda p: self.call(snode, Op.SQL, p, timeout=60.0))
+
+    def sql(self, query: str, params: Sequence = (), write: bool = False) -> list[list]:
+        """Rows of one SQL statement on the snode's DBOS database; write=True
+        to let it change anything."""
+        return self.dbos.sql(query, list(params), write=write).rows
 
     def node(self, name: str) -> NodeHandle:
         if name not in self.nodes:
@@ -240,9 +269,6 @@ class Cluster:
 
     def alloc(self, nbytes: int):
         raise NotSupported("disaggregated memory (ExCache) is not built yet in this version")
-
-    def sql(self, query: str, params: Sequence = ()):
-        raise NotSupported("the DBOS layer is not built yet in this version")
 
     def fault(self, node: str, action: str) -> None:
         raise NotSupported("fault injection is not built yet in this version")

@@ -58,9 +58,17 @@ def _answer(cluster: Cluster, conn: socket.socket, stop: threading.Event) -> Non
     link = Link.from_fd(conn.fileno(), name="control client")
     try:
         hdr, payload = link.recv(timeout=2.0)
-        cmd = json.loads(payload).get("cmd")
+        req = json.loads(payload)
+        cmd = req.get("cmd")
         if cmd == "status":
             link.reply(hdr, json.dumps(_state(cluster, os.getpid())).encode())
+        elif cmd == "sql":
+            try:
+                res = cluster.dbos.sql(req["query"], req.get("params", []),
+                                       write=bool(req.get("write")))
+                link.reply(hdr, json.dumps(res.to_dict()).encode())
+            except HarnessError as exc:
+                link.reply(hdr, str(exc).encode(), error=True)
         elif cmd == "down":
             link.reply(hdr, json.dumps({"stopping": cluster.name}).encode())
             stop.set()
@@ -72,8 +80,9 @@ def _answer(cluster: Cluster, conn: socket.socket, stop: threading.Event) -> Non
         link.close()
 
 
-def request(name: str, cmd: str, timeout: float = 10.0) -> dict:
-    """Sends one command to a running cluster's `harness up` process."""
+def request(name: str, cmd: str, timeout: float = 10.0, **args: object) -> dict:
+    """Sends one command to a running cluster's `harness up` process; an
+    error it answers is raised as RemoteError."""
     sock_path = cluster_dir(name) / "control.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -86,7 +95,7 @@ def request(name: str, cmd: str, timeout: float = 10.0) -> dict:
     with s:
         link = Link.from_fd(s.fileno(), name=f"cluster {name}")
         try:
-            return json.loads(link.call(Op.CTL, json.dumps({"cmd": cmd}).encode(),
+            return json.loads(link.call(Op.CTL, json.dumps({"cmd": cmd, **args}).encode(),
                                         timeout=timeout))
         except TransportError as exc:
             raise ClusterError(f"cluster {name!r} did not answer {cmd!r}: {exc}") from exc

@@ -113,5 +113,24 @@ class Role:
         self.agent.stop.set()
         return b""
 
+    def start(self) -> None:
+        """Called once the agent serves its links (after READY)."""
 
-ROLES: dict[str, type[Role]] = {"pnode": Role, "mnode": Role, "snode": Role}
+    def close(self) -> None:
+        """Called when the agent stops."""
+
+
+def role_class(name: str) -> type[Role]:
+    """The class for a role, imported only when a node takes that role (a
+    guest pays for every import)."""
+    if name == "pnode":
+        from harness.nodes.pnode import PNode
+
+        return PNode
+    if name == "snode":
+        from harness.nodes.snode import SNode
+
+        return SNode
+    if name == "mnode":
+        return Role
+    raise HarnessError(f"unknown role {name!r}")

@@ -40,10 +40,11 @@ class ProcessRunner:
 
     accel = None
 
-    def __init__(self, node: Node, run_dir: Path, shm_dir: Path) -> None:
+    def __init__(self, node: Node, run_dir: Path, shm_dir: Path, disk_dir: Path) -> None:
         self.node = node
         self.run_dir = run_dir
         self.shm_dir = shm_dir
+        self.data_dir = disk_dir / f"{node.name}.data"  # the node's "disk": a host directory
         self.log_path = run_dir / f"{node.name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -53,6 +54,8 @@ class ProcessRunner:
         control = Link.shm_open(ctl_path, 0, name=self.node.name)
         spec.control = LinkEnd("controller", "shm", True, path=ctl_path, side=1)
         spec.parent_pid = os.getpid()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        spec.data_dir = str(self.data_dir)
         spec_path = self.run_dir / f"{self.node.name}.json"
         spec.dump(spec_path)
         with open(self.log_path, "wb") as log:

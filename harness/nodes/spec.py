@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 _LINK_FIELDS = {"peer": str, "kind": str, "serve": bool, "path": str, "side": int, "fd": int,
-                "latency_ns": int, "bytes_per_sec": int}
+                "latency_ns": int, "bytes_per_sec": int, "peer_role": str}
 
 
 class LinkEnd:
@@ -22,10 +22,12 @@ class LinkEnd:
     __slots__ = tuple(_LINK_FIELDS)
 
     def __init__(self, peer: str, kind: str, serve: bool, path: str = "", side: int = 0,
-                 fd: int = -1, latency_ns: int = 0, bytes_per_sec: int = 0) -> None:
+                 fd: int = -1, latency_ns: int = 0, bytes_per_sec: int = 0,
+                 peer_role: str = "") -> None:
         self.peer, self.kind, self.serve, self.path = peer, kind, serve, path
         self.side, self.fd = side, fd
         self.latency_ns, self.bytes_per_sec = latency_ns, bytes_per_sec
+        self.peer_role = peer_role
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in _LINK_FIELDS}

@@ -76,6 +76,10 @@ def test_up_status_down(tmp_path):
         assert again.returncode == 1 and "already running" in again.stderr
         human = run("status", env=env)
         assert "pnode0" in human.stdout and "ready" in human.stdout
+        q = run("sql", "--json", "SELECT count(*) FROM tasks", env=env)
+        assert q.returncode == 0 and json.loads(q.stdout)["rows"] == [[0]], q.stderr
+        bad = run("sql", "SELECT nonsense FROM nowhere", env=env)
+        assert bad.returncode == 1 and "no such table" in bad.stderr
         down = run("down", env=env)
         assert down.returncode == 0, down.stderr
         assert up.wait(30) == 0
@@ -86,6 +90,24 @@ def test_up_status_down(tmp_path):
             up.wait(30)
     r = run("status", "--json", env=env)
     assert r.returncode == 1 and all(n["state"] == "down" for n in json.loads(r.stdout)["nodes"])
+
+
+def test_sql_on_a_local_file(tmp_path):
+    db = str(tmp_path / "new.sqlite")
+    r = run("sql", "--db", db, "--json", "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "ORDER BY name")
+    assert r.returncode == 0, r.stderr
+    names = [row[0] for row in json.loads(r.stdout)["rows"]]
+    assert {"nodes", "tasks", "workers", "messages", "files", "dirs", "regions", "pages",
+            "events"} <= set(names)
+    w = run("sql", "--db", db, "--write", "INSERT INTO nodes (name, role, updated) "
+            "VALUES (?, ?, 0)", "n1", "pnode")
+    assert w.returncode == 0 and "1 row(s) changed" in w.stderr
+    assert run("sql", "--db", db, "DELETE FROM nodes").returncode == 1
+    bad = run("sql", "--db", db, "SELEC")
+    assert bad.returncode == 1 and "syntax error" in bad.stderr
+    t = run("sql", "--db", db, "SELECT name, role FROM nodes")
+    assert t.stdout.split() == ["name", "role", "----", "-----", "n1", "pnode"]
 
 
 def test_status_with_no_cluster_says_how_to_start_one(tmp_path):

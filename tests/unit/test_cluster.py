@@ -2,6 +2,7 @@
 commands, survives a malformed frame on one link, and leaves nothing
 behind."""
 
+import errno
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from harness import topology
 from harness._native import transport as t
+from harness.dbos import DBOSError, FSError
 from harness.errors import (
     ClusterError,
     LinkClosed,
@@ -81,8 +83,38 @@ def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
 def test_unsupported_parts_say_so(cluster):
     with pytest.raises(NotSupported):
         cluster.alloc(1 << 20)
-    with pytest.raises(NotSupported):
-        cluster.sql("SELECT 1")
+
+
+def test_dbos_on_the_snode(cluster):
+    assert cluster.sql("SELECT name, role FROM nodes ORDER BY nid") == [
+        ["pnode0", "pnode"], ["mnode0", "mnode"], ["snode0", "snode"]]
+    fs = cluster.dbos.fs
+    fs.mkdir("/home")
+    fs.create("/home/f")
+    fs.write("/home/f", 0, b"\x00binary\xff")
+    assert fs.read("/home/f") == b"\x00binary\xff"
+    with pytest.raises(FSError) as e:
+        fs.create("/home/f")
+    assert e.value.errno == errno.EEXIST
+    with pytest.raises(DBOSError, match="syntax error"):
+        cluster.sql("SELEC 1")
+    with pytest.raises(DBOSError, match="write=True"):
+        cluster.sql("DELETE FROM tasks")
+    path = cluster.stats()["snode0"]["dbos"]["path"]
+    assert path.startswith(str(cluster.disk_dir))
+
+
+def test_the_pnode_runs_the_tasks_it_is_given(cluster):
+    tid = cluster.dbos.sched.submit(["sh", "-c", "echo ran on $0", "pnode"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        [[state, worker, result]] = cluster.sql(
+            "SELECT state, worker_id, result FROM tasks WHERE task_id = ?", [tid])
+        if state in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert (state, worker) == ("done", "pnode0")
+    assert json.loads(result)["stdout"] == "ran on pnode\n"
 
 
 def test_links_between_vms_are_not_claimed():

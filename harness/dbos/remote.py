@@ -1,0 +1,97 @@
+"""DBOS over the transport: a request names a service, a function and its
+arguments (JSON; bytes travel as {"$b": base64}); the snode answers with
+the value or a typed error, so FSError keeps its errno on the far side.
+Only the functions listed here can be called."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+from harness.dbos.db import DBOS, DBOSError, FSError, Result
+
+EXPOSED: dict[str, set[str]] = {
+    "": {"sql"},
+    "sched": {"add_worker", "submit", "claim", "claim_many", "complete"},
+    "ipc": {"send", "recv"},
+    "fs": {"mkdir", "create", "open", "write", "read", "truncate", "stat", "listdir",
+           "unlink", "rmdir", "rename", "largest"},
+    "prov": {"readers_of_writes", "events"},
+    "state": {"report_node", "report_region", "report_pages"},
+}
+
+
+def _enc(v: Any) -> Any:
+    if isinstance(v, bytes | bytearray | memoryview):
+        return {"$b": base64.b64encode(bytes(v)).decode()}
+    if isinstance(v, Result):
+        return {"$result": v.to_dict()}
+    if isinstance(v, list | tuple):
+        return [_enc(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _enc(x) for k, x in v.items()}
+    return v
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, dict):
+        if set(v) == {"$b"}:
+            return base64.b64decode(v["$b"])
+        if set(v) == {"$result"}:
+            return Result(**v["$result"])
+        return {k: _dec(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    return v
+
+
+def serve(db: DBOS, payload: bytes) -> bytes:
+    """The snode's side: runs one request and encodes its answer."""
+    try:
+        req = json.loads(payload)
+        svc, fn = req.get("svc", ""), req["fn"]
+        if fn not in EXPOSED.get(svc, set()):
+            raise DBOSError(f"no DBOS function {svc + '.' if svc else ''}{fn}")
+        target = getattr(db, svc) if svc else db
+        value = getattr(target, fn)(*_dec(req.get("args", [])), **_dec(req.get("kwargs", {})))
+        return json.dumps({"ok": True, "value": _enc(value)}).encode()
+    except FSError as exc:
+        err = {"type": "FSError", "errno": exc.errno, "path": exc.filename}
+    except (DBOSError, TypeError, KeyError, ValueError) as exc:
+        err = {"type": "DBOSError", "message": str(exc)}
+    return json.dumps({"ok": False, "error": err}).encode()
+
+
+class _Service:
+    def __init__(self, call: Callable[[bytes], bytes], svc: str) -> None:
+        self._call, self._svc = call, svc
+
+    def __getattr__(self, fn: str) -> Callable[..., Any]:
+        if fn not in EXPOSED.get(self._svc, set()):
+            raise AttributeError(fn)
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            req = {"svc": self._svc, "fn": fn, "args": _enc(list(args)), "kwargs": _enc(kwargs)}
+            ans = json.loads(self._call(json.dumps(req).encode()))
+            if ans["ok"]:
+                return _dec(ans["value"])
+            e = ans["error"]
+            if e["type"] == "FSError":
+                raise FSError(e["errno"], e["path"])
+            raise DBOSError(e["message"])
+
+        return remote
+
+
+class RemoteDBOS:
+    """The DBOS API of a snode, reached through `call` (one RPC)."""
+
+    def __init__(self, call: Callable[[bytes], bytes]) -> None:
+        self._root = _Service(call, "")
+        self.sched, self.ipc, self.fs = (_Service(call, s) for s in ("sched", "ipc", "fs"))
+        self.prov, self.state = _Service(call, "prov"), _Service(call, "state")
+
+    def sql(self, query: str, params: list | tuple = (), write: bool = False) -> Result:
+        return self._root.sql(query, list(params), write=write)

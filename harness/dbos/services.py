@@ -1,0 +1,55 @@
+"""Provenance questions and cluster state, as SQL."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.dbos.db import DBOS
+
+# "Which tasks read a file that task T wrote?" is one query over events.
+READERS_OF_WRITES = (
+    "SELECT DISTINCT r.task_id FROM events w JOIN events r ON r.detail = w.detail "
+    "WHERE w.task_id = ? AND w.kind = 'file_write' AND r.kind = 'file_read' "
+    "AND r.task_id IS NOT w.task_id ORDER BY r.task_id")
+
+
+class Provenance:
+    def __init__(self, db: DBOS) -> None:
+        self.db = db
+
+    def readers_of_writes(self, task_id: int) -> list[int]:
+        return [r[0] for r in self.db.sql(READERS_OF_WRITES, (task_id,)).rows]
+
+    def events(self, task_id: int) -> list[dict]:
+        res = self.db.sql("SELECT time, node, kind, detail FROM events WHERE task_id = ? "
+                          "ORDER BY event_id", (task_id,))
+        return [dict(zip(res.columns, r, strict=True)) for r in res.rows]
+
+
+class State:
+    """Nodes report themselves, their memory regions and page counts here."""
+
+    def __init__(self, db: DBOS) -> None:
+        self.db = db
+
+    def report_node(self, name: str, role: str, nid: int, placement: str,
+                    state: str = "ready") -> None:
+        with self.db.tx() as con:
+            con.execute("INSERT INTO nodes (name, role, nid, placement, state, updated) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                        "role = excluded.role, nid = excluded.nid, placement = "
+                        "excluded.placement, state = excluded.state, updated = excluded.updated",
+                        (name, role, nid, placement, state, time.time()))
+
+    def report_region(self, region_id: int, node: str, size: int, owner: str | None = None
+                      ) -> None:
+        with self.db.tx() as con:
+            con.execute("INSERT OR REPLACE INTO regions (region_id, node, owner, size, created) "
+                        "VALUES (?, ?, ?, ?, ?)", (region_id, node, owner, size, time.time()))
+
+    def report_pages(self, region_id: int, node: str, resident: int, dirty: int) -> None:
+        with self.db.tx() as con:
+            con.execute("INSERT OR REPLACE INTO pages (region_id, node, resident, dirty, updated) "
+                        "VALUES (?, ?, ?, ?, ?)", (region_id, node, resident, dirty, time.time()))

@@ -1,0 +1,64 @@
+"""The processor node: it runs the tasks the DBOS scheduler gives it. A
+worker thread registers with the snode, claims a task (waiting on the snode
+for one), runs its command and reports how it ended."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+from harness._native.transport import Op
+from harness.dbos.remote import RemoteDBOS
+from harness.errors import HarnessError
+from harness.nodes.role import Role
+
+POLICY = "fifo"
+OUTPUT_LIMIT = 4096  # of a task's output kept as its result
+
+
+class PNode(Role):
+    def __init__(self, agent) -> None:
+        super().__init__(agent)
+        self.snode = next((e.peer for e in agent.spec.links
+                           if e.peer_role == "snode" and not e.serve), None)
+        self.tasks_run = 0
+        self._worker: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.snode is None:
+            return
+        self._worker = threading.Thread(target=self._work, name="tasks", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        name = self.agent.spec.name
+        db = RemoteDBOS(lambda p: self.agent.call(self.snode, Op.SQL, p, timeout=10.0))
+        try:
+            db.sched.add_worker(name, name, 1)
+            while not self.agent.stop.is_set():
+                task = db.sched.claim(name, POLICY, wait=0.5)
+                if task is None:
+                    continue
+                ok, result = self._run(task["argv"])
+                db.sched.complete(task["task_id"], ok, result)
+                self.tasks_run += 1
+        except HarnessError as exc:
+            if not self.agent.stop.is_set():
+                print(f"dh-agent: {name}: task worker stopped: {exc}", flush=True)
+
+    @staticmethod
+    def _run(argv: list[str]) -> tuple[bool, str]:
+        try:
+            p = subprocess.run(argv, capture_output=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return False, json.dumps({"error": str(exc)})
+        return p.returncode == 0, json.dumps({
+            "returncode": p.returncode,
+            "stdout": p.stdout[:OUTPUT_LIMIT].decode(errors="replace"),
+            "stderr": p.stderr[:OUTPUT_LIMIT].decode(errors="replace")})
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["tasks_run"] = self.tasks_run
+        return out
