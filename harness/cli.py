@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from harness.errors import ClusterError, HarnessError
 
@@ -205,6 +206,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from harness.bench import transport
 
         rep = transport.run(link=args.link, n=args.n, progress=progress)
+    elif args.which == "paging":
+        from harness.bench import paging
+
+        rep = paging.run(placement=args.placement, n=min(args.n, 5000), rounds=args.rounds,
+                         plot_path=Path(args.plot) if args.plot else None, progress=progress)
     elif args.which == "dbos":
         from harness.bench import dbos
 
@@ -290,16 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
-    sp.add_argument("which", choices=["transport", "boot", "dbos"], help="the benchmark")
+    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging"],
+                    help="the benchmark")
+    sp.add_argument("--plot", metavar="PNG", default="paging-sweep.png",
+                    help="paging: where to draw the cache-size sweep (default: "
+                         "paging-sweep.png; '' for none)")
     sp.add_argument("--placement", choices=["process", "vm"], default="process",
-                    help="dbos: on the host, or in an snode guest on its disk (default: process)")
+                    help="dbos: on the host or in an snode guest; paging: process only for now "
+                         "(default: process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
                     help="samples per row: transport round trips (default: 20000); dbos "
                          "operations (capped at 2000)")
     sp.add_argument("--rounds", type=int, default=5,
-                    help="boot: samples per row (default: 5)")
+                    help="boot: samples per row; paging: runs per sweep point (default: 5)")
     sp.add_argument("--no-parallel", action="store_true",
                     help="boot: skip the three-guests-at-once rows")
     sp.add_argument("--vng", metavar="PATH",

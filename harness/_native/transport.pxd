@@ -20,6 +20,7 @@ cdef extern from "dh_transport.h" nogil:
         DH_OP_EXEC
         DH_OP_ECHO
         DH_OP_CTL
+        DH_OP_ATTACH
         DH_OP_P2M_PCACHE_MISS
         DH_OP_P2M_PCACHE_FLUSH
         DH_OP_P2M_PCACHE_MISS_FLUSH

@@ -21,6 +21,7 @@ class Op(enum.IntEnum):
     EXEC = 5
     ECHO = 6
     CTL = 7
+    ATTACH = 8
     P2M_PCACHE_MISS = 0x100
     P2M_PCACHE_FLUSH = 0x101
     P2M_PCACHE_MISS_FLUSH = 0x102

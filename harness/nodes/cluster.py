@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness._native.excache import PAGE, ExCache, Region
 from harness._native.transport import Link, Op, create_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
@@ -28,6 +29,7 @@ from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.topology import Node, Topology, load, parse_size
 
 Progress = Callable[[str], None]
+DEFAULT_CACHE = 16 << 20
 _serial = itertools.count()
 
 
@@ -75,7 +77,8 @@ class Cluster:
 
     def __init__(self, topology: Topology, run_dir: Path | None = None,
                  cache: str | int | None = None, disk_dir: Path | None = None,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, ways: int = 64, policy: str = "fifo",
+                 fault_mode: str = "sigbus") -> None:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
             if {k.client, k.server} & vm:
@@ -84,7 +87,10 @@ class Cluster:
                     "built yet in this version; use placement 'process' for linked nodes")
         self.topology = topology
         self.deterministic = deterministic
-        self.cache_bytes = parse_size(cache) if cache is not None else None
+        self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
+        self.cache_options = {"ways": ways, "policy": policy, "fault_mode": fault_mode}
+        self._excache: ExCache | None = None
+        self._regions: list[Region] = []
         # A private run directory is removed after a clean stop; a given one is kept.
         self._private = run_dir is None
         self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
@@ -264,11 +270,67 @@ class Cluster:
         return ExecResult(r["returncode"], base64.b64decode(r["stdout"]),
                           base64.b64decode(r["stderr"]), r["truncated"])
 
-    def stats(self) -> dict:
-        return {name: json.loads(self.call(name, Op.STATS)) for name in self.nodes}
+    def free(self, region: Region) -> None:
+        """Gives a region's memory back (its memoryviews must be released)."""
+        region.free()
+        if region in self._regions:
+            self._regions.remove(region)
 
-    def alloc(self, nbytes: int):
-        raise NotSupported("disaggregated memory (ExCache) is not built yet in this version")
+    def stats(self) -> dict:
+        """Each node's STATS, and "excache": this process's cache counters. The
+        regions' page counts also go to the snode's `pages` table."""
+        out = {name: json.loads(self.call(name, Op.STATS)) for name in self.nodes}
+        if self._excache is not None:
+            out["excache"] = self._excache.stats()
+            if self._snode() is not None:
+                for r in self._regions:
+                    if r.address:
+                        s = r.stats()
+                        self.dbos.state.report_pages(r.id, "pnode0", s["resident"], s["dirty"])
+        return out
+
+    @property
+    def excache(self) -> ExCache:
+        """This process's ExCache over the first memory node (made on first use):
+        the caller plays the processor node's workload."""
+        if self._excache is None:
+            self._excache = self._attach_excache()
+        return self._excache
+
+    def _attach_excache(self) -> ExCache:
+        mnode = next((n for n in self.topology.nodes if n.role == "mnode"), None)
+        if mnode is None:
+            raise NotSupported(f"{self.name} has no mnode to hold disaggregated memory")
+        if mnode.placement != "process":
+            raise NotSupported("alloc() from the host needs the mnode placed as a process; "
+                               "with VMs, run the workload on the pnode with exec()")
+        k = next((k for k in self.topology.links if mnode.name in (k.client, k.server)), None)
+        model = k.model if k is not None else None
+        path = str(self.shm_dir / f"excache-{mnode.name}.shm")
+        create_shm_file(path, 1 << 22)
+        link = Link.shm_open(path, 0, name=f"excache-{mnode.name}")
+        req = {"service": "excache", "path": path, "side": 1}
+        if model is not None and model.active:
+            link.set_model(model.latency_ns, model.bytes_per_sec)
+            req.update(latency_ns=model.latency_ns, bytes_per_sec=model.bytes_per_sec)
+        self.call(mnode.name, Op.ATTACH, json.dumps(req).encode())
+        ways = min(self.cache_options["ways"], max(1, self.cache_bytes // PAGE))
+        capacity = self.cache_bytes - self.cache_bytes % (ways * PAGE)
+        return ExCache(link, capacity, ways, self.cache_options["policy"],
+                       self.cache_options["fault_mode"])
+
+    def alloc(self, nbytes: int) -> Region:
+        """Disaggregated memory: pages live on the mnode, a cache of
+        `cache` bytes in this process, filled by page faults. Writable buffer
+        protocol (memoryview, numpy.frombuffer)."""
+        if nbytes <= 0:
+            raise ValueError(f"alloc needs a positive size, got {nbytes}")
+        region = self.excache.alloc(-(-nbytes // PAGE) * PAGE)
+        self._regions.append(region)
+        if self._snode() is not None:
+            mnode = next(n.name for n in self.topology.nodes if n.role == "mnode")
+            self.dbos.state.report_region(region.id, mnode, region.size, owner="pnode0")
+        return region
 
     def fault(self, node: str, action: str) -> None:
         raise NotSupported("fault injection is not built yet in this version")
@@ -280,6 +342,14 @@ class Cluster:
         if self._stopped:
             return
         self._stopped = True
+        # The cache first: its regions' memory lives on the nodes about to stop.
+        for r in self._regions:
+            try:
+                r.free()
+            except (BufferError, HarnessError):
+                pass  # still in use by the caller: the mapping dies with the cache
+        self._regions.clear()
+        self._excache = None
         for h in self.nodes.values():
             if h.runner.alive and h.state == "ready":
                 try:

@@ -132,5 +132,7 @@ def role_class(name: str) -> type[Role]:
 
         return SNode
     if name == "mnode":
-        return Role
+        from harness.nodes.mnode import MNode
+
+        return MNode
     raise HarnessError(f"unknown role {name!r}")

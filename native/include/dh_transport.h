@@ -35,6 +35,7 @@ enum dh_op {
     DH_OP_EXEC = 0x0005,
     DH_OP_ECHO = 0x0006, /* benchmarks: reply with the payload */
     DH_OP_CTL = 0x0007,  /* the cluster's control socket: JSON both ways */
+    DH_OP_ATTACH = 0x0008, /* open a channel (JSON: path, side, service) and serve it */
     DH_OP_P2M_PCACHE_MISS = 0x0100,
     DH_OP_P2M_PCACHE_FLUSH = 0x0101,
     DH_OP_P2M_PCACHE_MISS_FLUSH = 0x0102, /* miss with a piggybacked flush */

@@ -81,8 +81,8 @@ def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
 
 
 def test_unsupported_parts_say_so(cluster):
-    with pytest.raises(NotSupported):
-        cluster.alloc(1 << 20)
+    with pytest.raises(NotSupported, match="fault injection"):
+        cluster.fault("mnode0", "kill")
 
 
 def test_dbos_on_the_snode(cluster):
@@ -174,3 +174,20 @@ def test_controller_sigkill_takes_the_nodes_down(tmp_path):
 
 def test_protocol_error_type_is_a_transport_error():
     assert issubclass(ProtocolError, TransportError)
+
+
+def test_alloc_is_disaggregated_memory_on_the_mnode():
+    import numpy as np
+
+    with open_cluster("lego3", cache="256KiB") as c:
+        region = c.alloc(1 << 20)  # four times the cache
+        a = np.frombuffer(region, dtype=np.uint32)
+        a[:] = np.arange(len(a), dtype=np.uint32)
+        assert (a == np.arange(len(a), dtype=np.uint32)).all()
+        del a
+        s = c.stats()
+        assert s["excache"]["misses"] >= 256 and s["excache"]["dirty_flushes"] > 0
+        assert s["mnode0"]["memory"]["pages_stored"] == s["excache"]["dirty_flushes"]
+        assert c.sql("SELECT node, owner, size FROM regions") == [["mnode0", "pnode0", 1 << 20]]
+        [[node, resident]] = c.sql("SELECT node, resident FROM pages")
+        assert node == "pnode0" and resident == 64  # 256 KiB of lines

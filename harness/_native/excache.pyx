@@ -1,0 +1,214 @@
+# cython: language_level=3
+"""Bindings to native/excache: the processor node's cache and the memory
+node's store."""
+
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
+
+from harness._native.errors cimport check
+from harness._native.transport cimport Link
+
+PAGE = DH_PAGE
+POLICIES = {"fifo": DH_POLICY_FIFO, "lru": DH_POLICY_LRU, "random": DH_POLICY_RANDOM}
+FAULT_MODES = {"sigbus": DH_FAULT_SIGBUS, "thread": DH_FAULT_THREAD}
+
+
+cdef class ExCache:
+    """A set-associative cache of 4 KiB lines over userfaultfd regions whose
+    pages live on a memory node (link=None: a local store, the benchmark's floor)."""
+
+    cdef dh_excache *_c
+    cdef object _link
+    cdef readonly uint64_t capacity
+    cdef readonly uint32_t ways
+    cdef readonly str policy
+    cdef readonly str fault_mode
+
+    def __cinit__(self, Link link, uint64_t capacity, uint32_t ways=64, str policy="fifo",
+                  str fault_mode="sigbus", double timeout=2.0):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        if fault_mode not in FAULT_MODES:
+            raise ValueError(f"fault_mode must be one of {sorted(FAULT_MODES)}, "
+                             f"got {fault_mode!r}")
+        self._link = link
+        self.capacity, self.ways, self.policy, self.fault_mode = capacity, ways, policy, fault_mode
+        check(dh_excache_create(link._l if link is not None else NULL, capacity, ways,
+                                POLICIES[policy], FAULT_MODES[fault_mode],
+                                <int>(timeout * 1000), &self._c),
+              f"ExCache of {capacity} bytes, {ways}-way ({policy}, {fault_mode})")
+
+    def __dealloc__(self):
+        if self._c is not NULL:
+            dh_excache_destroy(self._c)
+
+    def alloc(self, uint64_t size) -> Region:
+        """A region of size bytes (a multiple of 4 KiB) of disaggregated memory."""
+        cdef void *addr = NULL
+        cdef uint32_t rid = 0
+        cdef int rc
+        with nogil:
+            rc = dh_excache_alloc(self._c, size, &addr, &rid)
+        check(rc, f"allocate a {size}-byte region")
+        cdef Region r = Region.__new__(Region)
+        r._cache, r._addr, r.size, r.id = self, addr, size, rid
+        return r
+
+    def flush(self) -> None:
+        """Writes every dirty line back to the memory node."""
+        cdef int rc
+        with nogil:
+            rc = dh_excache_flush(self._c)
+        check(rc, "flush the cache")
+
+    def stats(self) -> dict:
+        cdef dh_excache_stats s
+        dh_excache_get_stats(self._c, &s)
+        return dict(misses=s.misses, remote_fetches=s.remote_fetches, zero_fills=s.zero_fills,
+                    wp_faults=s.wp_faults, evictions=s.evictions, clean_drops=s.clean_drops,
+                    dirty_flushes=s.dirty_flushes, piggybacked=s.piggybacked,
+                    resident=s.resident, capacity=self.capacity, ways=self.ways,
+                    policy=self.policy, fault_mode=self.fault_mode,
+                    latency_hist_log2ns=[s.hist[i] for i in range(DH_HIST_BUCKETS)])
+
+    def reset_stats(self) -> None:
+        dh_excache_reset_stats(self._c)
+
+
+cdef class Region:
+    """Disaggregated memory with the writable buffer protocol: memoryview and
+    numpy work on it unchanged; each first touch of a page is a real fault."""
+
+    cdef ExCache _cache
+    cdef void *_addr
+    cdef readonly uint64_t size
+    cdef readonly uint32_t id
+    cdef int _exports
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        if self._addr is NULL:
+            raise ValueError("region was freed")
+        PyBuffer_FillInfo(buf, self, self._addr, <Py_ssize_t>self.size, 0, flags)
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buf):
+        self._exports -= 1
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def address(self) -> int:
+        return <size_t>self._addr
+
+    def time_touch(self, size_t first_page, size_t npages, bint write=False) -> list:
+        """Touches npages pages from first_page, timing each access in C -> ns."""
+        if self._addr is NULL or (first_page + npages) * DH_PAGE > self.size:
+            raise ValueError("pages outside the region")
+        cdef uint64_t *s = <uint64_t *>malloc(max(npages, 1) * sizeof(uint64_t))
+        if s is NULL:
+            raise MemoryError()
+        try:
+            dh_excache_time_touch(<uint8_t *>self._addr + first_page * DH_PAGE, npages, write, s)
+            return [s[i] for i in range(npages)]
+        finally:
+            free(s)
+
+    def stats(self) -> dict:
+        """This region's lines in the cache now, and how many are dirty."""
+        cdef uint64_t resident = 0, dirty = 0
+        if self._addr is NULL:
+            raise ValueError("region was freed")
+        check(dh_excache_region_stats(self._cache._c, self._addr, &resident, &dirty),
+              f"region {self.id} stats")
+        return {"resident": resident, "dirty": dirty}
+
+    def free(self) -> None:
+        if self._addr is NULL:
+            return
+        if self._exports:
+            raise BufferError("region still has memoryviews or arrays over it")
+        cdef void *a = self._addr
+        self._addr = NULL
+        check(dh_excache_free(self._cache._c, a), f"free region {self.id}")
+
+
+cdef class MStore:
+    """A memory node's store of vRegions; serve() answers the ExCache protocol."""
+
+    cdef dh_mstore *_m
+
+    def __cinit__(self):
+        check(dh_mstore_create(&self._m), "memory store")
+
+    def __dealloc__(self):
+        if self._m is not NULL:
+            dh_mstore_destroy(self._m)
+
+    def serve(self, Link link) -> None:
+        """Serves link until it closes or says SHUTDOWN (blocks; releases the GIL)."""
+        cdef volatile int stop = 0
+        cdef int rc
+        with nogil:
+            rc = dh_mstore_serve(self._m, link._l, &stop)
+        check(rc, "memory node serving ExCache")
+
+    def stats(self) -> dict:
+        cdef dh_mstore_stats s
+        dh_mstore_get_stats(self._m, &s)
+        return dict(regions=s.regions, bytes_reserved=s.bytes_reserved,
+                    pages_stored=s.pages_stored, bytes_stored=s.pages_stored * DH_PAGE,
+                    misses_served=s.misses_served, flushes=s.flushes)
+
+
+def floor_minor_fault(size_t n) -> list:
+    """First touches of n pages of plain anonymous memory -> ns each."""
+    cdef size_t size = max(n, 1) * DH_PAGE
+    cdef void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if m == MAP_FAILED:
+        raise MemoryError()
+    cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    try:
+        if s is NULL:
+            raise MemoryError()
+        dh_excache_time_touch(m, n, 0, s)
+        return [s[i] for i in range(n)]
+    finally:
+        free(s)
+        munmap(m, size)
+
+
+def time_touch_native(size_t npages) -> list:
+    """Touches of npages already-present pages of ordinary memory -> ns each
+    (the floor of a cache hit)."""
+    cdef size_t size = max(npages, 1) * DH_PAGE
+    cdef uint8_t *m = <uint8_t *>malloc(size)
+    cdef uint64_t *s = <uint64_t *>malloc(max(npages, 1) * sizeof(uint64_t))
+    try:
+        if m is NULL or s is NULL:
+            raise MemoryError()
+        memset(m, 1, size)
+        dh_excache_time_touch(m, npages, 0, s)
+        return [s[i] for i in range(npages)]
+    finally:
+        free(s)
+        free(m)
+
+
+def floor_fault(str fault_mode, size_t n) -> list:
+    """n userfaultfd faults filled from a local buffer by the given path -> ns."""
+    cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    if s is NULL:
+        raise MemoryError()
+    cdef int mode = FAULT_MODES[fault_mode]
+    cdef int rc
+    try:
+        with nogil:
+            rc = dh_excache_floor_fault(mode, s, n)
+        check(rc, "fault floor")
+        return [s[i] for i in range(n)]
+    finally:
+        free(s)

@@ -1,0 +1,46 @@
+"""The memory node: a store of vRegions, served by C on channels that
+processor-side caches attach to (Op.ATTACH), one thread per channel."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from harness._native.excache import MStore
+from harness._native.transport import Link, Op
+from harness.errors import HarnessError
+from harness.nodes.role import Role
+
+
+class MNode(Role):
+    def __init__(self, agent) -> None:
+        super().__init__(agent)
+        self.store = MStore()
+        self.channels: list[Link] = []
+        self.handlers[Op.ATTACH] = self.attach
+
+    def attach(self, payload: bytes) -> bytes:
+        req = json.loads(payload)
+        if req.get("service") != "excache":
+            raise HarnessError(f"{self.agent.spec.name} serves only 'excache' channels")
+        link = Link.shm_open(req["path"], int(req.get("side", 1)), name="excache")
+        if req.get("latency_ns") or req.get("bytes_per_sec"):
+            link.set_model(int(req.get("latency_ns", 0)), int(req.get("bytes_per_sec", 0)))
+        self.channels.append(link)
+        threading.Thread(target=self._serve, args=(link,), name="excache", daemon=True).start()
+        return b""
+
+    def _serve(self, link: Link) -> None:
+        try:
+            self.store.serve(link)
+        except HarnessError as exc:
+            print(f"dh-agent: {self.agent.spec.name}: ExCache channel ended: {exc}", flush=True)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["memory"] = self.store.stats()
+        return out
+
+    def close(self) -> None:
+        for link in self.channels:
+            link.close()

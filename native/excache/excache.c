@@ -1,0 +1,637 @@
+/* ExCache over userfaultfd. See dh_excache.h for the design.
+ *
+ * Everything reachable from serve_fault() is async-signal-safe: no malloc,
+ * no stdio, no pthread locks (a spin lock on an atomic flag instead), only
+ * ioctl/madvise/futex/clock_gettime system calls and memcpy. Buffers are
+ * allocated when the cache is made. A thread can never fault while holding
+ * the lock: the handler only touches pages it knows are present. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "dh_excache.h"
+
+struct region {
+    uint8_t *base;
+    uint64_t size;
+    uint32_t id;
+    int used;
+    uint8_t *on_mnode; /* bit per page: written back at least once */
+    uint64_t resident, dirty; /* its lines in the cache now */
+    uint8_t *local;    /* the local page store (no link: the floor) */
+};
+
+struct line {
+    uintptr_t page; /* 0: empty */
+    struct region *r;
+    uint8_t dirty;
+    uint64_t filled, touched; /* fifo and lru stamps */
+};
+
+struct dh_excache {
+    dh_link *link;
+    int uffd;
+    int mode;
+    int policy;
+    int timeout_ms;
+    uint32_t nsets, ways;
+    struct line *lines;
+    struct region regions[DH_EXCACHE_MAX_REGIONS];
+    atomic_flag lock;
+    uint64_t clock;
+    uint32_t rng;
+    dh_excache_stats st;
+    uint8_t *req;  /* request buffer: header fields + a page */
+    uint8_t *page; /* reply buffer */
+    pthread_t thread;
+    int thread_running;
+    atomic_int stop;
+};
+
+/* ---- the process-wide SIGBUS hook -------------------------------------- */
+
+#define MAX_CACHES 16
+static _Atomic(dh_excache *) caches[MAX_CACHES];
+static struct sigaction previous;
+static pthread_once_t hook_once = PTHREAD_ONCE_INIT;
+
+static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp);
+
+static void say(const char *a, const char *b)
+{
+    ssize_t rc = write(2, a, strlen(a));
+    rc = write(2, b, strlen(b));
+    (void)rc;
+}
+
+static void fatal(const char *why)
+{
+    /* No page to give the faulting code: ending the process is the only
+     * answer that is neither a hang nor silently wrong data. */
+    say("disagg-harness ExCache: cannot serve a page fault: ", why);
+    say("; the memory node is gone or not answering. Aborting.\n", "");
+    abort();
+}
+
+static struct region *find(dh_excache *c, uintptr_t a)
+{
+    for (int i = 0; i < DH_EXCACHE_MAX_REGIONS; i++) {
+        struct region *r = &c->regions[i];
+        if (r->used && a >= (uintptr_t)r->base && a < (uintptr_t)r->base + r->size)
+            return r;
+    }
+    return NULL;
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (int i = 0; i < MAX_CACHES; i++) {
+        dh_excache *c = atomic_load(&caches[i]);
+        struct region *r;
+        if (c && c->mode == DH_FAULT_SIGBUS && (r = find(c, a))) {
+            int rc = serve_fault(c, r, a, -1);
+            if (rc)
+                fatal(dh_strerror(rc));
+            return;
+        }
+    }
+    /* Not ours: hand over to whoever was there before (Python's
+     * faulthandler, or the default action when the access is retried). */
+    if (previous.sa_flags & SA_SIGINFO)
+        previous.sa_sigaction(sig, si, uc);
+    else if (previous.sa_handler != SIG_IGN && previous.sa_handler != SIG_DFL)
+        previous.sa_handler(sig);
+    else
+        sigaction(SIGBUS, &previous, NULL);
+}
+
+static void install_hook(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &previous);
+}
+
+/* ---- the protocol to the memory node --------------------------------------- */
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static int rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
+{
+    uint32_t got = 0, flags = 0;
+    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE, &got, &flags,
+                         c->timeout_ms);
+    if (rc)
+        return rc;
+    return (flags & DH_F_ERROR) || got != want ? DH_EPROTO : 0;
+}
+
+static uint64_t page_index(struct region *r, uintptr_t page)
+{
+    return (page - (uintptr_t)r->base) / DH_PAGE;
+}
+
+static int on_mnode(struct region *r, uint64_t idx)
+{
+    return r->on_mnode[idx / 8] >> (idx % 8) & 1;
+}
+
+/* Fetches a page into c->page, carrying a dirty victim (in c->req) along. */
+static int fetch(dh_excache *c, struct region *r, uint64_t idx, struct line *dirty_victim)
+{
+    if (!c->link) { /* the floor: a local store */
+        if (dirty_victim)
+            memcpy(dirty_victim->r->local + page_index(dirty_victim->r, dirty_victim->page) *
+                       DH_PAGE, c->req + 24, DH_PAGE);
+        memcpy(c->page, r->local + idx * DH_PAGE, DH_PAGE);
+        return 0;
+    }
+    if (dirty_victim) {
+        put32(c->req, r->id);
+        put32(c->req + 4, dirty_victim->r->id);
+        put64(c->req + 8, idx);
+        put64(c->req + 16, page_index(dirty_victim->r, dirty_victim->page));
+        c->st.piggybacked++;
+        return rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, 24 + DH_PAGE, DH_PAGE);
+    }
+    put32(c->req, r->id);
+    put32(c->req + 4, 0);
+    put64(c->req + 8, idx);
+    return rpc(c, DH_OP_P2M_PCACHE_MISS, 16, DH_PAGE);
+}
+
+/* Writes back the page whose data is at c->req + 24. */
+static int flush_one(dh_excache *c, struct line *v)
+{
+    uint64_t idx = page_index(v->r, v->page);
+    if (!c->link) {
+        memcpy(v->r->local + idx * DH_PAGE, c->req + 24, DH_PAGE);
+        return 0;
+    }
+    put32(c->req, v->r->id);
+    put32(c->req + 4, 0);
+    put64(c->req + 8, idx);
+    memmove(c->req + 16, c->req + 24, DH_PAGE);
+    return rpc(c, DH_OP_P2M_PCACHE_FLUSH, 16 + DH_PAGE, 0);
+}
+
+/* ---- userfaultfd helpers ---------------------------------------------------- */
+
+static int protect(dh_excache *c, uintptr_t page, int on)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = page, .len = DH_PAGE},
+        .mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    return ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp) ? DH_EIO : 0;
+}
+
+static int install(dh_excache *c, uintptr_t page)
+{
+    struct uffdio_copy cp = {
+        .dst = page, .src = (uintptr_t)c->page, .len = DH_PAGE,
+        .mode = UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
+    };
+    if (ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST)
+        return DH_EIO;
+    return 0;
+}
+
+static void lock(dh_excache *c)
+{
+    while (atomic_flag_test_and_set_explicit(&c->lock, memory_order_acquire))
+        __builtin_ia32_pause();
+}
+
+static void unlock(dh_excache *c) { atomic_flag_clear_explicit(&c->lock, memory_order_release); }
+
+static uint64_t now_ns(void) { return dh_now_ns(); }
+
+static struct line *victim_of(dh_excache *c, struct line *set)
+{
+    struct line *v = NULL;
+    for (uint32_t w = 0; w < c->ways; w++)
+        if (!set[w].page)
+            return &set[w];
+    switch (c->policy) {
+    case DH_POLICY_RANDOM:
+        c->rng ^= c->rng << 13;
+        c->rng ^= c->rng >> 17;
+        c->rng ^= c->rng << 5;
+        return &set[c->rng % c->ways];
+    case DH_POLICY_LRU: /* least recently faulted: hits are invisible to userfaultfd */
+        v = &set[0];
+        for (uint32_t w = 1; w < c->ways; w++)
+            if (set[w].touched < v->touched)
+                v = &set[w];
+        return v;
+    default:
+        v = &set[0];
+        for (uint32_t w = 1; w < c->ways; w++)
+            if (set[w].filled < v->filled)
+                v = &set[w];
+        return v;
+    }
+}
+
+static void record(dh_excache *c, uint64_t t0)
+{
+    uint64_t d = now_ns() - t0;
+    int b = d ? 63 - __builtin_clzll(d) : 0;
+    c->st.hist[b < DH_HIST_BUCKETS ? b : DH_HIST_BUCKETS - 1]++;
+}
+
+/* wp: 1 a write-protect fault, 0 a missing page, -1 unknown (SIGBUS says
+ * neither): a resident page means a write to a clean line. */
+static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
+{
+    uintptr_t page = addr & ~(uintptr_t)(DH_PAGE - 1);
+    lock(c);
+    uint64_t t0 = now_ns();
+    struct line *set = &c->lines[(uint64_t)(page / DH_PAGE) % c->nsets * c->ways];
+    struct line *hit = NULL;
+    for (uint32_t w = 0; w < c->ways; w++)
+        if (set[w].page == page)
+            hit = &set[w];
+    int rc = 0;
+    if (hit) {
+        /* Present: the first write to a clean line (or a fault another
+         * thread already served). Marking dirty is always safe. */
+        hit->touched = ++c->clock;
+        if (wp == 1 || (wp == -1 && !hit->dirty)) {
+            hit->r->dirty += !hit->dirty;
+            hit->dirty = 1;
+            c->st.wp_faults++;
+            rc = protect(c, page, 0);
+        } else if (c->mode == DH_FAULT_THREAD) { /* a stale message: just wake */
+            struct uffdio_range rg = {.start = page, .len = DH_PAGE};
+            ioctl(c->uffd, UFFDIO_WAKE, &rg);
+        }
+        unlock(c);
+        return rc;
+    }
+    c->st.misses++;
+    struct line *v = victim_of(c, set);
+    struct line *dirty_victim = NULL;
+    if (v->page) {
+        c->st.evictions++;
+        if (v->dirty) {
+            /* Stop writers first, so no store lands after the copy. */
+            if ((rc = protect(c, v->page, 1)))
+                goto out;
+            memcpy(c->req + 24, (void *)v->page, DH_PAGE);
+            dirty_victim = v;
+            c->st.dirty_flushes++;
+        } else {
+            c->st.clean_drops++;
+        }
+    }
+    uint64_t idx = page_index(r, page);
+    if (on_mnode(r, idx)) {
+        rc = fetch(c, r, idx, dirty_victim);
+        c->st.remote_fetches++;
+    } else {
+        if (dirty_victim)
+            rc = flush_one(c, dirty_victim);
+        memset(c->page, 0, DH_PAGE);
+        c->st.zero_fills++;
+    }
+    if (rc)
+        goto out;
+    if (v->page) {
+        if (dirty_victim) {
+            struct region *vr = dirty_victim->r;
+            uint64_t vi = page_index(vr, v->page);
+            vr->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
+        }
+        madvise((void *)v->page, DH_PAGE, MADV_DONTNEED);
+        c->st.resident--;
+        v->r->resident--;
+        v->r->dirty -= v->dirty;
+    }
+    if ((rc = install(c, page)))
+        goto out;
+    v->page = page;
+    v->r = r;
+    v->dirty = 0;
+    v->filled = v->touched = ++c->clock;
+    c->st.resident++;
+    r->resident++;
+    record(c, t0);
+out:
+    unlock(c);
+    return rc;
+}
+
+/* ---- the handler thread (fault_mode THREAD) ------------------------------------ */
+
+static void *handler(void *arg)
+{
+    dh_excache *c = arg;
+    struct uffd_msg msgs[16];
+    while (!atomic_load(&c->stop)) {
+        struct pollfd p = {.fd = c->uffd, .events = POLLIN};
+        if (poll(&p, 1, 100) <= 0)
+            continue;
+        ssize_t n = read(c->uffd, msgs, sizeof msgs);
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uintptr_t a = msgs[i].arg.pagefault.address;
+            struct region *r = find(c, a);
+            int wp = (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+            if (r && serve_fault(c, r, a, wp))
+                fatal("the handler thread could not fetch a page");
+        }
+    }
+    return NULL;
+}
+
+/* ---- life cycle ----------------------------------------------------------- */
+
+int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
+                      int fault_mode, int timeout_ms, dh_excache **out)
+{
+    if (!ways || capacity < (uint64_t)ways * DH_PAGE || capacity % ((uint64_t)ways * DH_PAGE) ||
+        policy < DH_POLICY_FIFO || policy > DH_POLICY_RANDOM ||
+        (fault_mode != DH_FAULT_SIGBUS && fault_mode != DH_FAULT_THREAD))
+        return DH_EINVAL;
+    if (link && dh_link_max_payload(link) < 24 + DH_PAGE)
+        return DH_ETOOBIG;
+    dh_excache *c = calloc(1, sizeof *c);
+    if (!c)
+        return DH_ENOMEM;
+    c->link = link;
+    c->ways = ways;
+    c->nsets = (uint32_t)(capacity / DH_PAGE / ways);
+    c->policy = policy;
+    c->mode = fault_mode;
+    c->timeout_ms = timeout_ms;
+    c->rng = 2463534242u;
+    atomic_flag_clear(&c->lock);
+    c->lines = calloc((size_t)c->nsets * ways, sizeof *c->lines);
+    c->req = malloc(24 + DH_PAGE);
+    c->page = aligned_alloc(DH_PAGE, DH_PAGE);
+    int rc = c->lines && c->req && c->page ? 0 : DH_ENOMEM;
+    if (!rc) {
+        c->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        if (c->uffd < 0)
+            rc = errno == ENOSYS ? DH_ENOSYS : DH_EIO;
+    }
+    if (!rc) {
+        struct uffdio_api api = {
+            .api = UFFD_API,
+            .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
+                        (fault_mode == DH_FAULT_SIGBUS ? UFFD_FEATURE_SIGBUS : 0),
+        };
+        if (ioctl(c->uffd, UFFDIO_API, &api))
+            rc = errno == EINVAL ? DH_ENOSYS : DH_EIO;
+    }
+    if (!rc && fault_mode == DH_FAULT_SIGBUS) {
+        pthread_once(&hook_once, install_hook);
+        rc = DH_ENOMEM;
+        for (int i = 0; i < MAX_CACHES && rc; i++) {
+            dh_excache *none = NULL;
+            if (atomic_compare_exchange_strong(&caches[i], &none, c))
+                rc = 0;
+        }
+    }
+    if (!rc && fault_mode == DH_FAULT_THREAD) {
+        if (pthread_create(&c->thread, NULL, handler, c))
+            rc = DH_EIO;
+        else
+            c->thread_running = 1;
+    }
+    if (rc) {
+        dh_excache_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
+{
+    if (!size || size % DH_PAGE)
+        return DH_EINVAL;
+    struct region *r = NULL;
+    for (int i = 0; i < DH_EXCACHE_MAX_REGIONS && !r; i++)
+        if (!c->regions[i].used && !c->regions[i].base)
+            r = &c->regions[i];
+    if (!r)
+        return DH_ENOMEM;
+    uint32_t id = (uint32_t)(r - c->regions) + 1;
+    if (c->link) { /* a vRegion on the memory node */
+        lock(c);
+        put64(c->req, size);
+        uint32_t got = 0, flags = 0;
+        int rc = dh_rpc_call(c->link, DH_OP_P2M_ALLOC, c->req, 8, c->page, DH_PAGE, &got,
+                             &flags, c->timeout_ms);
+        if (!rc && ((flags & DH_F_ERROR) || got != 4))
+            rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
+        if (!rc)
+            memcpy(&id, c->page, 4);
+        unlock(c);
+        if (rc)
+            return rc;
+    }
+    uint64_t npages = size / DH_PAGE;
+    uint8_t *bits = calloc((npages + 7) / 8, 1);
+    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *local = c->link ? NULL
+                          : mmap(NULL, size, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (!bits || base == MAP_FAILED || local == MAP_FAILED) {
+        free(bits);
+        if (base != MAP_FAILED)
+            munmap(base, size);
+        if (local && local != MAP_FAILED)
+            munmap(local, size);
+        return DH_ENOMEM;
+    }
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)base, .len = size},
+        .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+    };
+    if (ioctl(c->uffd, UFFDIO_REGISTER, &reg)) {
+        int saved = errno;
+        free(bits);
+        munmap(base, size);
+        if (local)
+            munmap(local, size);
+        errno = saved;
+        return saved == EINVAL ? DH_ENOSYS : DH_EIO;
+    }
+    lock(c);
+    r->base = base;
+    r->size = size;
+    r->id = id;
+    r->on_mnode = bits;
+    r->local = local;
+    r->used = 1;
+    unlock(c);
+    *addr = base;
+    *region_id = id;
+    return 0;
+}
+
+int dh_excache_free(dh_excache *c, void *addr)
+{
+    lock(c);
+    struct region *r = find(c, (uintptr_t)addr);
+    if (!r || r->base != addr) {
+        unlock(c);
+        return DH_EINVAL;
+    }
+    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways; i++)
+        if (c->lines[i].r == r && c->lines[i].page) {
+            c->lines[i].page = 0;
+            c->st.resident--;
+        }
+    r->used = 0;
+    int rc = 0;
+    if (c->link) {
+        put32(c->req, r->id);
+        rc = rpc(c, DH_OP_P2M_FREE, 4, 0);
+    }
+    unlock(c);
+    struct uffdio_range rg = {.start = (uintptr_t)r->base, .len = r->size};
+    ioctl(c->uffd, UFFDIO_UNREGISTER, &rg);
+    munmap(r->base, r->size);
+    if (r->local)
+        munmap(r->local, r->size);
+    free(r->on_mnode);
+    memset(r, 0, sizeof *r);
+    return rc;
+}
+
+int dh_excache_flush(dh_excache *c)
+{
+    int rc = 0;
+    lock(c);
+    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways && !rc; i++) {
+        struct line *l = &c->lines[i];
+        if (!l->page || !l->dirty)
+            continue;
+        if ((rc = protect(c, l->page, 1)))
+            break;
+        memcpy(c->req + 24, (void *)l->page, DH_PAGE);
+        if ((rc = flush_one(c, l)))
+            break;
+        uint64_t vi = page_index(l->r, l->page);
+        l->r->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
+        l->dirty = 0;
+        l->r->dirty--;
+        c->st.dirty_flushes++;
+    }
+    unlock(c);
+    return rc;
+}
+
+int dh_excache_region_stats(dh_excache *c, void *addr, uint64_t *resident, uint64_t *dirty)
+{
+    lock(c);
+    struct region *r = find(c, (uintptr_t)addr);
+    if (r) {
+        *resident = r->resident;
+        *dirty = r->dirty;
+    }
+    unlock(c);
+    return r ? 0 : DH_EINVAL;
+}
+
+void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s)
+{
+    lock(c);
+    *s = c->st;
+    unlock(c);
+}
+
+void dh_excache_reset_stats(dh_excache *c)
+{
+    lock(c);
+    uint64_t resident = c->st.resident;
+    memset(&c->st, 0, sizeof c->st);
+    c->st.resident = resident;
+    unlock(c);
+}
+
+void dh_excache_destroy(dh_excache *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < MAX_CACHES; i++) {
+        dh_excache *me = c;
+        atomic_compare_exchange_strong(&caches[i], &me, NULL);
+    }
+    if (c->thread_running) {
+        atomic_store(&c->stop, 1);
+        pthread_join(c->thread, NULL);
+    }
+    for (int i = 0; i < DH_EXCACHE_MAX_REGIONS; i++)
+        if (c->regions[i].used) {
+            munmap(c->regions[i].base, c->regions[i].size);
+            if (c->regions[i].local)
+                munmap(c->regions[i].local, c->regions[i].size);
+            free(c->regions[i].on_mnode);
+        }
+    if (c->uffd > 0)
+        close(c->uffd);
+    free(c->lines);
+    free(c->req);
+    free(c->page);
+    free(c);
+}
+
+/* ---- the floor -------------------------------------------------------------- */
+
+int dh_excache_floor_fault(int fault_mode, uint64_t *samples, size_t n)
+{
+    dh_excache *c;
+    uint64_t cap = (uint64_t)(n + 64) * DH_PAGE;
+    cap -= cap % (64 * DH_PAGE);
+    int rc = dh_excache_create(NULL, cap + 64 * DH_PAGE, 64, DH_POLICY_FIFO, fault_mode, 1000,
+                               &c);
+    if (rc)
+        return rc;
+    void *addr;
+    uint32_t id;
+    if ((rc = dh_excache_alloc(c, (uint64_t)n * DH_PAGE, &addr, &id))) {
+        dh_excache_destroy(c);
+        return rc;
+    }
+    /* Every page "lives on the store", so each fault copies it from local memory. */
+    memset(c->regions[id - 1].on_mnode, 0xff, (n + 7) / 8);
+    dh_excache_time_touch(addr, n, 0, samples);
+    dh_excache_destroy(c);
+    return 0;
+}
+
+void dh_excache_time_touch(void *addr, size_t npages, int write, uint64_t *samples)
+{
+    volatile uint8_t *p = addr;
+    for (size_t i = 0; i < npages; i++) {
+        uint64_t t0 = dh_now_ns();
+        if (write)
+            p[i * DH_PAGE] = (uint8_t)i;
+        else
+            (void)p[i * DH_PAGE];
+        samples[i] = dh_now_ns() - t0;
+    }
+}

@@ -1,0 +1,175 @@
+/* The memory node's side of ExCache: vRegions (LegoOS's allocation unit)
+ * kept as anonymous mappings, so a page costs memory only once it is written
+ * back, and the protocol served on a link:
+ *   P2M_ALLOC       u64 size                         -> u32 region id
+ *   P2M_FREE        u32 region                       -> (empty)
+ *   P2M_PCACHE_MISS u32 region, u32 0, u64 page      -> the page
+ *   P2M_PCACHE_FLUSH u32 region, u32 0, u64 page, data -> (empty)
+ *   P2M_PCACHE_MISS_FLUSH u32 miss region, u32 flush region, u64 miss page,
+ *                   u64 flush page, data             -> the missed page
+ * Every field is checked against the region's bounds before use. */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "dh_excache.h"
+
+#define MAX_VREGIONS 1024
+
+struct vregion {
+    uint8_t *base;
+    uint64_t size;
+};
+
+struct dh_mstore {
+    pthread_mutex_t mu;
+    struct vregion regions[MAX_VREGIONS]; /* id = index + 1 */
+    dh_mstore_stats st;
+};
+
+int dh_mstore_create(dh_mstore **out)
+{
+    dh_mstore *m = calloc(1, sizeof *m);
+    if (!m)
+        return DH_ENOMEM;
+    pthread_mutex_init(&m->mu, NULL);
+    *out = m;
+    return 0;
+}
+
+void dh_mstore_destroy(dh_mstore *m)
+{
+    if (!m)
+        return;
+    for (int i = 0; i < MAX_VREGIONS; i++)
+        if (m->regions[i].base)
+            munmap(m->regions[i].base, m->regions[i].size);
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s)
+{
+    pthread_mutex_lock(&m->mu);
+    *s = m->st;
+    pthread_mutex_unlock(&m->mu);
+}
+
+static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
+{
+    if (id == 0 || id > MAX_VREGIONS)
+        return NULL;
+    struct vregion *r = &m->regions[id - 1];
+    if (!r->base || page >= r->size / DH_PAGE)
+        return NULL;
+    return r->base + page * DH_PAGE;
+}
+
+/* Handles one request; returns the reply length or -1 for a bad request. */
+static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out)
+{
+    uint32_t a = 0, b = 0;
+    uint64_t x = 0, y = 0;
+    if (len >= 4)
+        memcpy(&a, in, 4);
+    if (len >= 8)
+        memcpy(&b, in + 4, 4);
+    if (len >= 16)
+        memcpy(&x, in + 8, 8);
+    if (len >= 24)
+        memcpy(&y, in + 16, 8);
+    uint8_t *p, *q;
+    switch (op) {
+    case DH_OP_P2M_ALLOC: {
+        uint64_t size;
+        if (len != 8)
+            return -1;
+        memcpy(&size, in, 8);
+        if (!size || size % DH_PAGE)
+            return -1;
+        for (uint32_t i = 0; i < MAX_VREGIONS; i++) {
+            if (m->regions[i].base)
+                continue;
+            void *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (base == MAP_FAILED)
+                return -1;
+            m->regions[i] = (struct vregion){base, size};
+            m->st.regions++;
+            m->st.bytes_reserved += size;
+            uint32_t id = i + 1;
+            memcpy(out, &id, 4);
+            return 4;
+        }
+        return -1;
+    }
+    case DH_OP_P2M_FREE:
+        if (len != 4 || a == 0 || a > MAX_VREGIONS || !m->regions[a - 1].base)
+            return -1;
+        munmap(m->regions[a - 1].base, m->regions[a - 1].size);
+        m->st.regions--;
+        m->st.bytes_reserved -= m->regions[a - 1].size;
+        m->regions[a - 1] = (struct vregion){0};
+        return 0;
+    case DH_OP_P2M_PCACHE_MISS:
+        if (len != 16 || !(p = page_at(m, a, x)))
+            return -1;
+        memcpy(out, p, DH_PAGE);
+        m->st.misses_served++;
+        return DH_PAGE;
+    case DH_OP_P2M_PCACHE_FLUSH:
+        if (len != 16 + DH_PAGE || !(p = page_at(m, a, x)))
+            return -1;
+        memcpy(p, in + 16, DH_PAGE);
+        m->st.flushes++;
+        m->st.pages_stored++;
+        return 0;
+    case DH_OP_P2M_PCACHE_MISS_FLUSH:
+        if (len != 24 + DH_PAGE || !(p = page_at(m, a, x)) || !(q = page_at(m, b, y)))
+            return -1;
+        memcpy(q, in + 24, DH_PAGE); /* the flush first: the miss may be that page */
+        memcpy(out, p, DH_PAGE);
+        m->st.flushes++;
+        m->st.pages_stored++;
+        m->st.misses_served++;
+        return DH_PAGE;
+    default:
+        return -1;
+    }
+}
+
+int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
+{
+    uint32_t cap = dh_link_max_payload(l);
+    uint8_t *in = malloc(cap), *out = malloc(DH_PAGE);
+    int rc = in && out ? 0 : DH_ENOMEM;
+    while (!rc && !*stop) {
+        dh_frame_hdr h;
+        rc = dh_link_recv(l, &h, in, cap, 100);
+        if (rc == DH_ETIMEDOUT) {
+            rc = 0;
+            continue;
+        }
+        if (rc == DH_ECLOSED) {
+            rc = 0;
+            break;
+        }
+        if (rc)
+            break;
+        if (h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING) {
+            rc = dh_rpc_reply(l, &h, 0, NULL, 0, 1000);
+            if (h.opcode == DH_OP_SHUTDOWN)
+                break;
+            continue;
+        }
+        pthread_mutex_lock(&m->mu);
+        int n = handle(m, h.opcode, in, h.length, out);
+        pthread_mutex_unlock(&m->mu);
+        rc = n < 0 ? dh_rpc_reply(l, &h, DH_F_ERROR, "bad ExCache request", 19, 1000)
+                   : dh_rpc_reply(l, &h, 0, out, (uint32_t)n, 1000);
+    }
+    free(in);
+    free(out);
+    return rc;
+}

@@ -1,0 +1,88 @@
+/* ExCache: the processor node's cache of memory that lives on a memory node
+ * (LegoOS), filled by real page faults through userfaultfd.
+ *
+ * A region is anonymous memory registered with userfaultfd (MISSING|WP).
+ * A miss fetches the page from the memory node and installs it write-
+ * protected (UFFDIO_COPY_MODE_WP), so the first write to it faults again and
+ * marks the line dirty. The cache is set-associative over 4 KiB lines, the
+ * set chosen from the virtual page number. Evicting a clean line drops it;
+ * a dirty one is written back, piggybacked on the miss that evicts it. A page
+ * never written back is zero-filled locally, with no round trip (p-local).
+ *
+ * Fault paths: SIGBUS (UFFD_FEATURE_SIGBUS: the faulting thread serves its
+ * own miss in a signal handler, so everything on that path is async-signal-
+ * safe) or a handler thread reading the userfaultfd. */
+#ifndef DH_EXCACHE_H
+#define DH_EXCACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dh_error.h"
+#include "dh_transport.h"
+
+#define DH_PAGE 4096u
+#define DH_EXCACHE_MAX_REGIONS 64
+#define DH_HIST_BUCKETS 32 /* log2(ns) buckets of fault service time */
+
+enum dh_policy { DH_POLICY_FIFO = 0, DH_POLICY_LRU = 1, DH_POLICY_RANDOM = 2 };
+enum dh_fault_mode { DH_FAULT_SIGBUS = 0, DH_FAULT_THREAD = 1 };
+
+typedef struct dh_excache dh_excache;
+
+typedef struct dh_excache_stats {
+    uint64_t misses;       /* faults on a page not in the cache */
+    uint64_t remote_fetches;
+    uint64_t zero_fills;   /* misses served locally: the page was never written back */
+    uint64_t wp_faults;    /* first writes to clean lines */
+    uint64_t evictions;
+    uint64_t clean_drops;
+    uint64_t dirty_flushes;
+    uint64_t piggybacked;  /* dirty flushes carried by a miss request */
+    uint64_t resident;     /* lines in use now */
+    uint64_t hist[DH_HIST_BUCKETS];
+} dh_excache_stats;
+
+/* link: to the memory node (the cache takes no ownership), or NULL for the
+ * local page store that the benchmark uses as its floor. capacity is in
+ * bytes (a multiple of ways pages). */
+int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
+                      int fault_mode, int timeout_ms, dh_excache **out);
+void dh_excache_destroy(dh_excache *c);
+/* A new region of size bytes, backed by a vRegion on the memory node. */
+int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
+int dh_excache_free(dh_excache *c, void *addr);
+/* Writes every dirty line back (and keeps it, now clean). */
+int dh_excache_flush(dh_excache *c);
+void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s);
+/* Lines of one region in the cache now, and how many of them are dirty. */
+int dh_excache_region_stats(dh_excache *c, void *addr, uint64_t *resident, uint64_t *dirty);
+void dh_excache_reset_stats(dh_excache *c);
+
+/* The memory node's side: a store of vRegions, served on links. */
+typedef struct dh_mstore dh_mstore;
+
+typedef struct dh_mstore_stats {
+    uint64_t regions;
+    uint64_t bytes_reserved; /* sum of vRegion sizes */
+    uint64_t pages_stored;   /* pages ever written back */
+    uint64_t misses_served;
+    uint64_t flushes;
+} dh_mstore_stats;
+
+int dh_mstore_create(dh_mstore **out);
+void dh_mstore_destroy(dh_mstore *m);
+/* Serves the ExCache protocol on l until *stop, the link closes or SHUTDOWN.
+ * Several links may share one store. */
+int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop);
+void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s);
+
+/* Reads (or writes) one byte of each of npages pages from addr, timing each
+ * access: a benchmark's view of miss and hit latency; samples in ns. */
+void dh_excache_time_touch(void *addr, size_t npages, int write, uint64_t *samples);
+
+/* The floor of a miss: one userfaultfd fault on fresh memory, filled from a
+ * local buffer by the given fault path; samples in ns. */
+int dh_excache_floor_fault(int fault_mode, uint64_t *samples, size_t n);
+
+#endif

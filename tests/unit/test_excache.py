@@ -1,0 +1,157 @@
+"""ExCache: real page faults filled over a real link from a memory store
+served by C, checked byte for byte against a plain bytearray."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness._native import transport as t
+from harness._native.excache import PAGE, ExCache, MStore, floor_fault
+
+CACHE_PAGES = 16
+
+
+@pytest.fixture
+def mnode(tmp_path):
+    """A memory store serving one shm channel from another thread."""
+    path = str(tmp_path / "excache.shm")
+    t.create_shm_file(path, 1 << 20)
+    client, server = t.Link.shm_open(path, 0), t.Link.shm_open(path, 1)
+    store = MStore()
+    th = threading.Thread(target=store.serve, args=(server,), daemon=True)
+    th.start()
+    yield client, store
+    client.close()
+    th.join(5)
+
+
+def make(link, policy="fifo", fault_mode="sigbus", ways=4):
+    return ExCache(link, CACHE_PAGES * PAGE, ways=ways, policy=policy, fault_mode=fault_mode)
+
+
+ops = st.lists(st.tuples(st.booleans(), st.integers(0, 4 * CACHE_PAGES * PAGE - 1),
+                         st.binary(min_size=1, max_size=300)), min_size=1, max_size=60)
+
+
+@pytest.mark.parametrize("fault_mode", ["sigbus", "thread"])
+@pytest.mark.parametrize("policy", ["fifo", "lru", "random"])
+def test_random_reads_and_writes_match_a_bytearray(mnode, policy, fault_mode):
+    link, _ = mnode
+    cache = make(link, policy, fault_mode)
+    size = 4 * CACHE_PAGES * PAGE  # four times the cache
+
+    @settings(max_examples=25, deadline=None)
+    @given(ops)
+    def check(seq):
+        region = cache.alloc(size)
+        model = bytearray(size)
+        mv = memoryview(region)
+        for write, off, data in seq:
+            data = data[:size - off]
+            if write:
+                mv[off:off + len(data)] = data
+                model[off:off + len(data)] = data
+            else:
+                assert mv[off:off + len(data)] == model[off:off + len(data)]
+        assert mv.tobytes() == bytes(model)  # every page, through the cache
+        mv.release()
+        region.free()
+
+    check()
+    s = cache.stats()
+    assert s["misses"] > 0 and s["evictions"] > 0 and s["dirty_flushes"] > 0
+
+
+def test_data_through_a_cache_a_quarter_its_size_comes_back(mnode):
+    link, store = mnode
+    cache = make(link, ways=CACHE_PAGES)
+    region = cache.alloc(4 * CACHE_PAGES * PAGE)
+    mv = memoryview(region)
+    for p in range(4 * CACHE_PAGES):
+        mv[p * PAGE:(p + 1) * PAGE] = bytes([p % 256]) * PAGE
+    for p in range(4 * CACHE_PAGES):
+        assert mv[p * PAGE:(p + 1) * PAGE] == bytes([p % 256]) * PAGE
+    s = cache.stats()
+    assert s["zero_fills"] == 4 * CACHE_PAGES       # first touches: no round trip
+    assert s["dirty_flushes"] >= 3 * CACHE_PAGES    # written pages went to the mnode
+    assert s["remote_fetches"] >= 3 * CACHE_PAGES
+    assert s["piggybacked"] > 0                     # flushes rode on misses
+    assert store.stats()["pages_stored"] == s["dirty_flushes"]
+
+
+def test_clean_lines_are_dropped_not_written_back(mnode):
+    link, store = mnode
+    cache = make(link, ways=CACHE_PAGES)
+    region = cache.alloc(8 * CACHE_PAGES * PAGE)
+    mv = memoryview(region)
+    for p in range(8 * CACHE_PAGES):  # reads only
+        assert mv[p * PAGE] == 0
+    s = cache.stats()
+    assert s["dirty_flushes"] == 0 and s["clean_drops"] == 7 * CACHE_PAGES
+    assert s["wp_faults"] == 0 and store.stats()["flushes"] == 0
+
+
+def test_first_write_to_a_clean_line_marks_it_dirty_once(mnode):
+    link, _ = mnode
+    cache = make(link)
+    region = cache.alloc(PAGE)
+    mv = memoryview(region)
+    assert mv[0] == 0          # a miss: installed clean, write-protected
+    mv[0] = 1                  # a write-protect fault: now dirty
+    mv[1] = 2                  # no fault
+    assert cache.stats()["wp_faults"] == 1
+    assert region.stats() == {"resident": 1, "dirty": 1}
+    cache.flush()
+    assert region.stats() == {"resident": 1, "dirty": 0}
+
+
+def test_bad_sizes_and_arguments(mnode):
+    link, _ = mnode
+    with pytest.raises(ValueError):
+        ExCache(link, 3 * PAGE, ways=2)  # not a multiple of ways pages
+    with pytest.raises(ValueError, match="policy"):
+        ExCache(link, 16 * PAGE, policy="mru")
+    cache = make(link)
+    with pytest.raises(ValueError):
+        cache.alloc(1000)
+    region = cache.alloc(PAGE)
+    mv = memoryview(region)
+    with pytest.raises(BufferError):
+        region.free()
+    mv.release()
+    region.free()
+    with pytest.raises(ValueError, match="freed"):
+        memoryview(region)
+
+
+def test_the_floor_is_a_real_fault():
+    samples = sorted(floor_fault("sigbus", 200))
+    assert samples[100] > 0
+
+
+DIES = textwrap.dedent("""
+    import os, signal, sys
+    from harness.nodes.cluster import open_cluster
+    c = open_cluster("lego3", cache="64KiB")
+    r = c.alloc(1 << 20)
+    mv = memoryview(r)
+    for p in range(256):
+        mv[p * 4096] = 1                      # most pages now live on the mnode
+    os.kill(c.nodes["mnode0"].runner.pid, signal.SIGKILL)
+    print("killed", flush=True)
+    print(mv[0])                              # a miss the mnode can no longer serve
+    print("NOT REACHED", flush=True)
+""")
+
+
+def test_a_dead_memory_node_gives_a_clear_error_not_a_hang():
+    p = subprocess.run([sys.executable, "-c", DIES], capture_output=True, text=True, timeout=60)
+    assert "killed" in p.stdout and "NOT REACHED" not in p.stdout
+    assert p.returncode == -signal.SIGABRT
+    assert "cannot serve a page fault" in p.stderr and "memory node" in p.stderr
