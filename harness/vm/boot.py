@@ -19,9 +19,10 @@ from typing import BinaryIO
 
 from harness import images
 from harness.nodes.cluster import run_root
+from harness.paths import data_dir
 from harness.topology import ROLES
 from harness.vm import accel
-from harness.vm.disk import data_dir, ensure_ext4
+from harness.vm.disk import ensure_ext4
 from harness.vm.machine import EXIT_RE, RUN_RE, VM
 from harness.vm.qemu import MachineConfig, guest_visible
 

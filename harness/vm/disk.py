@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 from harness.errors import ImageError
-
-
-def data_dir() -> Path:
-    """Persistent per-user state (disks that survive restarts): XDG data home."""
-    base = os.environ.get("HARNESS_DATA_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local/share") / "disagg-harness"
 
 
 def ensure_ext4(path: Path, size: int) -> Path:

@@ -66,6 +66,11 @@ static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
     return r->base + page * DH_PAGE;
 }
 
+struct serve_ctx {
+    dh_mstore *m;
+    uint8_t out[DH_PAGE];
+};
+
 /* Handles one request; returns the reply length or -1 for a bad request. */
 static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out)
 {
@@ -139,37 +144,23 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
     }
 }
 
+static int serve_one(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply)
+{
+    struct serve_ctx *sc = ctx;
+    pthread_mutex_lock(&sc->m->mu);
+    int n = handle(sc->m, h->opcode, in, h->length, sc->out);
+    pthread_mutex_unlock(&sc->m->mu);
+    *reply = sc->out;
+    return n < 0 ? DH_EINVAL : n;
+}
+
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
 {
-    uint32_t cap = dh_link_max_payload(l);
-    uint8_t *in = malloc(cap), *out = malloc(DH_PAGE);
-    int rc = in && out ? 0 : DH_ENOMEM;
-    while (!rc && !*stop) {
-        dh_frame_hdr h;
-        rc = dh_link_recv(l, &h, in, cap, 100);
-        if (rc == DH_ETIMEDOUT) {
-            rc = 0;
-            continue;
-        }
-        if (rc == DH_ECLOSED) {
-            rc = 0;
-            break;
-        }
-        if (rc)
-            break;
-        if (h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING) {
-            rc = dh_rpc_reply(l, &h, 0, NULL, 0, 1000);
-            if (h.opcode == DH_OP_SHUTDOWN)
-                break;
-            continue;
-        }
-        pthread_mutex_lock(&m->mu);
-        int n = handle(m, h.opcode, in, h.length, out);
-        pthread_mutex_unlock(&m->mu);
-        rc = n < 0 ? dh_rpc_reply(l, &h, DH_F_ERROR, "bad ExCache request", 19, 1000)
-                   : dh_rpc_reply(l, &h, 0, out, (uint32_t)n, 1000);
-    }
-    free(in);
-    free(out);
+    struct serve_ctx *sc = malloc(sizeof *sc);
+    if (!sc)
+        return DH_ENOMEM;
+    sc->m = m;
+    int rc = dh_rpc_serve(l, stop, serve_one, sc);
+    free(sc);
     return rc;
 }

@@ -149,8 +149,15 @@ int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
                 uint32_t *resp_flags, int timeout_ms);
 int dh_rpc_reply(dh_link *l, const dh_frame_hdr *req, uint32_t flags,
                  const void *payload, uint32_t len, int timeout_ms);
-/* Serves ECHO (and one-way frames) until *stop, SHUTDOWN or the link closes.
- * Returns 0 on a clean end. */
+/* A request handler for dh_rpc_serve: sets *reply (and returns its length)
+ * or returns a negative dh_ error to answer with an error frame. */
+typedef int (*dh_rpc_handler)(void *ctx, const dh_frame_hdr *h, uint8_t *in,
+                              const uint8_t **reply);
+/* Serves requests until *stop, SHUTDOWN (answered, then returns) or the link
+ * closes; one-way frames are handled without a reply. Returns 0 on a clean
+ * end. */
+int dh_rpc_serve(dh_link *l, volatile int *stop, dh_rpc_handler fn, void *ctx);
+/* Serves ECHO (and PING) with dh_rpc_serve: the benchmarks' far end. */
 int dh_rpc_echo_serve(dh_link *l, volatile int *stop);
 
 /* ---- benchmarks and their floors ---------------------------------------- */

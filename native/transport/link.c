@@ -1,5 +1,6 @@
 /* What all links share: framing on send, the link model, stats. */
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "link.h"
@@ -194,7 +195,7 @@ int dh_rpc_reply(dh_link *l, const dh_frame_hdr *req, uint32_t flags,
     return dh_link_send(l, &h, payload, len, timeout_ms);
 }
 
-int dh_rpc_echo_serve(dh_link *l, volatile int *stop)
+int dh_rpc_serve(dh_link *l, volatile int *stop, dh_rpc_handler fn, void *ctx)
 {
     uint8_t *buf = malloc(l->max_payload);
     if (!buf)
@@ -202,7 +203,7 @@ int dh_rpc_echo_serve(dh_link *l, volatile int *stop)
     int rc = 0;
     while (!*stop) {
         dh_frame_hdr h;
-        rc = dh_link_recv(l, &h, buf, l->max_payload, 100);
+        rc = dh_link_recv(l, &h, buf, l->max_payload, 100); /* 100 ms: notice *stop */
         if (rc == DH_ETIMEDOUT)
             continue;
         if (rc == DH_ECLOSED) {
@@ -211,13 +212,32 @@ int dh_rpc_echo_serve(dh_link *l, volatile int *stop)
         }
         if (rc)
             break;
+        const uint8_t *reply = NULL;
+        int n = h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING ? 0
+                                                                     : fn(ctx, &h, buf, &reply);
         if (h.flags & DH_F_NOREPLY)
             continue;
-        rc = dh_rpc_reply(l, &h, 0, buf, h.opcode == DH_OP_ECHO ? h.length : 0,
-                          1000);
+        if (n < 0) {
+            const char *msg = dh_strerror(n);
+            rc = dh_rpc_reply(l, &h, DH_F_ERROR, msg, (uint32_t)strlen(msg), 1000);
+        } else {
+            rc = dh_rpc_reply(l, &h, 0, reply, (uint32_t)n, 1000);
+        }
         if (rc || h.opcode == DH_OP_SHUTDOWN)
             break;
     }
     free(buf);
     return rc;
+}
+
+static int echo(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply)
+{
+    (void)ctx;
+    *reply = in;
+    return h->opcode == DH_OP_ECHO ? (int)h->length : 0;
+}
+
+int dh_rpc_echo_serve(dh_link *l, volatile int *stop)
+{
+    return dh_rpc_serve(l, stop, echo, NULL);
 }
