@@ -148,6 +148,24 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- inspect --------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from harness.isolation.inspect import DEFAULT_GATES, as_dicts, inspect_files
+
+    findings, errors = inspect_files(args.files, DEFAULT_GATES + tuple(args.gate))
+    if args.json:
+        print(json.dumps({"findings": as_dicts(findings), "errors": errors}))
+    else:
+        for f in findings:
+            print(f.line())
+        for e in errors:
+            _err(e)
+        _err(f"{len(args.files)} file(s): {len(findings)} finding(s)"
+             + (f", {len(errors)} unreadable" if errors else ""))
+    return 2 if errors else 1 if findings else 0
+
+
 # ---- images and boot ------------------------------------------------------
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -277,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--write", action="store_true",
                     help="allow the statement to change data (refused without it)")
     sp.add_argument("--name", default="lego3", help="the cluster (default: lego3)")
+
+    sp = add("inspect", cmd_inspect, "find WRPKRU/XRSTOR outside registered gates in ELF "
+             "files (ERIM's rules); exit 0 clean, 1 findings, 2 unreadable", True)
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--gate", action="append", default=[], metavar="PREFIX",
+                    help="functions whose names start with PREFIX are gates (repeatable)")
 
     sp = add("images", cmd_images, "guest kernel + initramfs: built once and cached", True)
     sp.add_argument("action", choices=["build", "list", "clean"])

@@ -1,0 +1,2 @@
+"""Isolation: the binary inspector (ERIM's rules); compartments and gates
+come next."""
