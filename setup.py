@@ -17,7 +17,7 @@ def sources(*dirs: str) -> list[str]:
 
 
 CORE = ("dh", {
-    "sources": [str(NATIVE / "error.c"), *sources("transport", "excache")],
+    "sources": [str(NATIVE / "error.c"), *sources("transport", "excache", "pkey")],
     "include_dirs": [str(NATIVE / "include"), str(NATIVE / "transport")],
     "cflags": CORE_FLAGS,
 })
@@ -32,6 +32,6 @@ def ext(name: str) -> Extension:
 
 setup(
     libraries=[CORE],
-    ext_modules=cythonize([ext("errors"), ext("transport"), ext("excache")],
+    ext_modules=cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
                           compiler_directives={"language_level": "3"}),
 )

@@ -224,6 +224,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from harness.bench import transport
 
         rep = transport.run(link=args.link, n=args.n, progress=progress)
+    elif args.which == "gates":
+        from harness.bench import gates
+
+        rep = gates.run(placement=args.placement, n=min(args.n, 20000),
+                        deterministic=args.deterministic, progress=progress)
     elif args.which == "paging":
         from harness.bench import paging
 
@@ -320,13 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
-    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging"],
+    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging", "gates"],
                     help="the benchmark")
     sp.add_argument("--plot", metavar="PNG", default="paging-sweep.png",
                     help="paging: where to draw the cache-size sweep (default: "
                          "paging-sweep.png; '' for none)")
     sp.add_argument("--placement", choices=["process", "vm"], default="process",
-                    help="dbos: on the host or in an snode guest; paging: process only for now "
+                    help="dbos, gates: on the host or in a guest; paging: process only for now "
                          "(default: process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
@@ -340,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vng", metavar="PATH",
                     help="boot: also time virtme-ng's `vng --exec true` (give vng's path)")
     sp.add_argument("--deterministic", action="store_true",
-                    help="boot: guests count instructions (-icount)")
+                    help="boot, gates: guests count instructions (-icount)")
     add("demo", cmd_demo, "the main job: boot the cluster, run a workload, report")
     return p
 

@@ -13,6 +13,7 @@ const char *dh_strerror(int code)
     case DH_EAGAIN: return "would block";
     case DH_ETOOBIG: return "message too big";
     case DH_ENOSYS: return "not available on this host";
+    case DH_EACCES: return "protection fault";
     default: return "unknown error";
     }
 }

@@ -10,6 +10,7 @@ cdef extern from "dh_error.h":
         DH_EAGAIN
         DH_ETOOBIG
         DH_ENOSYS
+        DH_EACCES
     const char *dh_strerror(int code)
 
 cdef int check(int rc, str what) except -1

@@ -91,6 +91,7 @@ cdef extern from "dh_transport.h" nogil:
                      const void *payload, uint32_t len, int timeout_ms)
     int dh_rpc_echo_serve(dh_link *l, volatile int *stop)
 
+    int dh_bench_rpc(dh_link *l, uint16_t op, uint32_t size, uint64_t *samples, size_t n)
     int dh_bench_rpc_rtt(dh_link *l, uint32_t size, uint64_t *samples, size_t n)
     int dh_bench_stream(dh_link *l, uint32_t size, uint64_t count, uint64_t *ns)
     int dh_floor_pingpong(uint32_t size, uint64_t *samples, size_t n)

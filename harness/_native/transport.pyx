@@ -262,15 +262,22 @@ cdef class Link:
 
     def bench_rpc_rtt(self, uint32_t size, size_t n) -> list:
         """n ECHO round trips of size bytes, timed in C -> ns each."""
-        cdef uint64_t *s = <uint64_t *>malloc(n * sizeof(uint64_t))
+        return self._bench(DH_OP_ECHO, size, n)
+
+    def bench_gate_call(self, size_t n) -> list:
+        """n GATE_CALL round trips (a 64 B argument, an empty reply) -> ns each."""
+        return self._bench(DH_OP_GATE_CALL, 64, n)
+
+    def _bench(self, int op, uint32_t size, size_t n) -> list:
+        cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
         if s is NULL:
             raise MemoryError()
         cdef dh_link *l = self._live()
         cdef int rc
         try:
             with nogil:
-                rc = dh_bench_rpc_rtt(l, size, s, n)
-            check(rc, f"{self.name}: rtt benchmark")
+                rc = dh_bench_rpc(l, op, size, s, n)
+            check(rc, f"{self.name}: round-trip benchmark")
             return [s[i] for i in range(n)]
         finally:
             free(s)

@@ -37,11 +37,15 @@ def guest_script(argv: Sequence[str], cwd: str, env: dict[str, str]) -> str:
             f"exec {shlex.join(argv)}\n")
 
 
-def guest_env() -> dict[str, str]:
+def guest_env(deterministic: bool = False) -> dict[str, str]:
     """What a command in the guest inherits: the caller's PATH and Python
-    setup; HOME is the guest's tmpfs (the host's root is read-only there)."""
+    setup; HOME is the guest's tmpfs (the host's root is read-only there).
+    Deterministic runs also fix Python's hash seed: it changes how many
+    instructions the interpreter executes."""
     env = {"HOME": "/tmp", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1",
            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+    if deterministic:
+        env["PYTHONHASHSEED"] = "0"
     for k in ("VIRTUAL_ENV", "PYTHONPATH", "LANG", "LC_ALL"):
         if k in os.environ:
             env[k] = os.environ[k]
@@ -77,7 +81,7 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
     run_dir = run_root() / f"boot.{os.getpid()}.{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     script = run_dir / "cmd.sh"
-    script.write_text(guest_script(argv, os.getcwd(), guest_env()))
+    script.write_text(guest_script(argv, os.getcwd(), guest_env(deterministic)))
     script.chmod(0o755)
     disk = ensure_ext4(data_dir() / "disks" / "boot-snode.ext4", SNODE_DISK) \
         if role == "snode" else None

@@ -80,6 +80,8 @@ def command(cfg: MachineConfig) -> list[str]:
             params.append(f"dh.keep={keep}")
     if cfg.disk is not None:
         params.append("dh.disk=1")
+    if cfg.deterministic:
+        params.append("norandmaps")  # address layout changes instruction counts too
     if cfg.extra_params:
         params.append(cfg.extra_params)
     accel = cfg.accel.accel

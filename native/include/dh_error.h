@@ -15,6 +15,7 @@ enum dh_err {
     DH_EAGAIN = -7,    /* nothing to do without waiting (non-blocking use) */
     DH_ETOOBIG = -8,   /* payload larger than the frame limit or the buffer */
     DH_ENOSYS = -9,    /* not available on this host */
+    DH_EACCES = -10,   /* a protection fault: memory of another compartment */
 };
 
 const char *dh_strerror(int code);

@@ -162,7 +162,10 @@ int dh_rpc_echo_serve(dh_link *l, volatile int *stop);
 
 /* ---- benchmarks and their floors ---------------------------------------- */
 
-/* RPC round trips of `size`-byte ECHO requests; samples in ns. */
+/* RPC round trips of `size`-byte requests of opcode op (ECHO: the reply
+ * carries them back; GATE_CALL: a call into another node's compartment,
+ * whose reply is empty); samples in ns. */
+int dh_bench_rpc(dh_link *l, uint16_t op, uint32_t size, uint64_t *samples, size_t n);
 int dh_bench_rpc_rtt(dh_link *l, uint32_t size, uint64_t *samples, size_t n);
 /* Sends count one-way frames of size bytes then one round trip; *ns is the
  * whole time. */

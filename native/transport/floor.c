@@ -11,23 +11,29 @@
 
 #include "link.h"
 
-int dh_bench_rpc_rtt(dh_link *l, uint32_t size, uint64_t *samples, size_t n)
+int dh_bench_rpc(dh_link *l, uint16_t op, uint32_t size, uint64_t *samples, size_t n)
 {
     if (size > l->max_payload)
         return DH_ETOOBIG;
     uint8_t *req = calloc(1, size ? size : 1), *resp = malloc(size ? size : 1);
     int rc = req && resp ? 0 : DH_ENOMEM;
+    uint32_t want = op == DH_OP_ECHO ? size : 0;
     for (size_t i = 0; i < n && !rc; i++) {
         uint32_t got = 0;
         uint64_t t0 = dh_now_ns();
-        rc = dh_rpc_call(l, DH_OP_ECHO, req, size, resp, size, &got, NULL, 5000);
+        rc = dh_rpc_call(l, op, req, size, resp, size, &got, NULL, 5000);
         samples[i] = dh_now_ns() - t0;
-        if (!rc && got != size)
+        if (!rc && got != want)
             rc = DH_EPROTO;
     }
     free(req);
     free(resp);
     return rc;
+}
+
+int dh_bench_rpc_rtt(dh_link *l, uint32_t size, uint64_t *samples, size_t n)
+{
+    return dh_bench_rpc(l, DH_OP_ECHO, size, samples, n);
 }
 
 int dh_bench_stream(dh_link *l, uint32_t size, uint64_t count, uint64_t *ns)

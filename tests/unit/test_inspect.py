@@ -63,7 +63,7 @@ def test_cli_exit_codes_and_json(tmp_path):
     assert r.returncode == 2 and "cannot read as ELF" in r.stderr
 
 
-@pytest.mark.parametrize("module", ["transport", "excache", "errors"])
+@pytest.mark.parametrize("module", ["transport", "excache", "errors", "pkey"])
 def test_the_projects_own_extension_is_clean(module):
     import importlib
 

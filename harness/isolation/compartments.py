@@ -1,0 +1,117 @@
+"""Compartments from a configuration file, and the probe that turns a
+crossing into an IsolationFault.
+
+    [[compartments]]
+    name = "app"
+    backend = "mprotect"   # none | mprotect | mpk
+    heap = "1MiB"
+    private_stack = false  # mpk only: the callee runs on a stack tagged with its key
+
+The backend is chosen here, not in code. `mpk` needs protection keys
+(pkey_alloc): a PKU CPU or a TCG guest with -cpu max. Where they are
+missing, asking for mpk is an error: the harness never claims mpk where it
+would have fallen back."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness._native import pkey
+from harness.errors import IsolationFault, NotSupported, TopologyError
+from harness.topology import parse_size
+
+BACKENDS = ("none", "mprotect", "mpk")
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends really work here."""
+    return {"none": True, "mprotect": True, "mpk": pkey.pkey_available()}
+
+
+class Domain:
+    """The compartments of one configuration, by name."""
+
+    def __init__(self, specs: list[dict[str, Any]], source: str = "<config>") -> None:
+        have = available_backends()
+        self.compartments: dict[str, pkey.Compartment] = {}
+        for s in specs:
+            if not have[s["backend"]]:
+                raise NotSupported(
+                    f"{source}: compartment {s['name']!r} asks for backend 'mpk', but "
+                    "pkey_alloc fails here (this CPU has no PKU); run it in a guest "
+                    "(`harness boot`, TCG -cpu max has protection keys) or choose 'mprotect'")
+            stack = 64 << 10 if s.get("private_stack") else 0
+            self.compartments[s["name"]] = pkey.Compartment(s["name"], s["backend"],
+                                                            s["heap"], stack)
+
+    def __getitem__(self, name: str) -> pkey.Compartment:
+        return self.compartments[name]
+
+    def enter(self, name: str) -> None:
+        self.compartments[name].enter()
+
+    def call(self, callee: str, fn: Callable[[], Any]) -> Any:
+        return self.compartments[callee].call(fn)
+
+    def probe(self, current: str, target: str, offset: int = 0, write: bool = False) -> None:
+        """From inside `current`, touches `target`'s heap; raises
+        IsolationFault naming both if the backend stopped it."""
+        here, there = self.compartments[current], self.compartments[target]
+        here.enter()
+        code = here.probe(there.address + offset, write)
+        if code is not None:
+            raise IsolationFault(
+                f"compartment {current!r} ({here.backend}) touched the memory of "
+                f"{target!r} ({there.backend}) at {there.address + offset:#x} "
+                f"outside a gate: {code}")
+
+    def close(self) -> None:
+        pkey.leave_all()
+
+
+def parse(data: dict, source: str) -> list[dict[str, Any]]:
+    specs, names = [], set()
+    raw = data.get("compartments")
+    if not isinstance(raw, list) or not raw:
+        raise TopologyError(f"{source}: compartments: expected at least one "
+                            "[[compartments]] table")
+    for i, c in enumerate(raw):
+        where = f"{source}: compartments[{i}]"
+        extra = set(c) - {"name", "backend", "heap", "private_stack"}
+        if extra:
+            raise TopologyError(f"{where}.{sorted(extra)[0]}: expected one of the keys "
+                                "name, backend, heap, private_stack")
+        name = c.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise TopologyError(f"{where}.name: expected a unique name, got {name!r}")
+        backend = c.get("backend", "none")
+        if backend not in BACKENDS:
+            raise TopologyError(f"{where}.backend: expected one of {list(BACKENDS)}, "
+                                f"got {backend!r}")
+        try:
+            heap = parse_size(c.get("heap", "1MiB"))
+        except ValueError:
+            raise TopologyError(f"{where}.heap: expected a size such as 1MiB, "
+                                f"got {c.get('heap')!r}") from None
+        if heap <= 0 or heap % 4096:
+            raise TopologyError(f"{where}.heap: expected a multiple of 4KiB, got {heap}")
+        stack = c.get("private_stack", False)
+        if not isinstance(stack, bool) or (stack and backend != "mpk"):
+            raise TopologyError(f"{where}.private_stack: expected true only with backend "
+                                f"'mpk', got {stack!r}")
+        names.add(name)
+        specs.append({"name": name, "backend": backend, "heap": heap, "private_stack": stack})
+    return specs
+
+
+def load(path: str | Path) -> Domain:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{path}: not valid TOML: {exc}") from exc
+    return Domain(parse(data, str(path)), str(path))

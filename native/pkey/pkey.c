@@ -1,0 +1,394 @@
+/* Compartments and gates. See dh_pkey.h. */
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+#include "dh_pkey.h"
+#include "dh_transport.h" /* dh_now_ns */
+
+#define MAX_COMPS 64
+#define BATCH DH_GATE_BATCH /* per sample: amortises the clocks */
+
+struct dh_comp {
+    int backend;
+    uint8_t *heap;
+    size_t heap_size;
+    uint8_t *stack;
+    size_t stack_size;
+    int pkey;
+    uint32_t pkru;  /* the rights inside this compartment (MPK) */
+    int accessible; /* MPROTECT: its heap is mapped RW right now */
+};
+
+static __thread dh_comp *current;
+static dh_comp *registry[MAX_COMPS]; /* MPROTECT compartments (process-wide) */
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---- PKRU: always inlined, so WRPKRU appears only in dh_gate_* ------------- */
+
+static inline __attribute__((always_inline)) uint32_t rdpkru(void)
+{
+    uint32_t eax, edx;
+    __asm__ volatile(".byte 0x0f, 0x01, 0xee" : "=a"(eax), "=d"(edx) : "c"(0));
+    return eax;
+}
+
+/* FlexOS's gate: write, then check the write took (a jump into the middle of
+ * a gate must not leave PKRU at an attacker's value). */
+static inline __attribute__((always_inline)) void set_pkru(uint32_t v)
+{
+    do
+        __asm__ volatile(".byte 0x0f, 0x01, 0xef" ::"a"(v), "c"(0), "d"(0) : "memory");
+    while (rdpkru() != v);
+}
+
+static int pkeys = -1; /* pkey_alloc works (so RDPKRU/WRPKRU do too); -1: not asked */
+
+int dh_pkey_available(void)
+{
+    if (pkeys < 0) {
+        int k = pkey_alloc(0, 0);
+        pkeys = k >= 0;
+        if (k >= 0)
+            pkey_free(k);
+    }
+    return pkeys;
+}
+
+/* ---- life cycle ---------------------------------------------------------------- */
+
+int dh_comp_create(int backend, size_t heap_bytes, size_t stack_bytes, dh_comp **out)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    if (backend < DH_BACKEND_NONE || backend > DH_BACKEND_MPK || !heap_bytes ||
+        heap_bytes % (size_t)pg || stack_bytes % (size_t)pg)
+        return DH_EINVAL;
+    dh_comp *c = calloc(1, sizeof *c);
+    if (!c)
+        return DH_ENOMEM;
+    c->backend = backend;
+    c->pkey = -1;
+    c->heap_size = heap_bytes;
+    c->heap = mmap(NULL, heap_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int rc = c->heap == MAP_FAILED ? DH_ENOMEM : 0;
+    if (!rc && stack_bytes) {
+        c->stack_size = stack_bytes;
+        c->stack = mmap(NULL, stack_bytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (c->stack == MAP_FAILED) {
+            c->stack = NULL;
+            rc = DH_ENOMEM;
+        }
+    }
+    if (!rc && backend == DH_BACKEND_MPK) {
+        c->pkey = pkey_alloc(0, 0);
+        if (c->pkey < 0)
+            rc = errno == ENOSPC ? DH_ENOMEM : DH_ENOSYS; /* no PKU: never pretend */
+        else if (pkey_mprotect(c->heap, heap_bytes, PROT_READ | PROT_WRITE, c->pkey) ||
+                 (c->stack && pkey_mprotect(c->stack, c->stack_size, PROT_READ | PROT_WRITE,
+                                            c->pkey)))
+            rc = DH_EIO;
+        /* Inside: key 0 (the shared domain) and its own key; no other key. */
+        c->pkru = 0xfffffffcu & ~(3u << (2 * c->pkey));
+    }
+    if (!rc && backend == DH_BACKEND_MPROTECT) {
+        c->accessible = 1;
+        pthread_mutex_lock(&registry_mu);
+        rc = DH_ENOMEM;
+        for (int i = 0; i < MAX_COMPS && rc; i++)
+            if (!registry[i]) {
+                registry[i] = c;
+                rc = 0;
+            }
+        pthread_mutex_unlock(&registry_mu);
+    }
+    if (rc) {
+        dh_comp_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void dh_comp_destroy(dh_comp *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&registry_mu);
+    for (int i = 0; i < MAX_COMPS; i++)
+        if (registry[i] == c)
+            registry[i] = NULL;
+    pthread_mutex_unlock(&registry_mu);
+    if (current == c)
+        current = NULL;
+    if (c->heap && c->heap != MAP_FAILED)
+        munmap(c->heap, c->heap_size);
+    if (c->stack)
+        munmap(c->stack, c->stack_size);
+    if (c->pkey >= 0)
+        pkey_free(c->pkey);
+    free(c);
+}
+
+void *dh_comp_heap(const dh_comp *c) { return c->heap; }
+size_t dh_comp_heap_size(const dh_comp *c) { return c->heap_size; }
+int dh_comp_pkey(const dh_comp *c) { return c->pkey; }
+
+/* ---- switching ------------------------------------------------------------------ */
+
+static int set_access(dh_comp *c, int on)
+{
+    if (c->accessible == on)
+        return 0;
+    if (mprotect(c->heap, c->heap_size, on ? PROT_READ | PROT_WRITE : PROT_NONE))
+        return DH_EIO;
+    c->accessible = on;
+    return 0;
+}
+
+/* MPROTECT: only `only`'s heap stays mapped (NULL: all of them). */
+static int mprotect_view(dh_comp *only)
+{
+    int rc = 0;
+    for (int i = 0; i < MAX_COMPS && !rc; i++)
+        if (registry[i])
+            rc = set_access(registry[i], only == NULL || registry[i] == only);
+    return rc;
+}
+
+int dh_gate_enter(dh_comp *c)
+{
+    int rc = 0;
+    if (c->backend == DH_BACKEND_MPK)
+        set_pkru(c->pkru);
+    else if (c->backend == DH_BACKEND_MPROTECT)
+        rc = mprotect_view(c);
+    if (!rc)
+        current = c;
+    return rc;
+}
+
+int dh_gate_leave_all(void)
+{
+    if (current && current->backend == DH_BACKEND_MPK)
+        set_pkru(0);
+    current = NULL;
+    return mprotect_view(NULL);
+}
+
+/* The MPK light gate, specialised as FlexOS builds it: the callee's PKRU
+ * value in, nothing else touched between the two writes. */
+__attribute__((noinline)) static uint64_t dh_gate_mpk(uint32_t pkru, dh_gate_fn fn, void *arg)
+{
+    uint32_t saved = rdpkru();
+    set_pkru(pkru);
+    uint64_t r = fn(arg);
+    set_pkru(saved);
+    return r;
+}
+
+__attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg)
+{
+    dh_comp *caller = current;
+    uint64_t r;
+    switch (callee->backend) {
+    case DH_BACKEND_MPK:
+        /* PKRU itself says where we are: no other memory is touched, which
+         * matters under TCG, where every WRPKRU flushes the whole TLB. */
+        return dh_gate_mpk(callee->pkru, fn, arg);
+    case DH_BACKEND_MPROTECT:
+        /* The common case, a compartment calling another: two mprotects each
+         * way. From the shared view, every other heap is revoked first. */
+        if (caller && caller->backend == DH_BACKEND_MPROTECT) {
+            set_access(caller, 0);
+            set_access(callee, 1);
+        } else {
+            mprotect_view(callee);
+        }
+        current = callee;
+        r = fn(arg);
+        current = caller;
+        if (caller && caller->backend == DH_BACKEND_MPROTECT) {
+            set_access(callee, 0);
+            set_access(caller, 1);
+        } else {
+            mprotect_view(NULL);
+        }
+        return r;
+    default:
+        return fn(arg);
+    }
+}
+
+static uint64_t call_on_stack(dh_gate_fn fn, void *arg, void *top)
+{
+    uint64_t ret;
+    __asm__ volatile("mov %%rsp, %%rbx\n\t"
+                     "mov %[top], %%rsp\n\t"
+                     "call *%[fn]\n\t"
+                     "mov %%rbx, %%rsp\n\t"
+                     : "=a"(ret), "+D"(arg)
+                     : [top] "r"(top), [fn] "r"(fn)
+                     : "rbx", "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11", "memory", "cc",
+                       "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+                       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+    return ret;
+}
+
+__attribute__((noinline)) uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_fn fn,
+                                                     void *arg)
+{
+    if (callee->backend != DH_BACKEND_MPK || !callee->stack)
+        return dh_gate_call(callee, fn, arg);
+    uint32_t saved = rdpkru();
+    set_pkru(callee->pkru);
+    uint64_t r = call_on_stack(fn, arg, callee->stack + callee->stack_size);
+    set_pkru(saved);
+    return r;
+}
+
+/* ---- probing and reporting faults ------------------------------------------------ */
+
+static __thread sigjmp_buf probe_jmp;
+static __thread volatile sig_atomic_t probing;
+static __thread volatile int probe_code;
+
+static void on_probe_segv(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig;
+    (void)uc;
+    if (probing) {
+        probe_code = si->si_code;
+        siglongjmp(probe_jmp, 1);
+    }
+    signal(SIGSEGV, SIG_DFL); /* not a probe: the retried access kills */
+}
+
+/* 1 if touching addr faulted; nothing here lives across the longjmp. */
+__attribute__((noinline)) static int faulted(volatile uint8_t *p, int write)
+{
+    if (sigsetjmp(probe_jmp, 1))
+        return 1;
+    if (write)
+        *p = *p;
+    else
+        (void)*p;
+    return 0;
+}
+
+int dh_gate_probe(void *addr, int write, int *si_code)
+{
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_probe_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old);
+    int pku = dh_pkey_available();
+    uint32_t pkru = pku ? rdpkru() : 0;
+    probing = 1;
+    int rc = faulted(addr, write) ? DH_EACCES : 0;
+    probing = 0;
+    if (rc) {
+        *si_code = probe_code;
+        if (pku)
+            set_pkru(pkru); /* a signal handler runs with the default PKRU */
+    }
+    sigaction(SIGSEGV, &old, NULL);
+    return rc;
+}
+
+static void on_report_segv(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig;
+    (void)uc;
+    char buf[96];
+    int n = snprintf(buf, sizeof buf, "dh: SIGSEGV si_code=%d addr=%p\n", si->si_code,
+                     si->si_addr); /* formatting only: no allocation */
+    ssize_t w = write(2, buf, (size_t)n);
+    (void)w;
+    signal(SIGSEGV, SIG_DFL);
+}
+
+void dh_segv_report_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_report_segv;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, NULL);
+}
+
+/* ---- benchmarks -------------------------------------------------------------------- */
+
+__attribute__((noinline)) static uint64_t empty(void *arg)
+{
+    __asm__ volatile("" ::: "memory");
+    return (uint64_t)(uintptr_t)arg;
+}
+
+static uint64_t (*volatile target)(void *) = empty; /* an indirect call, as a gate makes */
+
+#define SAMPLE(body)                                                         \
+    for (size_t s = 0; s < n; s++) {                                         \
+        uint64_t t0 = dh_now_ns(), c0 = __rdtsc();                           \
+        for (int rep_ = 0; rep_ < BATCH; rep_++) {                           \
+            body;                                                            \
+        }                                                                    \
+        uint64_t c1 = __rdtsc(), t1 = dh_now_ns();                           \
+        cycles[s] = c1 - c0; /* for BATCH calls: the caller divides */      \
+        ns[s] = t1 - t0;                                                     \
+    }
+
+/* What a caller compiled against a compartment does: the NONE backend is a
+ * plain call after one branch (FlexOS compiles it to a direct call); the
+ * others go through the out-of-line gate that holds the WRPKRUs. */
+static inline __attribute__((always_inline)) uint64_t gate(dh_comp *callee, dh_gate_fn fn,
+                                                           int private_stack)
+{
+    if (callee->backend == DH_BACKEND_NONE)
+        return fn(NULL);
+    if (callee->backend == DH_BACKEND_MPK && !private_stack)
+        return dh_gate_mpk(callee->pkru, fn, NULL);
+    return private_stack ? dh_gate_call_stack(callee, fn, NULL) : dh_gate_call(callee, fn, NULL);
+}
+
+int dh_bench_gate(dh_comp *callee, int private_stack, uint64_t *cycles, uint64_t *ns, size_t n)
+{
+    if (private_stack && (callee->backend != DH_BACKEND_MPK || !callee->stack))
+        return DH_EINVAL;
+    SAMPLE(gate(callee, target, private_stack))
+    return 0;
+}
+
+int dh_floor_call(uint64_t *cycles, uint64_t *ns, size_t n)
+{
+    SAMPLE(target(NULL))
+    return 0;
+}
+
+int dh_gate_floor_wrpkru_pair(uint64_t *cycles, uint64_t *ns, size_t n)
+{
+    uint32_t was = rdpkru();
+    SAMPLE(set_pkru(was ^ 0xc0000000u); target(NULL); set_pkru(was))
+    return 0;
+}
+
+int dh_floor_mprotect(dh_comp *a, dh_comp *b, uint64_t *cycles, uint64_t *ns, size_t n)
+{
+    /* The four calls a round trip between two mprotect compartments makes. */
+    SAMPLE(mprotect(a->heap, a->heap_size, PROT_NONE);
+           mprotect(b->heap, b->heap_size, PROT_READ | PROT_WRITE);
+           target(NULL);
+           mprotect(b->heap, b->heap_size, PROT_NONE);
+           mprotect(a->heap, a->heap_size, PROT_READ | PROT_WRITE))
+    return 0;
+}
