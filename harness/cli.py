@@ -206,7 +206,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from harness.topology import parse_size
     from harness.vm.boot import boot
 
-    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    argv = args.cmd
     if not argv:
         raise HarnessError("give the command to run after --, e.g. "
                            "`harness boot -- uname -a`")
@@ -249,6 +249,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        deterministic=args.deterministic, progress=progress)
     print(rep.to_json() if args.json else rep.table())
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.nodes.cluster import open_cluster
+
+    argv = args.cmd
+    if not argv:
+        raise HarnessError("give the command to run on the pnode after --")
+    quiet = not sys.stderr.isatty()
+    with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
+                      progress=None if quiet else (lambda m: _err(f"[run] {m}"))) as c:
+        pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
+        r = c.exec(pnode, argv, timeout=args.timeout)
+    sys.stdout.buffer.write(r.stdout)
+    sys.stderr.buffer.write(r.stderr)
+    return r.returncode
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from harness import smoke
+
+    return smoke.run(timeout=args.timeout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -346,12 +368,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="boot: also time virtme-ng's `vng --exec true` (give vng's path)")
     sp.add_argument("--deterministic", action="store_true",
                     help="boot, gates: guests count instructions (-icount)")
+    sp = add("run", cmd_run, "boot a cluster, run CMD on its pnode, tear down; exits with "
+             "CMD's status")
+    sp.add_argument("topology", nargs="?", default="lego3")
+    sp.add_argument("--placement", choices=["process", "vm"])
+    sp.add_argument("--timeout", type=float, default=300.0)
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    sp = add("smoke", cmd_smoke, "the CI smoke boot: VM cluster, a remote page, an MPK fault, "
+             "a SQL query; each phase timed")
+    sp.add_argument("--timeout", type=float, default=180.0)
+
     add("demo", cmd_demo, "the main job: boot the cluster, run a workload, report")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the command for boot/run, never an option or a topology.
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else None
+    if cmd is not None:
+        argv = argv[:argv.index("--")]
     args = build_parser().parse_args(argv)
+    if cmd is not None and hasattr(args, "cmd"):
+        args.cmd = cmd
     try:
         return args.fn(args)
     except HarnessError as exc:

@@ -106,5 +106,6 @@ cdef class Link:
     cdef dh_link *_l
     cdef bytearray _buf
     cdef str name
+    cdef object _keep
     cdef _own(self, dh_link *l, str name)
     cdef dh_link *_live(self) except NULL

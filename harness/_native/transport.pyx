@@ -136,6 +136,19 @@ cdef class Link:
         return k
 
     @staticmethod
+    def shm_attach(unsigned char[::1] memory, int side, int wait_mode=DH_WAIT_POLL,
+                   name: str = "") -> Link:
+        """One side of a channel in memory the caller mapped (a guest's ivshmem
+        BAR); the link keeps the mapping alive."""
+        cdef dh_link *l = NULL
+        check(dh_link_shm_attach(&memory[0], memory.shape[0], side, wait_mode, &l),
+              f"attach side {side} of shared memory {name}")
+        cdef Link k = Link()
+        k._own(l, name or "ivshmem")
+        k._keep = memory
+        return k
+
+    @staticmethod
     def from_fd(int fd, name: str = "") -> Link:
         """A stream link over a duplicate of fd (the caller keeps its own)."""
         cdef dh_link *l = NULL

@@ -7,6 +7,8 @@ nothing, measured in the same run with the same kernel and QEMU flags.
   vm_exec_true      launch -> `true` ran in the guest -> QEMU gone
   vm_boot_ready_x3  three agents launched together -> all READY
   bare_boot_x3      three bare guests launched together -> all gone (its floor)
+  cluster_ready     lego3 with every node in a VM: start -> every node answers
+                    and every link answers (floor: bare_boot_x3)
   vng_exec_true     (with --vng) virtme-ng's `vng --exec true` on the same
                     kernel under TCG, end to end; its "floor" is
                     harness_boot_true, `harness boot -- true` end to end, so
@@ -91,6 +93,19 @@ def _ready(ctx: _Ctx, count: int) -> float:
                 r.vm.stop()
 
 
+def _cluster(ctx: _Ctx) -> float:
+    from harness.nodes.cluster import Cluster
+    from harness.topology import load
+
+    t0 = time.monotonic()
+    c = Cluster(load("lego3").with_placement("vm"), deterministic=ctx.deterministic)
+    try:
+        c.start(timeout=TIMEOUT)
+        return time.monotonic() - t0
+    finally:
+        c.stop()
+
+
 def _exec_true(ctx: _Ctx) -> float:
     from harness.vm.boot import boot
 
@@ -129,7 +144,8 @@ def run(n: int = 5, parallel: bool = True, vng: str | None = None,
         ]
         if parallel:
             steps += [("bare_boot_x3", lambda: _bare(ctx, 3)),
-                      ("vm_boot_ready_x3", lambda: _ready(ctx, 3))]
+                      ("vm_boot_ready_x3", lambda: _ready(ctx, 3)),
+                      ("cluster_ready", lambda: _cluster(ctx))]
         if vng:
             harness_cmd = [sys.executable, "-m", "harness.cli", "boot", "--", "true"]
             kernel = ctx.image.kernel
@@ -145,7 +161,8 @@ def run(n: int = 5, parallel: bool = True, vng: str | None = None,
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     floors = {"vm_boot_ready": "bare_boot", "vm_exec_true": "bare_boot",
-              "vm_boot_ready_x3": "bare_boot_x3", "harness_boot_true": "bare_boot",
+              "vm_boot_ready_x3": "bare_boot_x3", "cluster_ready": "bare_boot_x3",
+              "harness_boot_true": "bare_boot",
               "vng_exec_true": "harness_boot_true"}
     rep = Report("boot", placement="vm", accel=ctx.probe.accel)
     for metric, s in samples.items():

@@ -31,8 +31,25 @@ def log(msg: str) -> None:
     print(f"dh-agent: {msg}", file=sys.stderr, flush=True)
 
 
+def _ivshmem(end: LinkEnd) -> Link:
+    """Maps an ivshmem device's BAR2 (no driver needed: sysfs can map it)."""
+    import mmap
+
+    dev = f"/sys/bus/pci/devices/{end.path}"
+    with open(f"{dev}/enable", "w") as f:  # turns on memory decoding
+        f.write("1")
+    fd = os.open(f"{dev}/resource2", os.O_RDWR | os.O_SYNC)
+    try:
+        mem = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return Link.shm_attach(memoryview(mem), end.side, name=end.peer)
+
+
 def open_link(end: LinkEnd, nid: int) -> Link:
-    if end.kind == "shm":
+    if end.kind == "ivshmem":
+        link = _ivshmem(end)
+    elif end.kind == "shm":
         link = Link.shm_open(end.path, end.side, name=end.peer)
     elif end.kind == "fd":
         link = Link.from_fd(end.fd, name=end.peer)
@@ -50,14 +67,20 @@ def open_link(end: LinkEnd, nid: int) -> Link:
 
 
 class Agent:
-    def __init__(self, spec: AgentSpec) -> None:
+    def __init__(self, spec: AgentSpec, spec_path: str = "") -> None:
         self.spec = spec
+        self.spec_path = spec_path
         self.stop = threading.Event()
         self.control = open_link(spec.control, spec.nid)
         self.servers: dict[str, Link] = {}
         self.clients: dict[str, Link] = {}
         self._client_locks: dict[str, threading.Lock] = {}
+        self.memory_channels: list[Link] = []
         for end in spec.links:
+            if end.service == "excache":  # a workload's, not the agent's
+                if end.serve:
+                    self.memory_channels.append(open_link(end, spec.nid))
+                continue
             link = open_link(end, spec.nid)
             if end.serve:
                 self.servers[end.peer] = link
@@ -130,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(spec.parent_pid)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        return Agent(spec).run()
+        return Agent(spec, os.path.abspath(args[0])).run()
     except HarnessError as exc:
         print(f"{spec.name}: {exc}", file=sys.stderr)
         return 1

@@ -81,10 +81,12 @@ class Cluster:
                  fault_mode: str = "sigbus") -> None:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
-            if {k.client, k.server} & vm:
+            ends = {k.client, k.server} & vm
+            if ends and (len(ends) == 1 or k.kind != "shm"):
                 raise NotSupported(
-                    f"link {k.name}: links to nodes in VMs (ivshmem, socket netdevs) are not "
-                    "built yet in this version; use placement 'process' for linked nodes")
+                    f"link {k.name}: nodes in VMs link to each other over shm (ivshmem) only; "
+                    "a link between a VM and a process, or a stream link to a VM, is not "
+                    "built yet in this version")
         self.topology = topology
         self.deterministic = deterministic
         self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
@@ -113,15 +115,24 @@ class Cluster:
         ends: dict[str, list[LinkEnd]] = {n: [] for n in self.nodes}
         fds: list[int] = []
         role = {n.name: n.role for n in self.topology.nodes}
+        placement = {n.name: n.placement for n in self.topology.nodes}
         for k in self.topology.links:
             model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
             cl = {**model, "peer_role": role[k.server]}
             sv = {**model, "peer_role": role[k.client]}
             if k.kind == "shm":
-                path = str(self.shm_dir / f"{k.name}.shm")
-                create_shm_file(path, k.size)
-                ends[k.client].append(LinkEnd(k.server, "shm", False, path=path, side=0, **cl))
-                ends[k.server].append(LinkEnd(k.client, "shm", True, path=path, side=1, **sv))
+                # Between VMs the same file backs an ivshmem device in each guest.
+                kind = "ivshmem" if placement[k.client] == "vm" else "shm"
+                channels = [("", k.name)]
+                if kind == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
+                    channels.append(("excache", f"{k.name}.excache"))  # for the workload
+                for service, fname in channels:
+                    path = str(self.shm_dir / f"{fname}.shm")
+                    create_shm_file(path, k.size)
+                    ends[k.client].append(LinkEnd(k.server, kind, False, path=path, side=0,
+                                                  service=service, **cl))
+                    ends[k.server].append(LinkEnd(k.client, kind, True, path=path, side=1,
+                                                  service=service, **sv))
                 continue
             a, b = _socket_pair(k.kind)
             fds += [a.detach(), b.detach()]

@@ -18,6 +18,8 @@ class MNode(Role):
         self.store = MStore()
         self.channels: list[Link] = []
         self.handlers[Op.ATTACH] = self.attach
+        for link in agent.memory_channels:  # set up by the cluster (ivshmem in VMs)
+            self._start(link)
 
     def attach(self, payload: bytes) -> bytes:
         req = json.loads(payload)
@@ -26,9 +28,12 @@ class MNode(Role):
         link = Link.shm_open(req["path"], int(req.get("side", 1)), name="excache")
         if req.get("latency_ns") or req.get("bytes_per_sec"):
             link.set_model(int(req.get("latency_ns", 0)), int(req.get("bytes_per_sec", 0)))
+        self._start(link)
+        return b""
+
+    def _start(self, link: Link) -> None:
         self.channels.append(link)
         threading.Thread(target=self._serve, args=(link,), name="excache", daemon=True).start()
-        return b""
 
     def _serve(self, link: Link) -> None:
         try:

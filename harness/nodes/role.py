@@ -95,9 +95,11 @@ class Role:
         req = json.loads(payload)
         argv, timeout = req["argv"], float(req.get("timeout", 60))
         try:
+            # A workload finds this node's links (its ExCache channel) from here.
+            env = {**os.environ, "HARNESS_NODE_SPEC": self.agent.spec_path}
             p = subprocess.run(argv, capture_output=True, timeout=timeout,
                                input=base64.b64decode(req.get("stdin", "")),
-                               cwd=req.get("cwd"), check=False)
+                               cwd=req.get("cwd"), check=False, env=env)
         except FileNotFoundError as exc:
             raise HarnessError(f"{self.agent.spec.name}: no such program: {argv[0]}") from exc
         except subprocess.TimeoutExpired as exc:

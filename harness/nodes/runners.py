@@ -20,7 +20,7 @@ from harness.topology import Node
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import READY_RE, VM
-from harness.vm.qemu import MachineConfig
+from harness.vm.qemu import MachineConfig, ivshmem_address
 
 CONTROL_PORT = "dh.ctl"
 GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
@@ -112,11 +112,15 @@ class VMRunner:
         return self.run_dir / f"{self.node.name}.console.log"
 
     def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
-        if spec.links or pass_fds:
-            raise NotSupported(
-                f"{self.node.name}: links between nodes in VMs need ivshmem or socket "
-                "netdevs, which this version does not have yet; use placement 'process'")
+        if pass_fds or any(e.kind != "ivshmem" for e in spec.links):
+            raise NotSupported(f"{self.node.name}: a node in a VM links to other VMs over shm "
+                               "(ivshmem) only; stream links to VMs are not built yet")
         n = self.node.name
+        # Each shm file becomes an ivshmem device; the guest finds it by PCI address.
+        shm = []
+        for i, end in enumerate(spec.links):
+            shm.append(Path(end.path))
+            end.path = ivshmem_address(i)
         spec.control = LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}")
         disk = None
         if self.node.disk:
@@ -134,7 +138,8 @@ class VMRunner:
         script.chmod(0o755)
         cfg = MachineConfig(name=n, image=self.image, accel=self._probe, run_dir=self.run_dir,
                             script=script.name, memory=self.node.memory, cpus=self.node.cpus,
-                            disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic)
+                            disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic,
+                            shm=shm)
         self.vm = VM(cfg).launch()
         return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
 

@@ -23,6 +23,14 @@ BOOT_PARAMS = ("console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off nokaslr 
                "i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 rcupdate.rcu_expedited=1")
 
 
+IVSHMEM_SLOT = 0x10  # the first ivshmem device's PCI slot; the rest follow
+
+
+def ivshmem_address(index: int) -> str:
+    """Where the guest sees the index-th ivshmem device."""
+    return f"0000:00:{IVSHMEM_SLOT + index:02x}.0"
+
+
 # The guest mounts its own tmpfs here, hiding what the host has there.
 SHADOWED = (Path("/tmp"), Path("/run"))
 
@@ -51,6 +59,7 @@ class MachineConfig:
     ports: list[str] = field(default_factory=list)  # virtio-serial port names
     deterministic: bool = False   # -icount: in-guest time counts instructions
     keep: list[Path] = field(default_factory=guest_visible)  # see guest_visible()
+    shm: list[Path] = field(default_factory=list)  # ivshmem files, at PCI slots 0x10, 0x11, ...
     extra_params: str = ""
 
     def port_socket(self, port: str) -> Path:
@@ -107,6 +116,10 @@ def command(cfg: MachineConfig) -> list[str]:
             cmd += ["-chardev", f"socket,id=port{i},path={cfg.port_socket(port)},"
                     "server=on,wait=off",
                     "-device", f"virtserialport,bus=vser.0,chardev=port{i},name={port}"]
+        for i, path in enumerate(cfg.shm):
+            cmd += ["-object", f"memory-backend-file,id=shm{i},mem-path={path},"
+                    f"size={path.stat().st_size},share=on",
+                    "-device", f"ivshmem-plain,memdev=shm{i},bus=pci.0,addr={IVSHMEM_SLOT + i:#x}"]
         if cfg.disk is not None:
             cmd += ["-drive", f"file={cfg.disk},format=raw,if=none,id=disk,cache=writeback",
                     "-device", "virtio-blk-pci,drive=disk"]
