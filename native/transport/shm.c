@@ -146,7 +146,9 @@ static int shm_wait(struct shm_link *s, atomic_uint *word, uint32_t seen,
                 slice = backoff;
             struct timespec ts = {0, (long)slice};
             nanosleep(&ts, NULL);
-            if (backoff < 1000000)
+            /* Doubling keeps the wait at most twice the time already idle;
+             * the 20 ms cap keeps an idle guest's wake-ups at ~50 a second. */
+            if (backoff < 20000000)
                 backoff *= 2;
         }
         if (atomic_load_explicit(word, memory_order_acquire) != seen)
