@@ -365,6 +365,9 @@ static int shm_bind(uint8_t *map, size_t len, int side, int wait_mode,
     if (!s)
         return DH_ENOMEM;
     dh_link_base_init(&s->base, &shm_ops);
+    /* Both ends in one kernel with one CPU: the peer cannot run while we spin. */
+    if (wait_mode == DH_WAIT_FUTEX && sysconf(_SC_NPROCESSORS_ONLN) == 1)
+        s->base.spin_ns = 0;
     s->map = map;
     s->map_len = len;
     s->owns_map = owns_map;

@@ -1,0 +1,44 @@
+"""A pytest plugin for people who test against a cluster (loaded by the
+`pytest11` entry point once the harness is installed).
+
+    def test_my_scheduler(cluster):
+        c = cluster("lego3", placement="vm")    # a factory: make as many as needed
+        assert c.sql("SELECT count(*) FROM nodes") == [[3]]
+
+Every cluster a test made is stopped when it ends, whatever happened; a
+failed test keeps the clusters' run directories (node logs, consoles) and
+says where they are, in the manner of Firecracker's test framework."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from harness.nodes.cluster import Cluster, open_cluster
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(topology: str = "lego3", **kw) -> Cluster:
+        c = open_cluster(topology, run_dir=tmp_path / f"cluster{len(made)}", **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for c in made:
+            request.node.add_report_section("teardown", "cluster logs",
+                                            f"{c.name}: logs kept in {c.run_dir}")
