@@ -5,11 +5,9 @@ for one), runs its command and reports how it ended."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 
 from harness._native.transport import Op
-from harness.dbos.remote import RemoteDBOS
 from harness.errors import HarnessError
 from harness.nodes.role import Role
 
@@ -32,6 +30,9 @@ class PNode(Role):
         self._worker.start()
 
     def _work(self) -> None:
+        # Imported here, after READY: DBOS's modules cost seconds in a TCG guest.
+        from harness.dbos.remote import RemoteDBOS
+
         name = self.agent.spec.name
         db = RemoteDBOS(lambda p: self.agent.call(self.snode, Op.SQL, p, timeout=10.0))
         try:
@@ -49,6 +50,8 @@ class PNode(Role):
 
     @staticmethod
     def _run(argv: list[str]) -> tuple[bool, str]:
+        import subprocess
+
         try:
             p = subprocess.run(argv, capture_output=True, timeout=600, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
