@@ -1,6 +1,7 @@
 """VM tests: every test here boots real QEMU guests. A factory fixture makes
 the VMs, keeps their console logs when a test fails, and kills every VM it
-made, whatever happened."""
+made, whatever happened. (Test outcomes reach it through the harness's
+pytest plugin, which records them on each test item.)"""
 
 import shutil
 from pathlib import Path
@@ -19,13 +20,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/vm/" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
 
 
 @pytest.fixture(scope="session")
