@@ -166,6 +166,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 2 if errors else 1 if findings else 0
 
 
+# ---- explore --------------------------------------------------------------
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from harness.isolation import explore as ex
+
+    if not 0 < args.budget <= 1:
+        raise HarnessError(f"--budget is a fraction of the fastest throughput, in (0, 1]; "
+                           f"got {args.budget}")
+    if args.placement == "vm":
+        import io
+
+        from harness.vm.boot import boot
+
+        out, err = io.BytesIO(), io.BytesIO()
+        code = boot([sys.executable, "-m", "harness.isolation.explore",
+                     str(Path(args.config).resolve()), "--budget", str(args.budget)],
+                    stdout=out, stderr=err, timeout=900,
+                    progress=None if args.json else (lambda m: _err(f"  {m}")))
+        if code:
+            raise HarnessError(f"explore failed in the guest (status {code}):\n"
+                               f"{err.getvalue().decode(errors='replace')[-2000:]}")
+        raw = json.loads(out.getvalue())
+        outcomes = [ex.Outcome(c["assignment"], c["requests_per_s"], c["safest_in_budget"],
+                               c["dominated_by"]) for c in raw["configurations"]]
+        notes = [*raw["notes"], "measured in a TCG guest (protection keys for mpk)"]
+    else:
+        cfg = ex.load(args.config)
+        outcomes, notes = ex.explore(cfg["requests"], cfg["value"], cfg["backends"],
+                                     args.budget)
+    if args.plot:
+        notes.append(f"plot: {ex.plot(outcomes, Path(args.plot))}")
+    if args.json:
+        print(json.dumps(ex.to_json(outcomes, notes)))
+        return 0
+    rows = [[o.name, f"{o.requests_per_s:,.0f}", str(len(o.dominated_by)),
+             "*" if o.safest_in_budget else ""] for o in outcomes]
+    print(_table(["configuration", "requests/s", "safer configs", "safest in budget"], rows))
+    for n in notes:
+        print(n)
+    return 0
+
+
 # ---- images and boot ------------------------------------------------------
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -328,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--gate", action="append", default=[], metavar="PREFIX",
                     help="functions whose names start with PREFIX are gates (repeatable)")
+
+    sp = add("explore", cmd_explore, "run every assignment of components to isolation "
+             "backends; mark the safest within a throughput budget", True)
+    sp.add_argument("config", help="the workload and backends to explore (TOML)")
+    sp.add_argument("--budget", type=float, default=0.5,
+                    help="keep configurations with at least this fraction of the fastest "
+                         "one's throughput (default: 0.5)")
+    sp.add_argument("--placement", choices=["process", "vm"], default="process",
+                    help="vm: explore in a guest, where mpk is real (default: process)")
+    sp.add_argument("--plot", metavar="PNG", default="explore.png",
+                    help="where to draw the design space (default: explore.png; '' for none)")
 
     sp = add("images", cmd_images, "guest kernel + initramfs: built once and cached", True)
     sp.add_argument("action", choices=["build", "list", "clean"])

@@ -2,10 +2,13 @@
 SEGV_PKUERR, a gate, the private-stack gate, and the inspector on the
 extension that holds the WRPKRUs."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
@@ -57,3 +60,26 @@ def test_wrpkru_only_in_gates():
 
     r = subprocess.run([*HARNESS, "inspect", mod.__file__], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_explore_in_a_guest_includes_mpk(tmp_path):
+    cfg = tmp_path / "e.toml"
+    cfg.write_text("[workload]\nrequests = 200\n")
+    r = subprocess.run([*HARNESS, "explore", str(cfg), "--placement", "vm", "--json",
+                        "--plot", ""], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assignments = [c["assignment"] for c in json.loads(r.stdout)["configurations"]]
+    assert {"kv": "mpk", "log": "mpk"} in assignments
+    assert {"kv": "mprotect", "log": "mprotect"} in assignments
+
+
+def test_deterministic_gate_figures_repeat():
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([*HARNESS, "bench", "gates", "--placement", "vm", "--deterministic",
+                            "-n", "50", "--json"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs.append({row["metric"]: row["p50"] for row in json.loads(r.stdout)["rows"]})
+    for metric in ("gate_none_ns", "gate_mpk_light_ns", "gate_mpk_stack_ns"):
+        assert runs[0][metric] == pytest.approx(runs[1][metric], rel=1e-3), metric
