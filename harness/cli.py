@@ -309,6 +309,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return r.returncode
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    from harness.nodes import control
+
+    control.request(args.name, "fault", timeout=args.timeout, node=args.node,
+                    action=args.action)
+    _err(f"{args.action} {args.node}: done")
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from harness import smoke
 
@@ -427,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--placement", choices=["process", "vm"])
     sp.add_argument("--timeout", type=float, default=300.0)
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    sp = add("fault", cmd_fault, "inject a fault into a node of a running cluster")
+    sp.add_argument("action", choices=["kill", "pause", "resume", "restart"])
+    sp.add_argument("node")
+    sp.add_argument("--name", default="lego3", help="the cluster (default: lego3)")
+    sp.add_argument("--timeout", type=float, default=180.0,
+                    help="seconds to wait (a restart waits for the node; default: 180)")
 
     sp = add("smoke", cmd_smoke, "the CI smoke boot: VM cluster, a remote page, an MPK fault, "
              "a SQL query; each phase timed")

@@ -61,6 +61,7 @@ class NodeHandle:
         self.state = "booting"
         self.boot_s: float | None = None
         self.peers: dict[str, float] = {}
+        self.links: list[LinkEnd] = []  # kept to start the node again after a fault
 
     def call(self, opcode: int, payload: bytes = b"", timeout: float = 5.0) -> bytes:
         if self.control is None:
@@ -166,15 +167,12 @@ class Cluster:
             ends, fds = self._link_ends()
             try:
                 for h in self.nodes.values():
-                    links = ends[h.node.name]
-                    spec = AgentSpec(name=h.node.name, role=h.node.role, nid=h.node.nid,
-                                     cluster=self.name, placement=h.node.placement,
-                                     control=LinkEnd("controller", "", True), links=links)
-                    h.control = h.runner.start(spec, [e.fd for e in links if e.kind == "fd"])
+                    h.links = ends[h.node.name]
+                    self._spawn(h)
             finally:
                 for fd in fds:
                     os.close(fd)
-            self._wait_ready(time.monotonic() + timeout, say)
+            self._wait_ready(time.monotonic() + timeout, say, list(self.nodes.values()))
             self._check_links(say)
             self._report_nodes()
         except BaseException:
@@ -182,9 +180,19 @@ class Cluster:
             raise
         return self
 
-    def _wait_ready(self, deadline: float, say: Progress) -> None:
+    def _spawn(self, h: NodeHandle) -> None:
+        n = h.node
+        spec = AgentSpec(name=n.name, role=n.role, nid=n.nid, cluster=self.name,
+                         placement=n.placement, control=LinkEnd("controller", "", True),
+                         links=list(h.links))
+        if h.control is not None:
+            h.control.close()
+        h.state = "booting"
+        h.control = h.runner.start(spec, [e.fd for e in h.links if e.kind == "fd"])
+
+    def _wait_ready(self, deadline: float, say: Progress, handles: list[NodeHandle]) -> None:
         t0 = time.monotonic()
-        pending = dict(self.nodes)
+        pending = {h.node.name: h for h in handles}
         while pending:
             for name, h in list(pending.items()):
                 if not h.runner.alive:
@@ -262,6 +270,8 @@ class Cluster:
                     alive = False
                 if not alive:
                     h.state = "down"
+            elif h.state == "paused" and not h.runner.alive:
+                h.state = "down"
             rows.append({
                 "name": name, "role": h.node.role, "state": h.state,
                 "placement": h.node.placement, "nid": h.node.nid,
@@ -343,8 +353,32 @@ class Cluster:
             self.dbos.state.report_region(region.id, mnode, region.size, owner="pnode0")
         return region
 
-    def fault(self, node: str, action: str) -> None:
-        raise NotSupported("fault injection is not built yet in this version")
+    FAULTS = ("kill", "pause", "resume", "restart")
+
+    def fault(self, node: str, action: str, timeout: float = 120.0) -> None:
+        """Injects a fault: kill (SIGKILL; for a VM, QEMU dies: a power cut),
+        pause and resume (SIGSTOP/SIGCONT; QMP stop/cont), restart (kill if
+        needed, then start the node again on the same links and disk, and
+        wait until it answers)."""
+        if action not in self.FAULTS:
+            raise ValueError(f"fault must be one of {', '.join(self.FAULTS)}, got {action!r}")
+        h = self.node(node)
+        if action == "kill":
+            h.runner.kill()
+            h.state = "down"
+        elif action == "pause":
+            h.runner.pause()
+            h.state = "paused"
+        elif action == "resume":
+            h.runner.resume()
+            h.state = "ready"
+        else:
+            if any(e.kind == "fd" for e in h.links):
+                raise NotSupported(f"{node} has stream links, whose sockets cannot be handed "
+                                   "to a new process; restart works on shm links")
+            h.runner.kill()
+            self._spawn(h)
+            self._wait_ready(time.monotonic() + timeout, lambda _m: None, [h])
 
     # ---- stop ------------------------------------------------------------
 

@@ -69,6 +69,13 @@ def _answer(cluster: Cluster, conn: socket.socket, stop: threading.Event) -> Non
                 link.reply(hdr, json.dumps(res.to_dict()).encode())
             except HarnessError as exc:
                 link.reply(hdr, str(exc).encode(), error=True)
+        elif cmd == "fault":
+            try:
+                cluster.fault(req["node"], req["action"])
+                link.reply(hdr, json.dumps({"node": req["node"],
+                                            "action": req["action"]}).encode())
+            except (HarnessError, ValueError) as exc:
+                link.reply(hdr, str(exc).encode(), error=True)
         elif cmd == "down":
             link.reply(hdr, json.dumps({"stopping": cluster.name}).encode())
             stop.set()

@@ -6,14 +6,16 @@ agent itself cannot tell the difference except through the links it gets."""
 
 from __future__ import annotations
 
+import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import harness
 from harness._native.transport import Link, create_shm_file
-from harness.errors import NotSupported
+from harness.errors import ClusterError, NotSupported
 from harness.images import Image
 from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.topology import Node
@@ -49,7 +51,9 @@ class ProcessRunner:
         self.proc: subprocess.Popen | None = None
 
     def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
-        ctl_path = str(self.shm_dir / f"controller-{self.node.name}.shm")
+        ctl_path = self.shm_dir / f"controller-{self.node.name}.shm"
+        ctl_path.unlink(missing_ok=True)  # a restart gets a fresh control channel
+        ctl_path = str(ctl_path)
         create_shm_file(ctl_path, 1 << 22)
         control = Link.shm_open(ctl_path, 0, name=self.node.name)
         spec.control = LinkEnd("controller", "shm", True, path=ctl_path, side=1)
@@ -75,6 +79,23 @@ class ProcessRunner:
 
     def console_ready(self) -> bool:
         return True  # a host process is asked with HELLO directly
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(10.0)
+
+    def pause(self) -> None:
+        os.kill(self._pid(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self._pid(), signal.SIGCONT)
+
+    def _pid(self) -> int:
+        if not self.alive or self.proc is None:
+            raise ClusterError(f"{self.node.name} is not running")
+        return self.proc.pid
 
     def failure(self) -> str:
         code = self.proc.returncode if self.proc else None
@@ -118,6 +139,7 @@ class VMRunner:
         n = self.node.name
         # Each shm file becomes an ivshmem device; the guest finds it by PCI address.
         shm = []
+        spec.links = [copy.copy(e) for e in spec.links]  # the caller's ends stay host paths
         for i, end in enumerate(spec.links):
             shm.append(Path(end.path))
             end.path = ivshmem_address(i)
@@ -153,6 +175,22 @@ class VMRunner:
 
     def console_ready(self) -> bool:
         return self.vm is not None and self.vm.console_has(READY_RE)
+
+    def kill(self) -> None:
+        """A power cut: QEMU gets SIGKILL."""
+        if self.vm is not None:
+            self.vm.stop()
+
+    def pause(self) -> None:
+        self._running_vm().qmp("stop")
+
+    def resume(self) -> None:
+        self._running_vm().qmp("cont")
+
+    def _running_vm(self) -> VM:
+        if self.vm is None or not self.vm.alive:
+            raise ClusterError(f"{self.node.name} is not running")
+        return self.vm
 
     def failure(self) -> str:
         code = self.vm.exit_code if self.vm else None

@@ -80,11 +80,6 @@ def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
         cluster.call("pnode0", t.Op.PING, b"peers", timeout=5)
 
 
-def test_unsupported_parts_say_so(cluster):
-    with pytest.raises(NotSupported, match="fault injection"):
-        cluster.fault("mnode0", "kill")
-
-
 def test_dbos_on_the_snode(cluster):
     assert cluster.sql("SELECT name, role FROM nodes ORDER BY nid") == [
         ["pnode0", "pnode"], ["mnode0", "mnode"], ["snode0", "snode"]]

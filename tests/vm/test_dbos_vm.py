@@ -58,3 +58,12 @@ def test_committed_rows_survive_killing_the_vm(tmp_path):
     for b in acked:
         assert counts.get(f"b{b}") == 50, f"batch {b} was acknowledged but is gone"
     assert set(counts.values()) == {50}, "a half-written transaction is visible"
+
+
+def test_a_committed_row_survives_killing_and_restarting_the_snode_vm(tmp_path):
+    with Cluster(snode_topology(), disk_dir=tmp_path).start(timeout=120) as c:
+        c.sql("INSERT INTO nodes (name, role, updated) VALUES ('kept', 'pnode', 0)", write=True)
+        c.fault("snode0", "kill")
+        c.fault("snode0", "restart")
+        assert c.sql("SELECT name FROM nodes WHERE name = 'kept'") == [["kept"]]
+        assert c.status()[0]["state"] == "ready"
