@@ -98,6 +98,9 @@ def command(cfg: MachineConfig) -> list[str]:
            "-machine", "pc", "-accel", accel, "-cpu", cfg.accel.cpu,
            "-m", f"{cfg.memory >> 20}M", "-smp", str(cfg.cpus),
            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+           # QEMU's seccomp filter: no obsolete calls, no privilege changes, no
+           # fork/exec, no scheduler or resource changes.
+           "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
            "-serial", "stdio",
            "-kernel", cfg.image.boot_kernel, "-initrd", cfg.image.initramfs,
            "-append", " ".join(params),
