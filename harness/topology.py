@@ -246,6 +246,19 @@ def parse(data: dict, source: str) -> Topology:
     return Topology(name, source, tuple(nodes), tuple(links), desc)
 
 
+def read_toml(path: str | Path) -> dict:
+    """A TOML file's contents; a TopologyError naming the file if it cannot be
+    read or parsed (topologies, compartment and exploration configs)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TopologyError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
 
@@ -260,12 +273,4 @@ def load(name_or_path: str | Path) -> Topology:
             raise TopologyError(
                 f"no topology named {text!r}: built-in ones are {builtin_names()}, "
                 "or give the path of a .toml file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise TopologyError(f"{path}: cannot read topology file: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TopologyError(f"{path}: not valid TOML: {exc}") from exc
-    return parse(data, str(path))
+    return parse(read_toml(path), str(path))

@@ -14,14 +14,13 @@ would have fallen back."""
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness._native import pkey
 from harness.errors import IsolationFault, NotSupported, TopologyError
-from harness.topology import parse_size
+from harness.topology import parse_size, read_toml
 
 BACKENDS = ("none", "mprotect", "mpk")
 
@@ -108,10 +107,4 @@ def parse(data: dict, source: str) -> list[dict[str, Any]]:
 
 
 def load(path: str | Path) -> Domain:
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: not valid TOML: {exc}") from exc
-    return Domain(parse(data, str(path)), str(path))
+    return Domain(parse(read_toml(path), str(path)), str(path))

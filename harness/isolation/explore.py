@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import itertools
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import TopologyError
 from harness.isolation.compartments import Domain, available_backends
+from harness.topology import read_toml
 
 COMPONENTS = ("kv", "log")  # the application is the caller, always compartment "app"
 LEVEL = {"none": 0, "mprotect": 1, "mpk": 1}
@@ -121,12 +121,7 @@ def explore(requests: int = 2000, value: int = 64, backends: tuple[str, ...] = (
 
 
 def load(path: str | Path) -> dict:
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path)
     w, e = data.get("workload", {}), data.get("explore", {})
     requests, value = w.get("requests", 2000), w.get("value_bytes", 64)
     for key, v in (("workload.requests", requests), ("workload.value_bytes", value)):
