@@ -9,7 +9,7 @@ from libc.string cimport memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 from harness._native.errors cimport check
-from harness._native.transport cimport Link
+from harness._native.transport cimport Link, Samples
 
 PAGE = DH_PAGE
 POLICIES = {"fifo": DH_POLICY_FIFO, "lru": DH_POLICY_LRU, "random": DH_POLICY_RANDOM}
@@ -108,14 +108,9 @@ cdef class Region:
         """Touches npages pages from first_page, timing each access in C -> ns."""
         if self._addr is NULL or (first_page + npages) * DH_PAGE > self.size:
             raise ValueError("pages outside the region")
-        cdef uint64_t *s = <uint64_t *>malloc(max(npages, 1) * sizeof(uint64_t))
-        if s is NULL:
-            raise MemoryError()
-        try:
-            dh_excache_time_touch(<uint8_t *>self._addr + first_page * DH_PAGE, npages, write, s)
-            return [s[i] for i in range(npages)]
-        finally:
-            free(s)
+        cdef Samples s = Samples(npages)
+        dh_excache_time_touch(<uint8_t *>self._addr + first_page * DH_PAGE, npages, write, s.v)
+        return s.values()
 
     def stats(self) -> dict:
         """This region's lines in the cache now, and how many are dirty."""
@@ -170,14 +165,11 @@ def floor_minor_fault(size_t n) -> list:
     cdef void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if m == MAP_FAILED:
         raise MemoryError()
-    cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    cdef Samples s = Samples(n)
     try:
-        if s is NULL:
-            raise MemoryError()
-        dh_excache_time_touch(m, n, 0, s)
-        return [s[i] for i in range(n)]
+        dh_excache_time_touch(m, n, 0, s.v)
+        return s.values()
     finally:
-        free(s)
         munmap(m, size)
 
 
@@ -185,30 +177,25 @@ def time_touch_native(size_t npages) -> list:
     """Touches of npages already-present pages of ordinary memory -> ns each
     (the floor of a cache hit)."""
     cdef size_t size = max(npages, 1) * DH_PAGE
+    cdef Samples s = Samples(npages)
     cdef uint8_t *m = <uint8_t *>malloc(size)
-    cdef uint64_t *s = <uint64_t *>malloc(max(npages, 1) * sizeof(uint64_t))
+    if m is NULL:
+        raise MemoryError()
     try:
-        if m is NULL or s is NULL:
-            raise MemoryError()
         memset(m, 1, size)
-        dh_excache_time_touch(m, npages, 0, s)
-        return [s[i] for i in range(npages)]
+        dh_excache_time_touch(m, npages, 0, s.v)
+        return s.values()
     finally:
-        free(s)
         free(m)
 
 
 def floor_fault(str fault_mode, size_t n) -> list:
     """n userfaultfd faults filled from a local buffer by the given path -> ns."""
-    cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
-    if s is NULL:
-        raise MemoryError()
+    cdef Samples s = Samples(n)
+    cdef uint64_t *v = s.v
     cdef int mode = FAULT_MODES[fault_mode]
     cdef int rc
-    try:
-        with nogil:
-            rc = dh_excache_floor_fault(mode, s, n)
-        check(rc, "fault floor")
-        return [s[i] for i in range(n)]
-    finally:
-        free(s)
+    with nogil:
+        rc = dh_excache_floor_fault(mode, v, n)
+    check(rc, "fault floor")
+    return s.values()

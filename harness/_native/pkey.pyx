@@ -3,9 +3,9 @@
 
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport uint8_t, uint64_t
-from libc.stdlib cimport free, malloc
 
 from harness._native.errors cimport DH_EACCES, DH_ENOSYS, check
+from harness._native.transport cimport Samples
 
 BACKENDS = {"none": DH_BACKEND_NONE, "mprotect": DH_BACKEND_MPROTECT, "mpk": DH_BACKEND_MPK}
 SI_CODES = {1: "SEGV_MAPERR", 2: "SEGV_ACCERR", 4: "SEGV_PKUERR"}
@@ -79,7 +79,7 @@ cdef class Compartment:
     def bench_gate(self, size_t n, bint private_stack=False) -> tuple:
         """n samples of a gate round trip into this compartment -> (cycles, ns)."""
         cdef _Samples s = _Samples(n)
-        check(dh_bench_gate(self._c, private_stack, s.cycles, s.ns, n),
+        check(dh_bench_gate(self._c, private_stack, s.cycles.v, s.ns.v, n),
               f"gate into {self.name}")
         return s.lists()
 
@@ -99,33 +99,24 @@ def leave_all() -> None:
 
 
 cdef class _Samples:
-    """Two arrays a C benchmark fills: cycles and ns per sample."""
+    """What a gate benchmark fills: cycles and ns of each batch of round trips."""
 
-    cdef uint64_t *cycles
-    cdef uint64_t *ns
-    cdef size_t n
+    cdef Samples cycles
+    cdef Samples ns
 
     def __cinit__(self, size_t n):
-        self.n = n
-        self.cycles = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
-        self.ns = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
-        if self.cycles is NULL or self.ns is NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        free(self.cycles)
-        free(self.ns)
+        self.cycles, self.ns = Samples(n), Samples(n)
 
     def lists(self) -> tuple:
         """Per round trip: (cycles, ns), each a list of floats."""
-        return ([self.cycles[i] / DH_GATE_BATCH for i in range(self.n)],
-                [self.ns[i] / DH_GATE_BATCH for i in range(self.n)])
+        return ([c / DH_GATE_BATCH for c in self.cycles.values()],
+                [t / DH_GATE_BATCH for t in self.ns.values()])
 
 
 def floor_call(size_t n) -> tuple:
     """An indirect call of an empty function -> (cycles, ns) per sample."""
     cdef _Samples s = _Samples(n)
-    check(dh_floor_call(s.cycles, s.ns, n), "call floor")
+    check(dh_floor_call(s.cycles.v, s.ns.v, n), "call floor")
     return s.lists()
 
 
@@ -134,12 +125,12 @@ def floor_wrpkru_pair(size_t n) -> tuple:
     if not dh_pkey_available():
         check(DH_ENOSYS, "WRPKRU floor (no protection keys here)")
     cdef _Samples s = _Samples(n)
-    check(dh_gate_floor_wrpkru_pair(s.cycles, s.ns, n), "WRPKRU floor")
+    check(dh_gate_floor_wrpkru_pair(s.cycles.v, s.ns.v, n), "WRPKRU floor")
     return s.lists()
 
 
 def floor_mprotect(Compartment a, Compartment b, size_t n) -> tuple:
     """The four mprotect calls of a round trip between two compartments."""
     cdef _Samples s = _Samples(n)
-    check(dh_floor_mprotect(a._c, b._c, s.cycles, s.ns, n), "mprotect floor")
+    check(dh_floor_mprotect(a._c, b._c, s.cycles.v, s.ns.v, n), "mprotect floor")
     return s.lists()

@@ -76,7 +76,6 @@ cdef extern from "dh_transport.h" nogil:
     int dh_link_is_closed(const dh_link *l)
     void dh_link_set_src(dh_link *l, uint32_t nid)
     void dh_link_set_model(dh_link *l, const dh_link_model *m)
-    void dh_link_set_spin_ns(dh_link *l, uint64_t spin_ns)
     void dh_link_get_stats(const dh_link *l, dh_link_stats *s)
     uint32_t dh_link_max_payload(const dh_link *l)
     int dh_link_send(dh_link *l, const dh_frame_hdr *h, const void *payload,
@@ -99,7 +98,6 @@ cdef extern from "dh_transport.h" nogil:
     int dh_floor_sock_serve(int fd, uint32_t size, int echo)
     int dh_floor_sock_rtt(int fd, uint32_t size, uint64_t *samples, size_t n)
     int dh_floor_sock_stream(int fd, uint32_t size, uint64_t count, uint64_t *ns)
-    uint64_t dh_now_ns()
 
 
 cdef class Link:
@@ -109,3 +107,9 @@ cdef class Link:
     cdef object _keep
     cdef _own(self, dh_link *l, str name)
     cdef dh_link *_live(self) except NULL
+
+
+cdef class Samples:
+    cdef uint64_t *v
+    cdef size_t n
+    cdef list values(self)

@@ -116,16 +116,6 @@ cdef class Link:
         self._buf = bytearray(dh_link_max_payload(l))
 
     @staticmethod
-    def shm_create(path: str, size: int = 4 << 20, name: str = "") -> Link:
-        """Creates the channel file (it must not exist) and is side 0."""
-        cdef dh_link *l = NULL
-        b = os.fsencode(path)
-        check(dh_link_shm_create(b, size, &l), f"create shm link {path}")
-        cdef Link k = Link()
-        k._own(l, name or path)
-        return k
-
-    @staticmethod
     def shm_open(path: str, int side = 1, name: str = "") -> Link:
         """Opens one side (0 or 1) of a channel file made by create_shm_file."""
         cdef dh_link *l = NULL
@@ -182,9 +172,6 @@ cdef class Link:
         m.latency_ns = latency_ns
         m.bytes_per_sec = bytes_per_sec
         dh_link_set_model(self._live(), &m)
-
-    def set_spin_ns(self, uint64_t ns) -> None:
-        dh_link_set_spin_ns(self._live(), ns)
 
     def close(self) -> None:
         if self._l is not NULL:
@@ -282,18 +269,14 @@ cdef class Link:
         return self._bench(DH_OP_GATE_CALL, 64, n)
 
     def _bench(self, int op, uint32_t size, size_t n) -> list:
-        cdef uint64_t *s = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
-        if s is NULL:
-            raise MemoryError()
+        cdef Samples s = Samples(n)
+        cdef uint64_t *v = s.v
         cdef dh_link *l = self._live()
         cdef int rc
-        try:
-            with nogil:
-                rc = dh_bench_rpc(l, op, size, s, n)
-            check(rc, f"{self.name}: round-trip benchmark")
-            return [s[i] for i in range(n)]
-        finally:
-            free(s)
+        with nogil:
+            rc = dh_bench_rpc(l, op, size, v, n)
+        check(rc, f"{self.name}: round-trip benchmark")
+        return s.values()
 
     def bench_stream(self, uint32_t size, uint64_t count) -> int:
         """count one-way frames then a round trip -> total ns."""
@@ -311,19 +294,32 @@ def create_shm_file(path: str, size: int = 4 << 20) -> None:
     check(dh_shm_file_create(os.fsencode(path), size), f"create shm file {path}")
 
 
+cdef class Samples:
+    """An array a C loop fills with one number per sample (the benchmark
+    bindings of every module use it)."""
+
+    def __cinit__(self, size_t n):
+        self.n = n
+        self.v = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+        if self.v is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.v)
+
+    cdef list values(self):
+        return [self.v[i] for i in range(self.n)]
+
+
 def floor_pingpong(uint32_t size, size_t n) -> list:
     """size bytes bounced between two threads n times -> ns per round trip."""
-    cdef uint64_t *s = <uint64_t *>malloc(n * sizeof(uint64_t))
-    if s is NULL:
-        raise MemoryError()
+    cdef Samples s = Samples(n)
+    cdef uint64_t *v = s.v
     cdef int rc
-    try:
-        with nogil:
-            rc = dh_floor_pingpong(size, s, n)
-        check(rc, "ping-pong floor")
-        return [s[i] for i in range(n)]
-    finally:
-        free(s)
+    with nogil:
+        rc = dh_floor_pingpong(size, v, n)
+    check(rc, "ping-pong floor")
+    return s.values()
 
 
 def floor_copy(uint32_t size, uint64_t count) -> int:
@@ -343,17 +339,13 @@ def floor_sock_serve(int fd, uint32_t size, bint echo) -> None:
 
 
 def floor_sock_rtt(int fd, uint32_t size, size_t n) -> list:
-    cdef uint64_t *s = <uint64_t *>malloc(n * sizeof(uint64_t))
-    if s is NULL:
-        raise MemoryError()
+    cdef Samples s = Samples(n)
+    cdef uint64_t *v = s.v
     cdef int rc
-    try:
-        with nogil:
-            rc = dh_floor_sock_rtt(fd, size, s, n)
-        check(rc, "raw socket round trip")
-        return [s[i] for i in range(n)]
-    finally:
-        free(s)
+    with nogil:
+        rc = dh_floor_sock_rtt(fd, size, v, n)
+    check(rc, "raw socket round trip")
+    return s.values()
 
 
 def floor_sock_stream(int fd, uint32_t size, uint64_t count) -> int:
@@ -364,6 +356,3 @@ def floor_sock_stream(int fd, uint32_t size, uint64_t count) -> int:
     check(rc, "raw socket stream")
     return ns
 
-
-def now_ns() -> int:
-    return dh_now_ns()

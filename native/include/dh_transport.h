@@ -125,7 +125,6 @@ void dh_link_close(dh_link *l);
 int dh_link_is_closed(const dh_link *l);
 void dh_link_set_src(dh_link *l, uint32_t nid);
 void dh_link_set_model(dh_link *l, const dh_link_model *m);
-void dh_link_set_spin_ns(dh_link *l, uint64_t spin_ns);
 void dh_link_get_stats(const dh_link *l, dh_link_stats *s);
 /* Largest payload this link can carry in one frame. */
 uint32_t dh_link_max_payload(const dh_link *l);
