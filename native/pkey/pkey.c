@@ -183,15 +183,22 @@ int dh_gate_leave_all(void)
     return mprotect_view(NULL);
 }
 
-/* The MPK light gate, specialised as FlexOS builds it: the callee's PKRU
- * value in, nothing else touched between the two writes. */
-__attribute__((noinline)) static uint64_t dh_gate_mpk(uint32_t pkru, dh_gate_fn fn, void *arg)
+/* The MPK light gate, as FlexOS builds it: both PKRU values known at the
+ * call site (FlexOS bakes them in at build time), nothing else touched
+ * between the two writes. */
+__attribute__((noinline)) static uint64_t dh_gate_mpk(uint32_t back, uint32_t to, dh_gate_fn fn,
+                                                      void *arg)
 {
-    uint32_t saved = rdpkru();
-    set_pkru(pkru);
+    set_pkru(to);
     uint64_t r = fn(arg);
-    set_pkru(saved);
+    set_pkru(back);
     return r;
+}
+
+/* The caller's rights: known without RDPKRU when it is an MPK compartment. */
+static inline __attribute__((always_inline)) uint32_t caller_pkru(void)
+{
+    return current && current->backend == DH_BACKEND_MPK ? current->pkru : rdpkru();
 }
 
 __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg)
@@ -202,7 +209,7 @@ __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, 
     case DH_BACKEND_MPK:
         /* PKRU itself says where we are: no other memory is touched, which
          * matters under TCG, where every WRPKRU flushes the whole TLB. */
-        return dh_gate_mpk(callee->pkru, fn, arg);
+        return dh_gate_mpk(caller_pkru(), callee->pkru, fn, arg);
     case DH_BACKEND_MPROTECT:
         /* The common case, a compartment calling another: two mprotects each
          * way. From the shared view, every other heap is revoked first. */
@@ -247,7 +254,7 @@ __attribute__((noinline)) uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_f
 {
     if (callee->backend != DH_BACKEND_MPK || !callee->stack)
         return dh_gate_call(callee, fn, arg);
-    uint32_t saved = rdpkru();
+    uint32_t saved = caller_pkru();
     set_pkru(callee->pkru);
     uint64_t r = call_on_stack(fn, arg, callee->stack + callee->stack_size);
     set_pkru(saved);
@@ -348,16 +355,18 @@ static uint64_t (*volatile target)(void *) = empty; /* an indirect call, as a ga
         ns[s] = t1 - t0;                                                     \
     }
 
-/* What a caller compiled against a compartment does: the NONE backend is a
- * plain call after one branch (FlexOS compiles it to a direct call); the
- * others go through the out-of-line gate that holds the WRPKRUs. */
-static inline __attribute__((always_inline)) uint64_t gate(dh_comp *callee, dh_gate_fn fn,
-                                                           int private_stack)
+/* What a caller compiled against a compartment does. FlexOS fixes each
+ * gate's backend when the image is built (a none gate is a plain call); ours
+ * is fixed when the compartment is made, so the call site holds it, and the
+ * caller's PKRU, in registers rather than loading them per call. */
+static inline __attribute__((always_inline)) uint64_t gate(int backend, uint32_t back,
+                                                           uint32_t to, dh_comp *callee,
+                                                           dh_gate_fn fn, int private_stack)
 {
-    if (callee->backend == DH_BACKEND_NONE)
+    if (backend == DH_BACKEND_NONE)
         return fn(NULL);
-    if (callee->backend == DH_BACKEND_MPK && !private_stack)
-        return dh_gate_mpk(callee->pkru, fn, NULL);
+    if (backend == DH_BACKEND_MPK && !private_stack)
+        return dh_gate_mpk(back, to, fn, NULL);
     return private_stack ? dh_gate_call_stack(callee, fn, NULL) : dh_gate_call(callee, fn, NULL);
 }
 
@@ -365,7 +374,9 @@ int dh_bench_gate(dh_comp *callee, int private_stack, uint64_t *cycles, uint64_t
 {
     if (private_stack && (callee->backend != DH_BACKEND_MPK || !callee->stack))
         return DH_EINVAL;
-    SAMPLE(gate(callee, target, private_stack))
+    const int backend = callee->backend;
+    const uint32_t back = backend == DH_BACKEND_MPK ? caller_pkru() : 0, to = callee->pkru;
+    SAMPLE(gate(backend, back, to, callee, target, private_stack))
     return 0;
 }
 
