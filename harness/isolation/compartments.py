@@ -3,14 +3,15 @@ crossing into an IsolationFault.
 
     [[compartments]]
     name = "app"
-    backend = "mprotect"   # none | mprotect | mpk
+    backend = "mprotect"   # none | mprotect | mpk | vm
     heap = "1MiB"
     private_stack = false  # mpk only: the callee runs on a stack tagged with its key
 
 The backend is chosen here, not in code. `mpk` needs protection keys
 (pkey_alloc): a PKU CPU or a TCG guest with -cpu max. Where they are
 missing, asking for mpk is an error: the harness never claims mpk where it
-would have fallen back."""
+would have fallen back. `vm` puts the compartment in another node (see
+vm_gate): its gate is an RPC, and what crosses it must be picklable."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from harness._native import pkey
-from harness.errors import IsolationFault, NotSupported, TopologyError
+from harness.errors import HarnessError, IsolationFault, NotSupported, TopologyError
+from harness.isolation.vm_gate import VmCompartment
 from harness.topology import parse_size, read_toml
 
-BACKENDS = ("none", "mprotect", "mpk")
+BACKENDS = ("none", "mprotect", "mpk", "vm")
 
 
 def available_backends() -> dict[str, bool]:
     """Which backends really work here."""
-    return {"none": True, "mprotect": True, "mpk": pkey.pkey_available()}
+    return {"none": True, "mprotect": True, "mpk": pkey.pkey_available(), "vm": True}
 
 
 class Domain:
@@ -35,31 +37,60 @@ class Domain:
 
     def __init__(self, specs: list[dict[str, Any]], source: str = "<config>") -> None:
         have = available_backends()
-        self.compartments: dict[str, pkey.Compartment] = {}
-        for s in specs:
-            if not have[s["backend"]]:
-                raise NotSupported(
-                    f"{source}: compartment {s['name']!r} asks for backend 'mpk', but "
-                    "pkey_alloc fails here (this CPU has no PKU); run it in a guest "
-                    "(`harness boot`, TCG -cpu max has protection keys) or choose 'mprotect'")
-            stack = 64 << 10 if s.get("private_stack") else 0
-            self.compartments[s["name"]] = pkey.Compartment(s["name"], s["backend"],
-                                                            s["heap"], stack)
+        self.compartments: dict[str, pkey.Compartment | VmCompartment] = {}
+        try:
+            for s in specs:
+                self.compartments[s["name"]] = self._make(s, have, source)
+        except BaseException:
+            self.close()  # no vm compartment's node outlives a failed configuration
+            raise
 
-    def __getitem__(self, name: str) -> pkey.Compartment:
+    @staticmethod
+    def _make(s: dict[str, Any], have: dict[str, bool],
+              source: str) -> pkey.Compartment | VmCompartment:
+        if not have[s["backend"]]:
+            raise NotSupported(
+                f"{source}: compartment {s['name']!r} asks for backend 'mpk', but "
+                "pkey_alloc fails here (this CPU has no PKU); run it in a guest "
+                "(`harness boot`, TCG -cpu max has protection keys) or choose 'mprotect'")
+        if s["backend"] == "vm":
+            return VmCompartment(s["name"], s["heap"])
+        stack = 64 << 10 if s.get("private_stack") else 0
+        return pkey.Compartment(s["name"], s["backend"], s["heap"], stack)
+
+    def __enter__(self) -> Domain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getitem__(self, name: str) -> pkey.Compartment | VmCompartment:
         return self.compartments[name]
 
     def enter(self, name: str) -> None:
-        self.compartments[name].enter()
+        c = self.compartments[name]
+        if isinstance(c, VmCompartment):
+            raise HarnessError(f"compartment {name!r} is a vm compartment: its code runs in "
+                               f"its own node (pid {c.pid}); reach it through call()")
+        c.enter()
 
-    def call(self, callee: str, fn: Callable[[], Any]) -> Any:
-        return self.compartments[callee].call(fn)
+    def call(self, callee: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs fn(*args) inside `callee`, through its gate."""
+        c = self.compartments[callee]
+        if isinstance(c, VmCompartment) or not args:
+            return c.call(fn, *args)
+        return c.call(lambda: fn(*args))
 
     def probe(self, current: str, target: str, offset: int = 0, write: bool = False) -> None:
         """From inside `current`, touches `target`'s heap; raises
         IsolationFault naming both if the backend stopped it."""
-        here, there = self.compartments[current], self.compartments[target]
-        here.enter()
+        there = self.compartments[target]
+        if isinstance(there, VmCompartment):
+            raise IsolationFault(
+                f"compartment {current!r} cannot touch the memory of {target!r} (vm): it "
+                f"lives in another node (pid {there.pid}) and has no address here")
+        self.enter(current)
+        here = self.compartments[current]
         code = here.probe(there.address + offset, write)
         if code is not None:
             raise IsolationFault(
@@ -69,6 +100,9 @@ class Domain:
 
     def close(self) -> None:
         pkey.leave_all()
+        for c in self.compartments.values():
+            if isinstance(c, VmCompartment):
+                c.close()
 
 
 def parse(data: dict, source: str) -> list[dict[str, Any]]:

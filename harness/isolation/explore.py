@@ -3,10 +3,11 @@
 A workload is split into components: an application that serves requests, a
 key-value store holding secret data in its heap, and a logger. Every
 assignment of the store and the logger to a backend this host really has
-(`none`: in the application's compartment; `mprotect`; `mpk`) is built,
-run and measured. Configuration A is safer than B when every component is at
-least as isolated in A (none < mprotect, none < mpk; the two are not ranked
-against each other), which orders the configurations only partially. The
+(`none`: in the application's compartment; `mprotect`; `mpk`; `vm`: in a
+node of its own) is built, run and measured. Configuration A is safer than B
+when every component is at least as isolated in A (none < mprotect, mpk < vm:
+mprotect and mpk share the address space and are not ranked against each
+other), which orders the configurations only partially. The
 safest configurations whose throughput stays within the budget (a fraction
 of the fastest one) are marked, as a table and a PNG.
 
@@ -14,7 +15,7 @@ of the fastest one) are marked, as a table and a PNG.
     requests = 2000          # per configuration
     value_bytes = 64
     [explore]
-    backends = ["none", "mprotect", "mpk"]   # those the host lacks are skipped, and said so
+    backends = ["none", "mprotect", "mpk", "vm"]   # those the host lacks are skipped, and said so
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import TopologyError
-from harness.isolation.compartments import Domain, available_backends
+from harness.isolation import vm_gate
+from harness.isolation.compartments import BACKENDS, Domain, available_backends
 from harness.topology import read_toml
 
 COMPONENTS = ("kv", "log")  # the application is the caller, always compartment "app"
-LEVEL = {"none": 0, "mprotect": 1, "mpk": 1}
+LEVEL = {"none": 0, "mprotect": 1, "mpk": 1, "vm": 2}
+SHARED_SPACE = ("mprotect", "mpk")  # mechanisms within the application's address space
 
 
 @dataclass
@@ -47,51 +50,55 @@ class Outcome:
 def safer_or_equal(a: dict[str, str], b: dict[str, str]) -> bool:
     """Is every component at least as isolated in a as in b?"""
     for c in COMPONENTS:
-        if a[c] == b[c] or b[c] == "none":
+        if a[c] == b[c] or b[c] == "none" or (a[c] == "vm" and b[c] in SHARED_SPACE):
             continue
         return False
     return True
 
 
+# The components' code: module-level, so a vm compartment's node can import it.
+def kv_put(heap: memoryview, i: int, value: bytes) -> None:
+    off = (i % (len(heap) // len(value))) * len(value)
+    heap[off:off + len(value)] = value
+
+
+def log_put(heap: memoryview, i: int) -> None:
+    heap[(i * 8) % (len(heap) - 8):][:8] = i.to_bytes(8, "little")
+
+
 def _run(assignment: dict[str, str], requests: int, value: int) -> float:
-    app_backend = next((b for b in assignment.values() if b != "none"), "none")
+    app_backend = next((b for b in assignment.values() if b in SHARED_SPACE), "none")
     specs = [{"name": "app", "backend": app_backend, "heap": 1 << 16, "private_stack": False}]
     specs += [{"name": c, "backend": b, "heap": 1 << 20, "private_stack": False}
               for c, b in assignment.items() if b != "none"]
-    d = Domain(specs, "<explore>")
-    kv_heap = memoryview(d["kv"] if assignment["kv"] != "none" else d["app"])
-    log_heap = memoryview(d["log"] if assignment["log"] != "none" else d["app"])
-    secret = bytes(range(value % 256)) * (value // 256 + 1)
-    slots = len(kv_heap) // value
+    secret = (bytes(range(256)) * (value // 256 + 1))[:value]
+    with Domain(specs, "<explore>") as d:
+        heaps = {c: memoryview(d[c] if b in SHARED_SPACE else d["app"])
+                 for c, b in assignment.items() if b != "vm"}
 
-    def put(i: int) -> None:
-        off = (i % slots) * value
-        kv_heap[off:off + value] = secret[:value]
+        def call(component: str, fn, *args) -> None:
+            backend = assignment[component]
+            if backend == "none":
+                fn(heaps[component], *args)  # same compartment: a plain call
+            elif backend == "vm":
+                d.call(component, vm_gate.on_heap, fn, *args)
+            else:
+                d.call(component, fn, heaps[component], *args)
 
-    def log(i: int) -> None:
-        log_heap[(i * 8) % (len(log_heap) - 8):][:8] = i.to_bytes(8, "little")
-
-    def call(component: str, fn, i: int) -> None:
-        if assignment[component] == "none":
-            fn(i)  # same compartment: a plain call
-        else:
-            d.call(component, lambda: fn(i))
-
-    try:
-        d.enter("app")
-        t0 = time.perf_counter()
-        for i in range(requests):
-            call("kv", put, i)
-            call("log", log, i)
-        return requests / (time.perf_counter() - t0)
-    finally:
-        kv_heap.release()
-        log_heap.release()
-        d.close()
+        try:
+            d.enter("app")
+            t0 = time.perf_counter()
+            for i in range(requests):
+                call("kv", kv_put, i, secret)
+                call("log", log_put, i)
+            return requests / (time.perf_counter() - t0)
+        finally:
+            for h in heaps.values():
+                h.release()
 
 
-def explore(requests: int = 2000, value: int = 64, backends: tuple[str, ...] = ("none",
-            "mprotect", "mpk"), budget: float = 0.5) -> tuple[list[Outcome], list[str]]:
+def explore(requests: int = 2000, value: int = 64, backends: tuple[str, ...] = BACKENDS,
+            budget: float = 0.5) -> tuple[list[Outcome], list[str]]:
     have = available_backends()
     usable = [b for b in backends if have.get(b)]
     notes = [f"backend {b!r} skipped: not available here" for b in backends if not have.get(b)]
@@ -100,8 +107,8 @@ def explore(requests: int = 2000, value: int = 64, backends: tuple[str, ...] = (
     outcomes = []
     for combo in itertools.product(usable, repeat=len(COMPONENTS)):
         assignment = dict(zip(COMPONENTS, combo, strict=True))
-        if len({b for b in combo if b != "none"}) > 1:
-            continue  # one mechanism per process (see the note)
+        if len({b for b in combo if b in SHARED_SPACE}) > 1:
+            continue  # one mechanism per address space (see the note)
         outcomes.append(Outcome(assignment, _run(assignment, requests, value)))
     best = max(o.requests_per_s for o in outcomes)
     within = [o for o in outcomes if o.requests_per_s >= budget * best]
@@ -113,7 +120,7 @@ def explore(requests: int = 2000, value: int = 64, backends: tuple[str, ...] = (
         o.safest_in_budget = not any(
             p is not o and safer_or_equal(p.assignment, o.assignment) and
             not safer_or_equal(o.assignment, p.assignment) for p in within)
-    if len([b for b in usable if b != "none"]) > 1:
+    if len([b for b in usable if b in SHARED_SPACE]) > 1:
         notes.append("assignments mixing mprotect and mpk are skipped: the application's "
                      "compartment uses one mechanism")
     notes.append(f"budget: at least {budget:.0%} of the fastest ({best:,.0f} requests/s)")
@@ -127,7 +134,7 @@ def load(path: str | Path) -> dict:
     for key, v in (("workload.requests", requests), ("workload.value_bytes", value)):
         if not isinstance(v, int) or v < 1:
             raise TopologyError(f"{path}: {key}: expected a positive integer, got {v!r}")
-    backends = e.get("backends", ["none", "mprotect", "mpk"])
+    backends = e.get("backends", list(BACKENDS))
     if not isinstance(backends, list) or not set(backends) <= set(LEVEL):
         raise TopologyError(f"{path}: explore.backends: expected a list from {list(LEVEL)}, "
                             f"got {backends!r}")
@@ -147,8 +154,8 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
                    color="tab:red" if o.safest_in_budget else "tab:blue")
         ax.annotate(o.name, (safety, o.requests_per_s), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    ax.set_xlabel("components isolated from the application")
-    ax.set_xticks(range(len(COMPONENTS) + 1))
+    ax.set_xlabel("isolation (sum over components: none 0, mprotect/mpk 1, vm 2)")
+    ax.set_xticks(range(2 * len(COMPONENTS) + 1))
     ax.set_yscale("log")
     ax.set_ylabel("requests per second")
     ax.set_title("Design space: safety against throughput (red: safest within budget)")
@@ -183,4 +190,8 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main(sys.argv[1:]))
+    # Through the imported module, so the components' functions are named
+    # harness.isolation.explore.*, which a vm compartment's node can import.
+    from harness.isolation import explore as this
+
+    sys.exit(this.main(sys.argv[1:]))

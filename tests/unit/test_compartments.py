@@ -80,7 +80,7 @@ def test_a_violating_process_dies_of_sigsegv_with_accerr():
 def test_mpk_is_never_claimed_without_protection_keys():
     if pkey.pkey_available():
         pytest.skip("this host has PKU; the guest test covers mpk")
-    assert available_backends() == {"none": True, "mprotect": True, "mpk": False}
+    assert available_backends() == {"none": True, "mprotect": True, "mpk": False, "vm": True}
     with pytest.raises(NotSupported, match="pkey_alloc fails here"):
         Domain(parse({"compartments": [{"name": "x", "backend": "mpk"}]}, "<test>"))
     with pytest.raises(NotSupported):
