@@ -72,10 +72,10 @@ def check_pkeys() -> Check:
     key = libc.pkey_alloc(0, 0)
     if key >= 0:
         libc.pkey_free(key)
-        return Check("pkeys", True, "pkey_alloc works: MPK gates run natively", required=False)
+        return Check("pkeys", True, "pkey_alloc works: compartment backends none, mprotect, mpk, vm", required=False)
     return Check("pkeys", False,
                  f"pkey_alloc failed ({os.strerror(ctypes.get_errno())}): this CPU has no PKU; "
-                 "MPK gates run in TCG guests (-cpu max), mprotect gates on the host",
+                 "compartment backends here none, mprotect, vm; mpk in TCG guests (-cpu max)",
                  "none needed: use placement vm for mpk", required=False)
 
 
