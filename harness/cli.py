@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paging: where to draw the cache-size sweep (default: "
                          "paging-sweep.png; '' for none)")
     sp.add_argument("--placement", choices=["process", "vm"], default="process",
-                    help="dbos, gates: on the host or in a guest; paging: process only for now "
-                         "(default: process)")
+                    help="dbos, gates: on the host or in a guest; paging: the mnode and the "
+                         "workload as processes, or both in VMs (default: process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,

@@ -72,7 +72,8 @@ def check_pkeys() -> Check:
     key = libc.pkey_alloc(0, 0)
     if key >= 0:
         libc.pkey_free(key)
-        return Check("pkeys", True, "pkey_alloc works: compartment backends none, mprotect, mpk, vm", required=False)
+        return Check("pkeys", True, "pkey_alloc works: compartment backends none, mprotect, "
+                     "mpk, vm", required=False)
     return Check("pkeys", False,
                  f"pkey_alloc failed ({os.strerror(ctypes.get_errno())}): this CPU has no PKU; "
                  "compartment backends here none, mprotect, vm; mpk in TCG guests (-cpu max)",

@@ -6,6 +6,7 @@ cdef extern from "dh_excache.h" nogil:
     enum:
         DH_PAGE
         DH_HIST_BUCKETS
+        DH_PREFETCH_MAX
         DH_POLICY_FIFO
         DH_POLICY_LRU
         DH_POLICY_RANDOM
@@ -26,6 +27,7 @@ cdef extern from "dh_excache.h" nogil:
         uint64_t clean_drops
         uint64_t dirty_flushes
         uint64_t piggybacked
+        uint64_t prefetched
         uint64_t resident
         uint64_t hist[32]
 
@@ -39,6 +41,7 @@ cdef extern from "dh_excache.h" nogil:
     int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
                           int fault_mode, int timeout_ms, dh_excache **out)
     void dh_excache_destroy(dh_excache *c)
+    int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
     int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
     int dh_excache_free(dh_excache *c, void *addr)
     int dh_excache_flush(dh_excache *c)

@@ -5,6 +5,10 @@ from harness._native.transport import Link
 PAGE: int
 POLICIES: dict[str, int]
 FAULT_MODES: dict[str, int]
+PREFETCH_MAX: int
+DEFAULT_PREFETCH: int
+
+def prefetch_for(capacity: int, ways: int, want: int = ...) -> int: ...
 
 class Region:
     size: int
@@ -21,8 +25,9 @@ class ExCache:
     ways: int
     policy: str
     fault_mode: str
+    prefetch: int
     def __init__(self, link: Link | None, capacity: int, ways: int = 64, policy: str = "fifo",
-                 fault_mode: str = "sigbus", timeout: float = 2.0) -> None: ...
+                 fault_mode: str = "sigbus", timeout: float = 2.0, prefetch: int = 1) -> None: ...
     def alloc(self, size: int) -> Region: ...
     def flush(self) -> None: ...
     def stats(self) -> dict: ...

@@ -14,6 +14,14 @@ from harness._native.transport cimport Link, Samples
 PAGE = DH_PAGE
 POLICIES = {"fifo": DH_POLICY_FIFO, "lru": DH_POLICY_LRU, "random": DH_POLICY_RANDOM}
 FAULT_MODES = {"sigbus": DH_FAULT_SIGBUS, "thread": DH_FAULT_THREAD}
+PREFETCH_MAX = DH_PREFETCH_MAX
+DEFAULT_PREFETCH = 8  # the harness's default (LegoOS's config prefetches; Linux swap reads 8)
+
+
+def prefetch_for(uint64_t capacity, uint32_t ways, uint32_t want=DEFAULT_PREFETCH) -> int:
+    """`want` lines per miss, capped at one per set (a window never visits a
+    set twice) and at PREFETCH_MAX."""
+    return max(1, min(want, DH_PREFETCH_MAX, capacity // DH_PAGE // ways))
 
 
 cdef class ExCache:
@@ -26,9 +34,10 @@ cdef class ExCache:
     cdef readonly uint32_t ways
     cdef readonly str policy
     cdef readonly str fault_mode
+    cdef readonly uint32_t prefetch
 
     def __cinit__(self, Link link, uint64_t capacity, uint32_t ways=64, str policy="fifo",
-                  str fault_mode="sigbus", double timeout=2.0):
+                  str fault_mode="sigbus", double timeout=2.0, uint32_t prefetch=1):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
         if fault_mode not in FAULT_MODES:
@@ -40,6 +49,11 @@ cdef class ExCache:
                                 POLICIES[policy], FAULT_MODES[fault_mode],
                                 <int>(timeout * 1000), &self._c),
               f"ExCache of {capacity} bytes, {ways}-way ({policy}, {fault_mode})")
+        if not 1 <= prefetch <= min(DH_PREFETCH_MAX, capacity // DH_PAGE // ways):
+            raise ValueError(f"prefetch must be 1 to {DH_PREFETCH_MAX} lines (and at most the "
+                             f"number of sets), got {prefetch}")
+        check(dh_excache_set_prefetch(self._c, prefetch), f"prefetch {prefetch} lines per miss")
+        self.prefetch = prefetch
 
     def __dealloc__(self):
         if self._c is not NULL:
@@ -70,8 +84,9 @@ cdef class ExCache:
         return dict(misses=s.misses, remote_fetches=s.remote_fetches, zero_fills=s.zero_fills,
                     wp_faults=s.wp_faults, evictions=s.evictions, clean_drops=s.clean_drops,
                     dirty_flushes=s.dirty_flushes, piggybacked=s.piggybacked,
-                    resident=s.resident, capacity=self.capacity, ways=self.ways,
-                    policy=self.policy, fault_mode=self.fault_mode,
+                    prefetched=s.prefetched, resident=s.resident, capacity=self.capacity,
+                    ways=self.ways, policy=self.policy, fault_mode=self.fault_mode,
+                    prefetch=self.prefetch,
                     latency_hist_log2ns=[s.hist[i] for i in range(DH_HIST_BUCKETS)])
 
     def reset_stats(self) -> None:

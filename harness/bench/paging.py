@@ -1,11 +1,13 @@
-"""`harness bench paging`: ExCache's page faults, each beside its floor, and a
-cache-size sweep of a real numpy workload in the manner of LegoOS's table.
+"""`harness bench paging [--placement process|vm]`: ExCache's page faults,
+each beside its floor, and a cache-size sweep of a real numpy workload in the
+manner of LegoOS's table.
 
   miss_latency      a read of a page that lives on the mnode (clean victim).
                     Floor: a userfaultfd fault filled from a local buffer by the
                     same fault path, plus the transport's 4 KiB round trip
-                    (ECHO of 4 KiB over an shm link between two processes);
-                    floor_p50 is the sum of their medians.
+                    (process placement: ECHO over an shm link between two
+                    processes; vm: ECHO to the mnode over the pnode's own
+                    ivshmem channel); floor_p50 is the sum of their medians.
   dirty_evict_miss  the same, when the victim is dirty: its write-back rides on
                     the miss request (piggyback). Same floor.
   zero_fill         first touch of a never-written page: filled locally.
@@ -14,18 +16,24 @@ cache-size sweep of a real numpy workload in the manner of LegoOS's table.
   hit_access        a read of a page in the cache. Floor: the same read of
                     ordinary memory (both include one clock read, ~20 ns).
   slowdown_cache_N  the workload's time with a cache of N % of its working set
-                    over its time on local memory (and _rdma: with the link
-                    model set to LegoOS's RDMA figures).
+                    over its time on local memory, with LegoOS's pcache
+                    prefetch (8 lines per miss); _noprefetch: one line per
+                    miss; _rdma: with the link model set to LegoOS's RDMA
+                    figures (process placement).
 
-The workload is a blocked matrix multiply, C += A @ B, on three 4096x4096
-float64 matrices (384 MiB of working set) stored tile by tile (256x256 tiles,
-each 512 KiB contiguous). It is blocked for the cache it is given, as a tuned
-BLAS is for a CPU cache: a panel of B as wide as fits in 60 % of the cache
-stays while every row of A streams past it. numpy's BLAS runs on one thread:
-with two, each eviction's TLB shootdown (MADV_DONTNEED) costs ~70 us here."""
+The latency rows use a cache without prefetch (one line per miss: a pure
+miss). The workload is a blocked matrix multiply, C += A @ B, on three NxN
+float64 matrices stored tile by tile (each tile contiguous): 4096x4096 with
+256x256 tiles (384 MiB) on the host, 768x768 with 128x128 tiles (13.5 MiB) in
+a TCG guest, where arithmetic is ~200x slower. It is blocked for the cache it
+is given, as a tuned BLAS is for a CPU cache: a panel of B as wide as fits in
+60 % of the cache stays while every row of A streams past it. numpy's BLAS
+runs on one thread: with two, each eviction's TLB shootdown (MADV_DONTNEED)
+costs ~70 us here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -36,17 +44,78 @@ import numpy as np
 from harness._native import excache as ex
 from harness.bench import transport
 from harness.bench.report import Report, Row, percentile
-from harness.errors import HarnessError, NotSupported
+from harness.errors import HarnessError
 from harness.nodes.cluster import open_cluster
 from harness.topology import MODELS, LinkModel, Topology, load
 
 Progress = Callable[[str], None]
-N = 4096         # matrix side
-TILE = 256       # tile side
-NT = N // TILE   # tiles per side
-TILE_PAGES = TILE * TILE * 8 // ex.PAGE
 FRACTIONS = (12.5, 25, 50, 100)
 LEGOOS = {14: 2.13, 28: 1.68, 57: 1.41}  # LegoOS's TensorFlow slowdowns (% cache: x)
+PREFETCH = ex.DEFAULT_PREFETCH  # lines per miss in the sweep (LegoOS: CONFIG_PCACHE_PREFETCH)
+LATENCY_CACHE_PAGES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """C += A @ B over three n x n float64 matrices stored tile by tile."""
+
+    n: int
+    tile: int
+
+    @property
+    def nt(self) -> int:
+        return self.n // self.tile
+
+    @property
+    def tile_pages(self) -> int:
+        return self.tile * self.tile * 8 // ex.PAGE
+
+    @property
+    def working_set(self) -> int:
+        return 3 * self.n * self.n * 8
+
+    def panel_width(self, cache_bytes: int | None) -> int:
+        """Tiles of B kept per panel: as many columns as fit in 60 % of the cache."""
+        if cache_bytes is None:
+            return self.nt
+        pages = cache_bytes // ex.PAGE * 6 // 10 - (self.nt + 4) * self.tile_pages
+        return max(1, min(self.nt, pages // (self.nt * self.tile_pages)))
+
+    def inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """A and B, tiled: integer values, so float64 results are exact."""
+        nt, t = self.nt, self.tile
+        x = np.arange(self.n * self.n, dtype=np.float64).reshape(nt, t, nt, t).swapaxes(1, 2)
+        return x % 7, x % 5
+
+    def run(self, buf, cache_bytes: int | None = None) -> float:
+        """Fills A and B, zeroes C, multiplies; returns the multiply's seconds
+        and checks two tiles of the answer against ordinary memory."""
+        nt, t = self.nt, self.tile
+        m = np.frombuffer(buf, dtype=np.float64, count=3 * self.n * self.n)
+        m = m.reshape(3, nt, nt, t, t)
+        a, b, c = m[0], m[1], m[2]
+        a[:], b[:] = self.inputs()
+        c[:] = 0
+        jp = self.panel_width(cache_bytes)
+        t0 = time.perf_counter()
+        for j0 in range(0, nt, jp):
+            for i in range(nt):
+                for j in range(j0, min(nt, j0 + jp)):
+                    acc = c[i, j]
+                    for k in range(nt):
+                        acc += a[i, k] @ b[k, j]
+        dt = time.perf_counter() - t0
+        la, lb = self.inputs()
+        for i, j in ((0, 0), (nt - 1, nt // 2)):
+            want = sum(la[i, k] @ lb[k, j] for k in range(nt))
+            if not np.array_equal(c[i, j], want):
+                raise HarnessError("the workload computed a wrong answer on disaggregated memory")
+        del a, b, c, m
+        return dt
+
+
+HOST = Matmul(4096, 256)
+GUEST = Matmul(768, 128)
 
 
 def _topology(model: str) -> Topology:
@@ -56,34 +125,32 @@ def _topology(model: str) -> Topology:
     return dataclasses.replace(topo, links=links)
 
 
-def _latency_rows(n: int, say: Progress) -> list[Row]:
-    pages = n
-    cache_pages = 256
-    rows = []
-    with open_cluster("lego3", cache=cache_pages * ex.PAGE) as c:
-        cache = c.excache
-        # Pages on the mnode: write them all (most get evicted dirty), flush the rest.
-        r = c.alloc((pages + cache_pages) * ex.PAGE)
-        r.time_touch(0, pages + cache_pages, write=True)
-        cache.flush()  # now every resident line is clean
-        say(f"miss_latency: {pages} misses with clean victims")
-        miss = r.time_touch(0, pages)  # FIFO: none of these is resident
-        say("dirty_evict_miss: misses that evict dirty lines")
-        r.time_touch(pages, cache_pages, write=True)  # fill the cache with dirty lines
-        before = cache.stats()["piggybacked"]
-        dirty = r.time_touch(0, cache_pages)
-        if cache.stats()["piggybacked"] - before != cache_pages:
-            raise HarnessError("dirty_evict_miss: not every miss carried a dirty victim")
-        say("zero_fill and hit_access")
-        z = c.alloc(pages * ex.PAGE)
-        zero = z.time_touch(0, min(pages, cache_pages))
-        hit = z.time_touch(0, min(pages, cache_pages))  # all resident now
-    say("floors: local-store faults, the transport's 4 KiB round trip, minor faults")
+def _latency_rows(cache: ex.ExCache, rtt_4k: list[int], n: int, say: Progress) -> list[Row]:
+    """The fault latencies on `cache` (LATENCY_CACHE_PAGES lines, no prefetch);
+    rtt_4k is the same run's 4 KiB round trip for the miss floor."""
+    pages, lines = n, LATENCY_CACHE_PAGES
+    # Pages on the mnode: write them all (most get evicted dirty), flush the rest.
+    r = cache.alloc((pages + lines) * ex.PAGE)
+    r.time_touch(0, pages + lines, write=True)
+    cache.flush()  # now every resident line is clean
+    say(f"miss_latency: {pages} misses with clean victims")
+    miss = r.time_touch(0, pages)  # FIFO: none of these is resident
+    say("dirty_evict_miss: misses that evict dirty lines")
+    r.time_touch(pages, lines, write=True)  # fill the cache with dirty lines
+    before = cache.stats()["piggybacked"]
+    dirty = r.time_touch(0, lines)
+    if cache.stats()["piggybacked"] - before != lines:
+        raise HarnessError("dirty_evict_miss: not every miss carried a dirty victim")
+    say("zero_fill and hit_access")
+    z = cache.alloc(pages * ex.PAGE)
+    zero = z.time_touch(0, min(pages, lines))
+    hit = z.time_touch(0, min(pages, lines))  # all resident now
+    r.free()
+    z.free()
+    say("floors: local-store faults, minor faults, native reads")
     local = ex.floor_fault("sigbus", pages)
-    with transport._framed("shm") as lk:
-        lk.bench_rpc_rtt(4096, 500)
-        rtt = lk.bench_rpc_rtt(4096, pages)
-    floor = percentile(local, 50) + percentile(rtt, 50)
+    floor = percentile(local, 50) + percentile(rtt_4k, 50)
+    rows = []
     for metric, s in (("miss_latency", miss), ("dirty_evict_miss", dirty)):
         row = Row.of(metric, "ns", s)
         row.floor, row.floor_p50, row.ratio = "uffd_local_fault+rtt_4k", floor, row.p50 / floor
@@ -95,79 +162,53 @@ def _latency_rows(n: int, say: Progress) -> list[Row]:
     return rows
 
 
-def panel_width(cache_bytes: int | None) -> int:
-    """Tiles of B kept per panel: as many columns as fit in 60 % of the cache."""
-    if cache_bytes is None:
-        return NT
-    pages = cache_bytes // ex.PAGE * 6 // 10 - (NT + 4) * TILE_PAGES  # minus A's row, C
-    return max(1, min(NT, pages // (NT * TILE_PAGES)))
+def _cache_bytes(shape: Matmul, frac: float) -> int:
+    return int(shape.working_set * frac / 100) // (64 * ex.PAGE) * (64 * ex.PAGE)
 
 
-def _matmul(a: np.ndarray, b: np.ndarray, c: np.ndarray, jp: int) -> None:
-    for j0 in range(0, NT, jp):
-        for i in range(NT):
-            for j in range(j0, min(NT, j0 + jp)):
-                acc = c[i, j]
-                for k in range(NT):
-                    acc += a[i, k] @ b[k, j]
+# A sweep runs the workload at each cache size; `runner(cache_bytes, prefetch)`
+# returns a function that runs it once on fresh disaggregated memory.
+Runner = Callable[[int, int], contextlib.AbstractContextManager[Callable[[], float]]]
 
 
-def _inputs() -> tuple[np.ndarray, np.ndarray]:
-    """A and B, tiled: integer values, so float64 results are exact."""
-    x = np.arange(N * N, dtype=np.float64).reshape(NT, TILE, NT, TILE).swapaxes(1, 2)
-    return x % 7, x % 5
-
-
-def _workload(buf, cache_bytes: int | None = None) -> float:
-    """Fills A and B, zeroes C, multiplies; returns the multiply's seconds and
-    checks two tiles of the answer against ordinary memory."""
-    m = np.frombuffer(buf, dtype=np.float64, count=3 * N * N).reshape(3, NT, NT, TILE, TILE)
-    a, b, c = m[0], m[1], m[2]
-    a[:], b[:] = _inputs()
-    c[:] = 0
-    t0 = time.perf_counter()
-    _matmul(a, b, c, panel_width(cache_bytes))
-    dt = time.perf_counter() - t0
-    la, lb = _inputs()
-    for i, j in ((0, 0), (NT - 1, NT // 2)):
-        want = sum(la[i, k] @ lb[k, j] for k in range(NT))
-        if not np.array_equal(c[i, j], want):
-            raise HarnessError("the workload computed a wrong answer on disaggregated memory")
-    del a, b, c, m
-    return dt
-
-
-WORKING_SET = 3 * N * N * 8
-
-
-def _sweep(rounds: int, say: Progress) -> tuple[list[Row], dict]:
-    say(f"sweep: the workload on local memory ({WORKING_SET >> 20} MiB)")
-    local = [_workload(bytearray(WORKING_SET)) for _ in range(rounds)]
+def _sweep(shape: Matmul, variants: dict[str, tuple[str, Runner, int]], rounds: int,
+           say: Progress) -> tuple[list[Row], dict]:
+    """variants: row suffix -> (label, runner, prefetch); returns the rows and
+    each variant's curve by label."""
+    say(f"sweep: the workload on local memory ({shape.working_set >> 20} MiB)")
+    local = percentile([shape.run(bytearray(shape.working_set)) for _ in range(rounds)], 50)
     rows, curves = [], {}
-    for model in ("none", "rdma"):
+    for suffix, (label, runner, prefetch) in variants.items():
         curve = {}
         for frac in FRACTIONS:
-            cache = int(WORKING_SET * frac / 100) // (64 * ex.PAGE) * (64 * ex.PAGE)
-            say(f"sweep: cache {frac:g} % of {WORKING_SET >> 20} MiB, link model {model}")
-            times = []
-            with open_cluster(_topology(model), cache=cache) as c:
-                for _ in range(rounds):
-                    r = c.alloc(WORKING_SET)
-                    times.append(_workload(r, cache))
-                    c.free(r)
-            slow = [t / percentile(local, 50) for t in times]
+            cache = _cache_bytes(shape, frac)
+            say(f"sweep: cache {frac:g} % of {shape.working_set >> 20} MiB, {label}")
+            with runner(cache, prefetch) as once:
+                slow = [once() / local for _ in range(rounds)]
             curve[frac] = percentile(slow, 50)
             if frac != 100:
-                suffix = "" if model == "none" else "_rdma"
                 row = Row.of(f"slowdown_cache_{int(frac)}{suffix}", "x", slow)
-                row.floor, row.floor_p50 = "local_memory", 1.0
-                row.ratio = row.p50
+                row.floor, row.floor_p50, row.ratio = "local_memory", 1.0, row.p50
                 rows.append(row)
-        curves[model] = curve
+        curves[label] = curve
     return rows, curves
 
 
-def plot(curves: dict, path: Path) -> Path:
+def _host_runner(model: str) -> Runner:
+    @contextlib.contextmanager
+    def runner(cache: int, prefetch: int):
+        with open_cluster(_topology(model), cache=cache, prefetch=prefetch) as c:
+            def once() -> float:
+                r = c.alloc(HOST.working_set)
+                try:
+                    return HOST.run(r, cache)
+                finally:
+                    c.free(r)
+            yield once
+    return runner
+
+
+def plot(curves: dict, path: Path, shape: Matmul = HOST, placement: str = "process") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,13 +217,12 @@ def plot(curves: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, curve in curves.items():
         xs = sorted(curve)
-        ax.plot(xs, [curve[x] for x in xs], marker="o",
-                label=f"disagg-harness, link model {model}")
+        ax.plot(xs, [curve[x] for x in xs], marker="o", label=f"disagg-harness: {model}")
     ax.plot(list(LEGOOS), list(LEGOOS.values()), "k--s", label="LegoOS TensorFlow (paper)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("ExCache size (% of working set)")
     ax.set_ylabel("slowdown vs all-local memory")
-    ax.set_title(f"Tiled matmul {N}x{N} on disaggregated memory")
+    ax.set_title(f"Tiled matmul {shape.n}x{shape.n} on disaggregated memory ({placement})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -190,22 +230,122 @@ def plot(curves: dict, path: Path) -> Path:
     return path
 
 
-def run(placement: str = "process", n: int = 2000, rounds: int = 3,
-        plot_path: Path | None = None, progress: Progress | None = None) -> Report:
-    if placement != "process":
-        raise NotSupported("bench paging --placement vm needs links between VMs (ivshmem), "
-                           "which this version does not have yet")
-    say = progress or (lambda _m: None)
+def run_here(n: int = 2000, rounds: int = 3, say: Progress = lambda _m: None
+             ) -> tuple[Report, dict]:
+    """Process placement: the workload in this process, the mnode a process."""
+    rep = Report("paging")
+    with open_cluster("lego3", cache=LATENCY_CACHE_PAGES * ex.PAGE, prefetch=1) as c:
+        with transport._framed("shm") as lk:
+            lk.bench_rpc_rtt(4096, 500)
+            rtt = lk.bench_rpc_rtt(4096, n)
+        rep.rows += _latency_rows(c.excache, rtt, n, say)
+    variants = {"": (f"shm link, prefetch {PREFETCH}", _host_runner("none"), PREFETCH),
+                "_noprefetch": ("shm link, no prefetch", _host_runner("none"), 1),
+                "_rdma": (f"RDMA link model, prefetch {PREFETCH}", _host_runner("rdma"),
+                          PREFETCH)}
     from threadpoolctl import threadpool_limits
 
-    rep = Report("paging")
-    rep.rows += _latency_rows(n, say)
     with threadpool_limits(limits=1, user_api="blas"):
-        rows, curves = _sweep(rounds, say)
+        rows, curves = _sweep(HOST, variants, rounds, say)
     rep.rows += rows
+    rep.notes.append(f"workload: tiled matmul {HOST.n}x{HOST.n} float64 ({HOST.tile}x"
+                     f"{HOST.tile} tiles), {HOST.working_set >> 20} MiB; ExCache 64-way FIFO, "
+                     f"SIGBUS fault path, prefetch {PREFETCH} lines per miss unless "
+                     f"_noprefetch; {rounds} rounds per point")
+    return rep, curves
+
+
+def run_in_guest(n: int = 1000, rounds: int = 1, say: Progress = lambda _m: None
+                 ) -> tuple[Report, dict]:
+    """On a pnode guest: the workload here, its memory on the mnode guest over
+    ivshmem. (The link model is applied by the sender, so there is no _rdma
+    variant: the mnode guest would not apply it to its replies.)"""
+    from harness.nodes.guest import excache_link, open_excache
+
+    link = excache_link()
+    rep = Report("paging", placement="vm")
+    link.bench_rpc_rtt(4096, 200)
+    rtt = link.bench_rpc_rtt(4096, n)
+    cache = open_excache(LATENCY_CACHE_PAGES * ex.PAGE, link=link)
+    rep.rows += _latency_rows(cache, rtt, n, say)
+    del cache
+
+    @contextlib.contextmanager
+    def runner(size: int, prefetch: int):
+        c = open_excache(size, prefetch=prefetch, link=link)  # capped at one line per set
+
+        def once() -> float:
+            r = c.alloc(GUEST.working_set)
+            try:
+                return GUEST.run(r, size)
+            finally:
+                r.free()
+        yield once
+
+    variants = {"": (f"ivshmem, prefetch {PREFETCH}", runner, PREFETCH),
+                "_noprefetch": ("ivshmem, no prefetch", runner, 1)}
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        rows, curves = _sweep(GUEST, variants, rounds, say)
+    rep.rows += rows
+    rep.notes.append(f"workload: tiled matmul {GUEST.n}x{GUEST.n} float64 ({GUEST.tile}x"
+                     f"{GUEST.tile} tiles), {GUEST.working_set >> 20} MiB, in the pnode guest; "
+                     f"ExCache 64-way FIFO over ivshmem to the mnode guest, prefetch at most one "
+                     f"line per set (6 at 12.5 %); {rounds} rounds")
+    return rep, curves
+
+
+def run(placement: str = "process", n: int = 2000, rounds: int = 3,
+        plot_path: Path | None = None, progress: Progress | None = None) -> Report:
+    say = progress or (lambda _m: None)
+    if placement == "process":
+        rep, curves = run_here(n, rounds, say)
+        shape = HOST
+    else:
+        rep, curves = _run_vm(n, rounds, say)
+        shape = GUEST
     if plot_path is not None:
-        rep.notes.append(f"plot: {plot(curves, plot_path)}")
-    rep.notes.append(f"workload: tiled matmul {N}x{N} float64 ({TILE}x{TILE} tiles), "
-                     f"{WORKING_SET >> 20} MiB; "
-                     f"ExCache 64-way FIFO, SIGBUS fault path; {rounds} rounds per point")
+        rep.notes.append(f"plot: {plot(curves, plot_path, shape, rep.placement)}")
     return rep
+
+
+def _run_vm(n: int, rounds: int, say: Progress) -> tuple[Report, dict]:
+    import json
+    import sys
+
+    from harness.vm import accel
+
+    say("booting lego3 with every node in a VM")
+    with open_cluster("lego3", placement="vm", timeout=300, progress=say) as c:
+        say("the benchmark runs in the pnode guest (a few minutes under TCG)")
+        r = c.exec("pnode0", [sys.executable, "-m", "harness.bench.paging", "-n", str(n),
+                              "--rounds", str(rounds)], timeout=1800)
+    if r.returncode:
+        raise HarnessError(f"the paging benchmark failed in the pnode guest (status "
+                           f"{r.returncode}):\n{r.stderr.decode(errors='replace')[-2000:]}")
+    raw = json.loads(r.stdout)
+    rep = Report("paging", placement="vm", accel=accel.probe().accel,
+                 rows=[Row(**x) for x in raw["rows"]], notes=raw["notes"])
+    return rep, {k: {float(f): v for f, v in curve.items()} for k, curve in raw["curves"].items()}
+
+
+def main(argv: list[str]) -> int:
+    """In a pnode guest: `python -m harness.bench.paging [-n N] [--rounds R]`
+    prints the report and the sweep's curves as JSON."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=1)
+    a = p.parse_args(argv)
+    rep, curves = run_in_guest(a.n, a.rounds)
+    print(json.dumps({**json.loads(rep.to_json()), "notes": rep.notes, "curves": curves}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

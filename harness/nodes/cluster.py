@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness._native.excache import PAGE, ExCache, Region
+from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, prefetch_for
 from harness._native.transport import Link, Op, create_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
@@ -79,7 +79,7 @@ class Cluster:
     def __init__(self, topology: Topology, run_dir: Path | None = None,
                  cache: str | int | None = None, disk_dir: Path | None = None,
                  deterministic: bool = False, ways: int = 64, policy: str = "fifo",
-                 fault_mode: str = "sigbus") -> None:
+                 fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH) -> None:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
             ends = {k.client, k.server} & vm
@@ -91,7 +91,8 @@ class Cluster:
         self.topology = topology
         self.deterministic = deterministic
         self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
-        self.cache_options = {"ways": ways, "policy": policy, "fault_mode": fault_mode}
+        self.cache_options = {"ways": ways, "policy": policy, "fault_mode": fault_mode,
+                              "prefetch": prefetch}
         self._excache: ExCache | None = None
         self._regions: list[Region] = []
         # A private run directory is removed after a clean stop; a given one is kept.
@@ -338,7 +339,8 @@ class Cluster:
         ways = min(self.cache_options["ways"], max(1, self.cache_bytes // PAGE))
         capacity = self.cache_bytes - self.cache_bytes % (ways * PAGE)
         return ExCache(link, capacity, ways, self.cache_options["policy"],
-                       self.cache_options["fault_mode"])
+                       self.cache_options["fault_mode"],
+                       prefetch=prefetch_for(capacity, ways, self.cache_options["prefetch"]))
 
     def alloc(self, nbytes: int) -> Region:
         """Disaggregated memory: pages live on the mnode, a cache of
@@ -435,9 +437,12 @@ def _socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
 
 def open_cluster(topology: str | Path | Topology = "lego3", placement: str | None = None,
                  cache: str | int | None = None, run_dir: Path | None = None,
-                 timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
-    """Starts a cluster and returns it; use it in a `with` block."""
+                 timeout: float = 30.0, progress: Progress | None = None,
+                 prefetch: int = DEFAULT_PREFETCH) -> Cluster:
+    """Starts a cluster and returns it; use it in a `with` block. `cache` and
+    `prefetch` (lines a miss brings in, LegoOS's pcache prefetch) shape the
+    ExCache behind alloc()."""
     topo = topology if isinstance(topology, Topology) else load(topology)
     if placement is not None:
         topo = topo.with_placement(placement)
-    return Cluster(topo, run_dir=run_dir, cache=cache).start(timeout, progress)
+    return Cluster(topo, run_dir=run_dir, cache=cache, prefetch=prefetch).start(timeout, progress)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from harness._native.excache import PAGE, ExCache
+from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, prefetch_for
+from harness._native.transport import Link
 from harness.errors import NotSupported
 from harness.nodes.agent import open_link
 from harness.nodes.spec import AgentSpec
@@ -19,14 +20,23 @@ def node_spec() -> AgentSpec:
     return AgentSpec.load(path)
 
 
-def open_excache(capacity: int, ways: int = 64, policy: str = "fifo",
-                 fault_mode: str = "sigbus") -> ExCache:
-    """An ExCache in this process over this node's memory channel to its mnode."""
+def excache_link() -> Link:
+    """This node's channel to its mnode's memory store (it also answers ECHO)."""
     spec = node_spec()
     end = next((e for e in spec.links if e.service == "excache" and not e.serve), None)
     if end is None:
         raise NotSupported(f"{spec.name} has no ExCache channel (only a pnode linked to an "
                            "mnode, both in VMs, has one)")
+    return open_link(end, spec.nid)
+
+
+def open_excache(capacity: int, ways: int = 64, policy: str = "fifo",
+                 fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH,
+                 link: Link | None = None) -> ExCache:
+    """An ExCache in this process over this node's memory channel to its mnode
+    (or over `link`, from excache_link(), to make several in turn). prefetch
+    is capped at one line per set."""
     ways = min(ways, max(1, capacity // PAGE))
-    return ExCache(open_link(end, spec.nid), capacity - capacity % (ways * PAGE), ways, policy,
-                   fault_mode)
+    capacity -= capacity % (ways * PAGE)
+    return ExCache(link or excache_link(), capacity, ways, policy, fault_mode,
+                   prefetch=prefetch_for(capacity, ways, prefetch))

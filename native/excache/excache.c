@@ -45,14 +45,16 @@ struct dh_excache {
     int policy;
     int timeout_ms;
     uint32_t nsets, ways;
+    uint32_t prefetch; /* lines per remote miss, >= 1 */
     struct line *lines;
+    struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
     struct region regions[DH_EXCACHE_MAX_REGIONS];
     atomic_flag lock;
     uint64_t clock;
     uint32_t rng;
     dh_excache_stats st;
     uint8_t *req;  /* request buffer: header fields + a page */
-    uint8_t *page; /* reply buffer */
+    uint8_t *page; /* reply buffer: DH_PREFETCH_MAX pages */
     pthread_t thread;
     int thread_running;
     atomic_int stop;
@@ -134,8 +136,8 @@ static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 static int rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
 {
     uint32_t got = 0, flags = 0;
-    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE, &got, &flags,
-                         c->timeout_ms);
+    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX,
+                         &got, &flags, c->timeout_ms);
     if (rc)
         return rc;
     return (flags & DH_F_ERROR) || got != want ? DH_EPROTO : 0;
@@ -151,14 +153,16 @@ static int on_mnode(struct region *r, uint64_t idx)
     return r->on_mnode[idx / 8] >> (idx % 8) & 1;
 }
 
-/* Fetches a page into c->page, carrying a dirty victim (in c->req) along. */
-static int fetch(dh_excache *c, struct region *r, uint64_t idx, struct line *dirty_victim)
+/* Fetches n pages from idx into c->page, carrying a dirty victim (in c->req)
+ * along. */
+static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
+                 struct line *dirty_victim)
 {
     if (!c->link) { /* the floor: a local store */
         if (dirty_victim)
             memcpy(dirty_victim->r->local + page_index(dirty_victim->r, dirty_victim->page) *
                        DH_PAGE, c->req + 24, DH_PAGE);
-        memcpy(c->page, r->local + idx * DH_PAGE, DH_PAGE);
+        memcpy(c->page, r->local + idx * DH_PAGE, (size_t)n * DH_PAGE);
         return 0;
     }
     if (dirty_victim) {
@@ -166,13 +170,14 @@ static int fetch(dh_excache *c, struct region *r, uint64_t idx, struct line *dir
         put32(c->req + 4, dirty_victim->r->id);
         put64(c->req + 8, idx);
         put64(c->req + 16, page_index(dirty_victim->r, dirty_victim->page));
+        put32(c->req + 24 + DH_PAGE, n);
         c->st.piggybacked++;
-        return rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, 24 + DH_PAGE, DH_PAGE);
+        return rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, 28 + DH_PAGE, n * DH_PAGE);
     }
     put32(c->req, r->id);
-    put32(c->req + 4, 0);
+    put32(c->req + 4, n);
     put64(c->req + 8, idx);
-    return rpc(c, DH_OP_P2M_PCACHE_MISS, 16, DH_PAGE);
+    return rpc(c, DH_OP_P2M_PCACHE_MISS, 16, n * DH_PAGE);
 }
 
 /* Writes back the page whose data is at c->req + 24. */
@@ -201,10 +206,10 @@ static int protect(dh_excache *c, uintptr_t page, int on)
     return ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp) ? DH_EIO : 0;
 }
 
-static int install(dh_excache *c, uintptr_t page)
+static int install(dh_excache *c, uintptr_t page, uint32_t n)
 {
     struct uffdio_copy cp = {
-        .dst = page, .src = (uintptr_t)c->page, .len = DH_PAGE,
+        .dst = page, .src = (uintptr_t)c->page, .len = (uint64_t)n * DH_PAGE,
         .mode = UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
     };
     if (ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST)
@@ -249,6 +254,57 @@ static struct line *victim_of(dh_excache *c, struct line *set)
     }
 }
 
+static struct line *set_of(dh_excache *c, uintptr_t page)
+{
+    return &c->lines[(uint64_t)(page / DH_PAGE) % c->nsets * c->ways];
+}
+
+static struct line *resident_line(dh_excache *c, struct line *set, uintptr_t page)
+{
+    for (uint32_t w = 0; w < c->ways; w++)
+        if (set[w].page == page)
+            return &set[w];
+    return NULL;
+}
+
+/* How many lines a remote miss at page idx brings in: the following pages
+ * while they are on the memory node, not resident, and their victims clean.
+ * Their victims go to c->pf[1..]. Consecutive pages fall in distinct sets
+ * (the window is at most nsets), so no victim is chosen twice. */
+static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
+{
+    uint32_t n = 1;
+    uint64_t pages = r->size / DH_PAGE;
+    for (; n < c->prefetch && idx + n < pages && on_mnode(r, idx + n); n++) {
+        uintptr_t q = (uintptr_t)r->base + (idx + n) * DH_PAGE;
+        struct line *set = set_of(c, q);
+        if (resident_line(c, set, q))
+            break;
+        struct line *v = victim_of(c, set);
+        if (v->page && v->dirty)
+            break;
+        c->pf[n] = v;
+    }
+    return n;
+}
+
+/* Drops a clean or written-back victim's mapping; runs of adjacent pages go
+ * in one madvise. */
+static void drop(dh_excache *c, struct line *v, uintptr_t *run, uint64_t *len)
+{
+    c->st.resident--;
+    v->r->resident--;
+    v->r->dirty -= v->dirty;
+    if (*len && *run + *len == v->page) {
+        *len += DH_PAGE;
+        return;
+    }
+    if (*len)
+        madvise((void *)*run, *len, MADV_DONTNEED);
+    *run = v->page;
+    *len = DH_PAGE;
+}
+
 static void record(dh_excache *c, uint64_t t0)
 {
     uint64_t d = now_ns() - t0;
@@ -263,11 +319,8 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     uintptr_t page = addr & ~(uintptr_t)(DH_PAGE - 1);
     lock(c);
     uint64_t t0 = now_ns();
-    struct line *set = &c->lines[(uint64_t)(page / DH_PAGE) % c->nsets * c->ways];
-    struct line *hit = NULL;
-    for (uint32_t w = 0; w < c->ways; w++)
-        if (set[w].page == page)
-            hit = &set[w];
+    struct line *set = set_of(c, page);
+    struct line *hit = resident_line(c, set, page);
     int rc = 0;
     if (hit) {
         /* Present: the first write to a clean line (or a fault another
@@ -302,8 +355,10 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         }
     }
     uint64_t idx = page_index(r, page);
+    uint32_t n = 1;
     if (on_mnode(r, idx)) {
-        rc = fetch(c, r, idx, dirty_victim);
+        n = window(c, r, idx);
+        rc = fetch(c, r, idx, n, dirty_victim);
         c->st.remote_fetches++;
     } else {
         if (dirty_victim)
@@ -313,25 +368,37 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     }
     if (rc)
         goto out;
-    if (v->page) {
-        if (dirty_victim) {
-            struct region *vr = dirty_victim->r;
-            uint64_t vi = page_index(vr, v->page);
-            vr->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
-        }
-        madvise((void *)v->page, DH_PAGE, MADV_DONTNEED);
-        c->st.resident--;
-        v->r->resident--;
-        v->r->dirty -= v->dirty;
+    if (dirty_victim) {
+        struct region *vr = dirty_victim->r;
+        uint64_t vi = page_index(vr, v->page);
+        vr->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
     }
-    if ((rc = install(c, page)))
+    c->pf[0] = v;
+    uintptr_t run = 0;
+    uint64_t len = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!c->pf[i]->page)
+            continue;
+        if (i) {
+            c->st.evictions++;
+            c->st.clean_drops++;
+        }
+        drop(c, c->pf[i], &run, &len);
+    }
+    if (len)
+        madvise((void *)run, len, MADV_DONTNEED);
+    if ((rc = install(c, page, n)))
         goto out;
-    v->page = page;
-    v->r = r;
-    v->dirty = 0;
-    v->filled = v->touched = ++c->clock;
-    c->st.resident++;
-    r->resident++;
+    for (uint32_t i = 0; i < n; i++) {
+        struct line *l = c->pf[i];
+        l->page = page + (uintptr_t)i * DH_PAGE;
+        l->r = r;
+        l->dirty = 0;
+        l->filled = l->touched = ++c->clock;
+    }
+    c->st.prefetched += n - 1;
+    c->st.resident += n;
+    r->resident += n;
     record(c, t0);
 out:
     unlock(c);
@@ -371,7 +438,7 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
         policy < DH_POLICY_FIFO || policy > DH_POLICY_RANDOM ||
         (fault_mode != DH_FAULT_SIGBUS && fault_mode != DH_FAULT_THREAD))
         return DH_EINVAL;
-    if (link && dh_link_max_payload(link) < 24 + DH_PAGE)
+    if (link && dh_link_max_payload(link) < 28 + DH_PAGE)
         return DH_ETOOBIG;
     dh_excache *c = calloc(1, sizeof *c);
     if (!c)
@@ -380,13 +447,14 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
     c->ways = ways;
     c->nsets = (uint32_t)(capacity / DH_PAGE / ways);
     c->policy = policy;
+    c->prefetch = 1;
     c->mode = fault_mode;
     c->timeout_ms = timeout_ms;
     c->rng = 2463534242u;
     atomic_flag_clear(&c->lock);
     c->lines = calloc((size_t)c->nsets * ways, sizeof *c->lines);
-    c->req = malloc(24 + DH_PAGE);
-    c->page = aligned_alloc(DH_PAGE, DH_PAGE);
+    c->req = malloc(28 + DH_PAGE);
+    c->page = aligned_alloc(DH_PAGE, (size_t)DH_PAGE * DH_PREFETCH_MAX);
     int rc = c->lines && c->req && c->page ? 0 : DH_ENOMEM;
     if (!rc) {
         c->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -422,6 +490,18 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
         return rc;
     }
     *out = c;
+    return 0;
+}
+
+int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
+{
+    if (n < 1 || n > DH_PREFETCH_MAX || n > c->nsets)
+        return DH_EINVAL;
+    if (c->link && dh_link_max_payload(c->link) < n * DH_PAGE)
+        return DH_ETOOBIG;
+    lock(c);
+    c->prefetch = n;
+    unlock(c);
     return 0;
 }
 

@@ -3,10 +3,11 @@
  * back, and the protocol served on a link:
  *   P2M_ALLOC       u64 size                         -> u32 region id
  *   P2M_FREE        u32 region                       -> (empty)
- *   P2M_PCACHE_MISS u32 region, u32 0, u64 page      -> the page
+ *   P2M_PCACHE_MISS u32 region, u32 n, u64 page      -> n pages from there (0: one)
  *   P2M_PCACHE_FLUSH u32 region, u32 0, u64 page, data -> (empty)
  *   P2M_PCACHE_MISS_FLUSH u32 miss region, u32 flush region, u64 miss page,
- *                   u64 flush page, data             -> the missed page
+ *                   u64 flush page, data [, u32 n]   -> n pages (default one)
+ *   ECHO      any payload                            -> the same payload
  * Every field is checked against the region's bounds before use. */
 #include <pthread.h>
 #include <stdlib.h>
@@ -68,7 +69,7 @@ static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
 
 struct serve_ctx {
     dh_mstore *m;
-    uint8_t out[DH_PAGE];
+    uint8_t out[DH_PAGE * DH_PREFETCH_MAX];
 };
 
 /* Handles one request; returns the reply length or -1 for a bad request. */
@@ -86,6 +87,11 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
         memcpy(&y, in + 16, 8);
     uint8_t *p, *q;
     switch (op) {
+    case DH_OP_ECHO: /* the channel's own round trip: the paging benchmark's floor */
+        if (len > sizeof(((struct serve_ctx *)0)->out))
+            return -1;
+        memcpy(out, in, len);
+        return (int)len;
     case DH_OP_P2M_ALLOC: {
         uint64_t size;
         if (len != 8)
@@ -118,11 +124,13 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
         m->regions[a - 1] = (struct vregion){0};
         return 0;
     case DH_OP_P2M_PCACHE_MISS:
-        if (len != 16 || !(p = page_at(m, a, x)))
+        b += !b;
+        if (len != 16 || b > DH_PREFETCH_MAX || !(p = page_at(m, a, x)) ||
+            !page_at(m, a, x + b - 1))
             return -1;
-        memcpy(out, p, DH_PAGE);
+        memcpy(out, p, (size_t)b * DH_PAGE);
         m->st.misses_served++;
-        return DH_PAGE;
+        return (int)(b * DH_PAGE);
     case DH_OP_P2M_PCACHE_FLUSH:
         if (len != 16 + DH_PAGE || !(p = page_at(m, a, x)))
             return -1;
@@ -130,15 +138,22 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
         m->st.flushes++;
         m->st.pages_stored++;
         return 0;
-    case DH_OP_P2M_PCACHE_MISS_FLUSH:
-        if (len != 24 + DH_PAGE || !(p = page_at(m, a, x)) || !(q = page_at(m, b, y)))
+    case DH_OP_P2M_PCACHE_MISS_FLUSH: {
+        uint32_t n = 1;
+        if (len == 28 + DH_PAGE)
+            memcpy(&n, in + 24 + DH_PAGE, 4);
+        else if (len != 24 + DH_PAGE)
+            return -1;
+        if (n < 1 || n > DH_PREFETCH_MAX || !(p = page_at(m, a, x)) ||
+            !page_at(m, a, x + n - 1) || !(q = page_at(m, b, y)))
             return -1;
         memcpy(q, in + 24, DH_PAGE); /* the flush first: the miss may be that page */
-        memcpy(out, p, DH_PAGE);
+        memcpy(out, p, (size_t)n * DH_PAGE);
         m->st.flushes++;
         m->st.pages_stored++;
         m->st.misses_served++;
-        return DH_PAGE;
+        return (int)(n * DH_PAGE);
+    }
     default:
         return -1;
     }

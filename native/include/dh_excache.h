@@ -24,6 +24,7 @@
 #define DH_PAGE 4096u
 #define DH_EXCACHE_MAX_REGIONS 64
 #define DH_HIST_BUCKETS 32 /* log2(ns) buckets of fault service time */
+#define DH_PREFETCH_MAX 16 /* lines one miss may bring in (LegoOS: CONFIG_PCACHE_PREFETCH) */
 
 enum dh_policy { DH_POLICY_FIFO = 0, DH_POLICY_LRU = 1, DH_POLICY_RANDOM = 2 };
 enum dh_fault_mode { DH_FAULT_SIGBUS = 0, DH_FAULT_THREAD = 1 };
@@ -39,6 +40,7 @@ typedef struct dh_excache_stats {
     uint64_t clean_drops;
     uint64_t dirty_flushes;
     uint64_t piggybacked;  /* dirty flushes carried by a miss request */
+    uint64_t prefetched;   /* lines brought in behind a miss, in the same round trip */
     uint64_t resident;     /* lines in use now */
     uint64_t hist[DH_HIST_BUCKETS];
 } dh_excache_stats;
@@ -50,6 +52,10 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
                       int fault_mode, int timeout_ms, dh_excache **out);
 void dh_excache_destroy(dh_excache *c);
 /* A new region of size bytes, backed by a vRegion on the memory node. */
+/* Lines a remote miss fetches: the missing page and up to n-1 that follow it
+ * in the region, on the memory node, not resident, and whose victims are
+ * clean (a prefetch never costs a write-back). 1 (the default): none. */
+int dh_excache_set_prefetch(dh_excache *c, uint32_t n);
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
 int dh_excache_free(dh_excache *c, void *addr);
 /* Writes every dirty line back (and keeps it, now clean). */

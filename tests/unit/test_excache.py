@@ -31,19 +31,21 @@ def mnode(tmp_path):
     th.join(5)
 
 
-def make(link, policy="fifo", fault_mode="sigbus", ways=4):
-    return ExCache(link, CACHE_PAGES * PAGE, ways=ways, policy=policy, fault_mode=fault_mode)
+def make(link, policy="fifo", fault_mode="sigbus", ways=4, prefetch=1):
+    return ExCache(link, CACHE_PAGES * PAGE, ways=ways, policy=policy, fault_mode=fault_mode,
+                   prefetch=prefetch)
 
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(0, 4 * CACHE_PAGES * PAGE - 1),
                          st.binary(min_size=1, max_size=300)), min_size=1, max_size=60)
 
 
+@pytest.mark.parametrize("prefetch", [1, 4])
 @pytest.mark.parametrize("fault_mode", ["sigbus", "thread"])
 @pytest.mark.parametrize("policy", ["fifo", "lru", "random"])
-def test_random_reads_and_writes_match_a_bytearray(mnode, policy, fault_mode):
+def test_random_reads_and_writes_match_a_bytearray(mnode, policy, fault_mode, prefetch):
     link, _ = mnode
-    cache = make(link, policy, fault_mode)
+    cache = make(link, policy, fault_mode, prefetch=prefetch)
     size = 4 * CACHE_PAGES * PAGE  # four times the cache
 
     @settings(max_examples=25, deadline=None)
@@ -111,12 +113,49 @@ def test_first_write_to_a_clean_line_marks_it_dirty_once(mnode):
     assert region.stats() == {"resident": 1, "dirty": 0}
 
 
+def test_prefetch_brings_the_following_lines_in_one_round_trip(mnode):
+    link, store = mnode
+    cache = make(link, ways=4, prefetch=4)
+    n = 4 * CACHE_PAGES
+    region = cache.alloc(n * PAGE)
+    mv = memoryview(region)
+    for p in range(n):
+        mv[p * PAGE:(p + 1) * PAGE] = bytes([p % 251]) * PAGE
+    cache.flush()
+    cache.reset_stats()
+    served = store.stats()["misses_served"]
+    for p in range(n):  # a sequential read: one miss in four
+        assert mv[p * PAGE:(p + 1) * PAGE] == bytes([p % 251]) * PAGE
+    s = cache.stats()
+    assert s["misses"] == n // 4 and s["prefetched"] == n - n // 4
+    assert store.stats()["misses_served"] - served == n // 4
+    assert s["dirty_flushes"] == 0 and s["evictions"] == n
+
+
+def test_a_prefetch_never_costs_a_write_back(mnode):
+    link, _ = mnode
+    cache = make(link, ways=4, prefetch=4)
+    region = cache.alloc(8 * CACHE_PAGES * PAGE)
+    mv = memoryview(region)
+    for p in range(8 * CACHE_PAGES):  # every page reaches the mnode, dirty
+        mv[p * PAGE] = 1
+    cache.flush()
+    for p in range(4 * CACHE_PAGES, 5 * CACHE_PAGES):  # fill the cache with dirty lines
+        mv[p * PAGE] = 2
+    cache.reset_stats()
+    assert mv[0] == 1  # its victim is dirty (piggybacked); the next pages' are too
+    s = cache.stats()
+    assert s["misses"] == 1 and s["prefetched"] == 0 and s["piggybacked"] == 1
+
+
 def test_bad_sizes_and_arguments(mnode):
     link, _ = mnode
     with pytest.raises(ValueError):
         ExCache(link, 3 * PAGE, ways=2)  # not a multiple of ways pages
     with pytest.raises(ValueError, match="policy"):
         ExCache(link, 16 * PAGE, policy="mru")
+    with pytest.raises(ValueError, match="prefetch must be 1 to 16"):
+        ExCache(link, 16 * PAGE, ways=4, prefetch=5)  # more than its 4 sets
     cache = make(link)
     with pytest.raises(ValueError):
         cache.alloc(1000)
@@ -155,3 +194,30 @@ def test_a_dead_memory_node_gives_a_clear_error_not_a_hang():
     assert "killed" in p.stdout and "NOT REACHED" not in p.stdout
     assert p.returncode == -signal.SIGABRT
     assert "cannot serve a page fault" in p.stderr and "memory node" in p.stderr
+
+
+def test_the_memory_node_checks_a_miss_request_s_page_count(mnode):
+    import struct
+
+    from harness.errors import RemoteError
+
+    link, _ = mnode
+    rid = struct.unpack("<I", link.call(t.Op.P2M_ALLOC, struct.pack("<Q", 4 * PAGE)))[0]
+    assert len(link.call(t.Op.P2M_PCACHE_MISS, struct.pack("<IIQ", rid, 4, 0))) == 4 * PAGE
+    for count, page in ((5, 0), (2, 3), (17, 0)):  # past the region, past the maximum
+        with pytest.raises(RemoteError):
+            link.call(t.Op.P2M_PCACHE_MISS, struct.pack("<IIQ", rid, count, page))
+
+
+def test_the_benchmark_workload_is_right_on_disaggregated_memory():
+    from harness.bench.paging import Matmul
+    from harness.nodes.cluster import open_cluster
+
+    shape = Matmul(512, 64)
+    cache = shape.working_set // 4
+    with open_cluster("lego3", cache=cache, prefetch=8) as c:
+        r = c.alloc(shape.working_set)
+        assert shape.run(r, cache) > 0  # raises if any checked tile is wrong
+        s = c.stats()["excache"]
+        assert s["evictions"] > 0 and s["prefetched"] > 0
+        c.free(r)
