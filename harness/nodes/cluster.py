@@ -27,6 +27,7 @@ from harness.errors import ClusterError, HarnessError, NotSupported, TransportEr
 from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.topology import Node, Topology, load, parse_size
+from harness.vm.streams import chardevs, port_name
 
 Progress = Callable[[str], None]
 DEFAULT_CACHE = 16 << 20
@@ -83,11 +84,10 @@ class Cluster:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
             ends = {k.client, k.server} & vm
-            if ends and (len(ends) == 1 or k.kind != "shm"):
+            if len(ends) == 1:
                 raise NotSupported(
-                    f"link {k.name}: nodes in VMs link to each other over shm (ivshmem) only; "
-                    "a link between a VM and a process, or a stream link to a VM, is not "
-                    "built yet in this version")
+                    f"link {k.name}: a node in a VM links only to other VMs (over ivshmem or "
+                    "a virtio-serial stream); place both ends in VMs or both as processes")
         self.topology = topology
         self.deterministic = deterministic
         self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
@@ -136,6 +136,14 @@ class Cluster:
                     ends[k.server].append(LinkEnd(k.client, kind, True, path=path, side=1,
                                                   service=service, **sv))
                 continue
+            if placement[k.client] == "vm":  # both are (the constructor checked)
+                server, client = chardevs(k.kind, k.name, self.run_dir)
+                dev = f"/dev/virtio-ports/{port_name(k.name)}"
+                ends[k.client].append(LinkEnd(k.server, "dev", False, path=dev, chardev=client,
+                                              **cl))
+                ends[k.server].append(LinkEnd(k.client, "dev", True, path=dev, chardev=server,
+                                              **sv))
+                continue
             a, b = _socket_pair(k.kind)
             fds += [a.detach(), b.detach()]
             ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
@@ -167,7 +175,10 @@ class Cluster:
             self._runners(say)
             ends, fds = self._link_ends()
             try:
-                for h in self.nodes.values():
+                # A node that calls over a stream between VMs starts after the
+                # servers: its QEMU joins the sockets theirs listen on.
+                for h in sorted(self.nodes.values(), key=lambda h: any(
+                        e.kind == "dev" and not e.serve for e in ends[h.node.name])):
                     h.links = ends[h.node.name]
                     self._spawn(h)
             finally:
@@ -375,9 +386,9 @@ class Cluster:
             h.runner.resume()
             h.state = "ready"
         else:
-            if any(e.kind == "fd" for e in h.links):
-                raise NotSupported(f"{node} has stream links, whose sockets cannot be handed "
-                                   "to a new process; restart works on shm links")
+            if any(e.kind in ("fd", "dev") for e in h.links):
+                raise NotSupported(f"{node} has stream links, whose peers cannot rejoin a new "
+                                   "node; restart works on shm links")
             h.runner.kill()
             self._spawn(h)
             self._wait_ready(time.monotonic() + timeout, lambda _m: None, [h])

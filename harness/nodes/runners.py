@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import harness
@@ -23,6 +24,7 @@ from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import READY_RE, VM
 from harness.vm.qemu import MachineConfig, ivshmem_address
+from harness.vm.streams import wait_listening
 
 CONTROL_PORT = "dh.ctl"
 GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
@@ -133,16 +135,23 @@ class VMRunner:
         return self.run_dir / f"{self.node.name}.console.log"
 
     def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
-        if pass_fds or any(e.kind != "ivshmem" for e in spec.links):
-            raise NotSupported(f"{self.node.name}: a node in a VM links to other VMs over shm "
-                               "(ivshmem) only; stream links to VMs are not built yet")
+        if pass_fds or any(e.kind not in ("ivshmem", "dev") for e in spec.links):
+            raise NotSupported(f"{self.node.name}: a node in a VM links to other VMs only "
+                               "(over ivshmem or a virtio-serial stream), not to processes")
         n = self.node.name
-        # Each shm file becomes an ivshmem device; the guest finds it by PCI address.
-        shm = []
+        # Each shm file becomes an ivshmem device; the guest finds it by PCI
+        # address. Each stream is a virtio-serial port whose host side is a
+        # socket shared with the peer's QEMU.
+        shm, streams = [], []
         spec.links = [copy.copy(e) for e in spec.links]  # the caller's ends stay host paths
-        for i, end in enumerate(spec.links):
-            shm.append(Path(end.path))
-            end.path = ivshmem_address(i)
+        for end in spec.links:
+            if end.kind == "ivshmem":
+                shm.append(Path(end.path))
+                end.path = ivshmem_address(len(shm) - 1)
+            else:
+                streams.append((end.path.rsplit("/", 1)[1], end.chardev))
+                if not end.serve:
+                    wait_listening(end.chardev, time.monotonic() + 2.0)
         spec.control = LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}")
         disk = None
         if self.node.disk:
@@ -161,7 +170,7 @@ class VMRunner:
         cfg = MachineConfig(name=n, image=self.image, accel=self._probe, run_dir=self.run_dir,
                             script=script.name, memory=self.node.memory, cpus=self.node.cpus,
                             disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic,
-                            shm=shm)
+                            shm=shm, streams=streams)
         self.vm = VM(cfg).launch()
         return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 _LINK_FIELDS = {"peer": str, "kind": str, "serve": bool, "path": str, "side": int, "fd": int,
-                "latency_ns": int, "bytes_per_sec": int, "peer_role": str, "service": str}
+                "latency_ns": int, "bytes_per_sec": int, "peer_role": str, "service": str,
+                "chardev": str}
 
 
 class LinkEnd:
@@ -20,17 +21,19 @@ class LinkEnd:
     "ivshmem" (a guest's ivshmem PCI device at path, e.g. 0000:00:10.0).
     serve: True when this end answers requests, False when it calls.
     service: "" for the agents' own link; "excache" for a memory channel
-    (the mnode serves it; a workload on the pnode opens it)."""
+    (the mnode serves it; a workload on the pnode opens it).
+    chardev: for a "dev" end in a guest, the host side of its port (a QEMU
+    chardev backend: a Unix or TCP socket that the peer guest's QEMU joins)."""
 
     __slots__ = tuple(_LINK_FIELDS)
 
     def __init__(self, peer: str, kind: str, serve: bool, path: str = "", side: int = 0,
                  fd: int = -1, latency_ns: int = 0, bytes_per_sec: int = 0,
-                 peer_role: str = "", service: str = "") -> None:
+                 peer_role: str = "", service: str = "", chardev: str = "") -> None:
         self.peer, self.kind, self.serve, self.path = peer, kind, serve, path
         self.side, self.fd = side, fd
         self.latency_ns, self.bytes_per_sec = latency_ns, bytes_per_sec
-        self.peer_role, self.service = peer_role, service
+        self.peer_role, self.service, self.chardev = peer_role, service, chardev
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in _LINK_FIELDS}

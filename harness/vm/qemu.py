@@ -57,6 +57,9 @@ class MachineConfig:
     cpus: int = 1
     disk: Path | None = None      # ext4 image, mounted at /run/dh/disk
     ports: list[str] = field(default_factory=list)  # virtio-serial port names
+    # virtio-serial ports whose host side joins another guest's: (name, chardev
+    # backend), e.g. ("dh.l0", "socket,path=/run/x.sock,server=on,wait=off")
+    streams: list[tuple[str, str]] = field(default_factory=list)
     deterministic: bool = False   # -icount: in-guest time counts instructions
     keep: list[Path] = field(default_factory=guest_visible)  # see guest_visible()
     shm: list[Path] = field(default_factory=list)  # ivshmem files, at PCI slots 0x10, 0x11, ...
@@ -113,12 +116,16 @@ def command(cfg: MachineConfig) -> list[str]:
         cmd += ["-fsdev",
                 "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
                 "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
-        if cfg.ports:
+        if cfg.ports or cfg.streams:
             cmd += ["-device", "virtio-serial-pci,id=vser"]
         for i, port in enumerate(cfg.ports):
             cmd += ["-chardev", f"socket,id=port{i},path={cfg.port_socket(port)},"
                     "server=on,wait=off",
                     "-device", f"virtserialport,bus=vser.0,chardev=port{i},name={port}"]
+        for i, (port, backend) in enumerate(cfg.streams):
+            kind, _, opts = backend.partition(",")
+            cmd += ["-chardev", f"{kind},id=stream{i},{opts}",
+                    "-device", f"virtserialport,bus=vser.0,chardev=stream{i},name={port}"]
         for i, path in enumerate(cfg.shm):
             cmd += ["-object", f"memory-backend-file,id=shm{i},mem-path={path},"
                     f"size={path.stat().st_size},share=on",

@@ -49,3 +49,31 @@ def test_run_passes_output_and_status(tmp_path):
     env = {**os.environ, "HARNESS_RUN_DIR": str(tmp_path)}
     r = run("run", "--placement", "vm", "--", "sh", "-c", "uname -r; exit 3", env=env)
     assert r.returncode == 3 and r.stdout.strip().endswith("amd64"), r.stderr
+
+
+def test_stream_links_between_vms(tmp_path):
+    """pnode0 -> mnode0 over a Unix-socket stream, pnode0 -> snode0 over TCP:
+    virtio-serial ports joined by QEMU. The links answer at start, and the
+    pnode claims and runs a DBOS task from the snode over the TCP stream."""
+    from harness import topology
+    from harness.nodes.cluster import open_cluster
+
+    topo = topology.parse({"name": "streams", "placement": "vm", "nodes": [
+        {"name": "pnode0", "role": "pnode"}, {"name": "mnode0", "role": "mnode"},
+        {"name": "snode0", "role": "snode"}], "links": [
+        {"between": ["pnode0", "mnode0"], "kind": "unix"},
+        {"between": ["pnode0", "snode0"], "kind": "tcp"}]}, "<test>")
+    with open_cluster(topo, run_dir=tmp_path, timeout=300) as c:
+        assert set(c.nodes["pnode0"].peers) == {"mnode0", "snode0"}
+        qemu = {n["name"]: n["pid"] for n in c.status()}
+        cmd = open(f"/proc/{qemu['pnode0']}/cmdline").read()
+        assert "virtserialport" in cmd and "dh.s." in cmd and "reconnect=1" in cmd
+        tid = c.dbos.sched.submit(["sh", "-c", "echo over a tcp stream"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            [[state]] = c.sql("SELECT state FROM tasks WHERE task_id = ?", (tid,))
+            if state == "done":
+                break
+            time.sleep(0.2)
+        assert state == "done"
+    assert not any(alive(p) for p in qemu.values())
