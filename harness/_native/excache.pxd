@@ -28,6 +28,8 @@ cdef extern from "dh_excache.h" nogil:
         uint64_t dirty_flushes
         uint64_t piggybacked
         uint64_t prefetched
+        uint64_t failovers
+        uint64_t failover_ns
         uint64_t resident
         uint64_t hist[32]
 
@@ -37,11 +39,15 @@ cdef extern from "dh_excache.h" nogil:
         uint64_t pages_stored
         uint64_t misses_served
         uint64_t flushes
+        uint64_t replicated
+        uint64_t replica_errors
+        uint64_t replicating
 
     int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
                           int fault_mode, int timeout_ms, dh_excache **out)
     void dh_excache_destroy(dh_excache *c)
     int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
+    void dh_excache_set_backup(dh_excache *c, dh_link *backup)
     int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
     int dh_excache_free(dh_excache *c, void *addr)
     int dh_excache_flush(dh_excache *c)
@@ -55,3 +61,4 @@ cdef extern from "dh_excache.h" nogil:
     void dh_mstore_destroy(dh_mstore *m)
     int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
     void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s)
+    void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)

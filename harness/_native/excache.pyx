@@ -30,6 +30,7 @@ cdef class ExCache:
 
     cdef dh_excache *_c
     cdef object _link
+    cdef object _backup
     cdef readonly uint64_t capacity
     cdef readonly uint32_t ways
     cdef readonly str policy
@@ -71,6 +72,12 @@ cdef class ExCache:
         r._cache, r._addr, r.size, r.id = self, addr, size, rid
         return r
 
+    def set_backup(self, Link link) -> None:
+        """A backup memory node that the primary replicates to: when a request
+        to the primary fails, the cache switches to it and retries."""
+        self._backup = link
+        dh_excache_set_backup(self._c, link._l)
+
     def flush(self) -> None:
         """Writes every dirty line back to the memory node."""
         cdef int rc
@@ -84,7 +91,8 @@ cdef class ExCache:
         return dict(misses=s.misses, remote_fetches=s.remote_fetches, zero_fills=s.zero_fills,
                     wp_faults=s.wp_faults, evictions=s.evictions, clean_drops=s.clean_drops,
                     dirty_flushes=s.dirty_flushes, piggybacked=s.piggybacked,
-                    prefetched=s.prefetched, resident=s.resident, capacity=self.capacity,
+                    prefetched=s.prefetched, failovers=s.failovers,
+                    failover_ns=s.failover_ns, resident=s.resident, capacity=self.capacity,
                     ways=self.ways, policy=self.policy, fault_mode=self.fault_mode,
                     prefetch=self.prefetch,
                     latency_hist_log2ns=[s.hist[i] for i in range(DH_HIST_BUCKETS)])
@@ -150,6 +158,7 @@ cdef class MStore:
     """A memory node's store of vRegions; serve() answers the ExCache protocol."""
 
     cdef dh_mstore *_m
+    cdef object _replica
 
     def __cinit__(self):
         check(dh_mstore_create(&self._m), "memory store")
@@ -166,12 +175,20 @@ cdef class MStore:
             rc = dh_mstore_serve(self._m, link._l, &stop)
         check(rc, "memory node serving ExCache")
 
+    def set_replica(self, Link link, double timeout=2.0) -> None:
+        """Every write goes to the store behind link, and is acknowledged by
+        it, before this store applies it and answers."""
+        self._replica = link
+        dh_mstore_set_replica(self._m, link._l, <int>(timeout * 1000))
+
     def stats(self) -> dict:
         cdef dh_mstore_stats s
         dh_mstore_get_stats(self._m, &s)
         return dict(regions=s.regions, bytes_reserved=s.bytes_reserved,
                     pages_stored=s.pages_stored, bytes_stored=s.pages_stored * DH_PAGE,
-                    misses_served=s.misses_served, flushes=s.flushes)
+                    misses_served=s.misses_served, flushes=s.flushes,
+                    replicated=s.replicated, replica_errors=s.replica_errors,
+                    replicating=bool(s.replicating))
 
 
 def floor_minor_fault(size_t n) -> list:

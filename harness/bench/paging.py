@@ -118,8 +118,8 @@ HOST = Matmul(4096, 256)
 GUEST = Matmul(768, 128)
 
 
-def _topology(model: str) -> Topology:
-    topo = load("lego3")
+def _topology(model: str, name: str = "lego3") -> Topology:
+    topo = load(name)
     lat, bw = MODELS[model]
     links = tuple(dataclasses.replace(k, model=LinkModel(lat, bw)) for k in topo.links)
     return dataclasses.replace(topo, links=links)
@@ -194,10 +194,24 @@ def _sweep(shape: Matmul, variants: dict[str, tuple[str, Runner, int]], rounds: 
     return rows, curves
 
 
-def _host_runner(model: str) -> Runner:
+def _replication_rows(rows: list[Row]) -> list[Row]:
+    """What replicating the mnode costs: the replicated run's time over the
+    plain one's at each cache size (LegoOS: 2-23 %)."""
+    by = {r.metric: r for r in rows}
+    out = []
+    for frac in FRACTIONS[:-1]:
+        metric = f"slowdown_cache_{int(frac)}"
+        plain, repl = by[metric], by[f"{metric}_replicated"]
+        row = Row.of(f"replication_overhead_{int(frac)}", "x", [repl.p50 / plain.p50])
+        row.floor, row.floor_p50, row.ratio = "unreplicated", 1.0, row.p50
+        out.append(row)
+    return out
+
+
+def _host_runner(model: str, topology: str = "lego3") -> Runner:
     @contextlib.contextmanager
     def runner(cache: int, prefetch: int):
-        with open_cluster(_topology(model), cache=cache, prefetch=prefetch) as c:
+        with open_cluster(_topology(model, topology), cache=cache, prefetch=prefetch) as c:
             def once() -> float:
                 r = c.alloc(HOST.working_set)
                 try:
@@ -242,12 +256,14 @@ def run_here(n: int = 2000, rounds: int = 3, say: Progress = lambda _m: None
     variants = {"": (f"shm link, prefetch {PREFETCH}", _host_runner("none"), PREFETCH),
                 "_noprefetch": ("shm link, no prefetch", _host_runner("none"), 1),
                 "_rdma": (f"RDMA link model, prefetch {PREFETCH}", _host_runner("rdma"),
-                          PREFETCH)}
+                          PREFETCH),
+                "_replicated": (f"shm link, prefetch {PREFETCH}, mnode replicated (lego3r)",
+                                _host_runner("none", "lego3r"), PREFETCH)}
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
         rows, curves = _sweep(HOST, variants, rounds, say)
-    rep.rows += rows
+    rep.rows += rows + _replication_rows(rows)
     rep.notes.append(f"workload: tiled matmul {HOST.n}x{HOST.n} float64 ({HOST.tile}x"
                      f"{HOST.tile} tiles), {HOST.working_set >> 20} MiB; ExCache 64-way FIFO, "
                      f"SIGBUS fault path, prefetch {PREFETCH} lines per miss unless "

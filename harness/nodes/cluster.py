@@ -102,6 +102,7 @@ class Cluster:
         # Disks outlive a node's restart; a private cluster keeps them in its run dir.
         self.disk_dir = disk_dir or self.run_dir
         self.nodes: dict[str, NodeHandle] = {}
+        self.failovers: list[dict] = []  # the ExCache's switches to a backup mnode
         self.started_at: float | None = None
         self._stopped = False
 
@@ -312,7 +313,12 @@ class Cluster:
     def stats(self) -> dict:
         """Each node's STATS, and "excache": this process's cache counters. The
         regions' page counts also go to the snode's `pages` table."""
-        out = {name: json.loads(self.call(name, Op.STATS)) for name in self.nodes}
+        out = {}
+        for name, h in self.nodes.items():
+            try:
+                out[name] = json.loads(self.call(name, Op.STATS))
+            except HarnessError as exc:  # a node that is down has no counters
+                out[name] = {"state": h.state, "error": str(exc)}
         if self._excache is not None:
             out["excache"] = self._excache.stats()
             if self._snode() is not None:
@@ -331,27 +337,69 @@ class Cluster:
         return self._excache
 
     def _attach_excache(self) -> ExCache:
-        mnode = next((n for n in self.topology.nodes if n.role == "mnode"), None)
-        if mnode is None:
+        mnodes = [n for n in self.topology.nodes if n.role == "mnode"]
+        if not mnodes:
             raise NotSupported(f"{self.name} has no mnode to hold disaggregated memory")
-        if mnode.placement != "process":
+        primary = mnodes[0]
+        if primary.placement != "process":
             raise NotSupported("alloc() from the host needs the mnode placed as a process; "
                                "with VMs, run the workload on the pnode with exec()")
-        k = next((k for k in self.topology.links if mnode.name in (k.client, k.server)), None)
+        link = self._memory_channel(primary.name)
+        ways = min(self.cache_options["ways"], max(1, self.cache_bytes // PAGE))
+        capacity = self.cache_bytes - self.cache_bytes % (ways * PAGE)
+        cache = ExCache(link, capacity, ways, self.cache_options["policy"],
+                        self.cache_options["fault_mode"],
+                        prefetch=prefetch_for(capacity, ways, self.cache_options["prefetch"]))
+        backup = self._backup_of(primary.name)
+        if backup is not None:
+            # The primary forwards every write to the backup before it answers.
+            path = str(self.shm_dir / f"replica-{primary.name}-{backup}.shm")
+            create_shm_file(path, 1 << 22)
+            self.call(backup, Op.ATTACH, json.dumps(
+                {"service": "excache", "path": path, "side": 1}).encode())
+            self.call(primary.name, Op.ATTACH, json.dumps(
+                {"service": "replica", "path": path, "side": 0}).encode())
+            cache.set_backup(self._memory_channel(backup))
+            threading.Thread(target=self._watch_failover, args=(cache, primary.name, backup),
+                             name="failover-watch", daemon=True).start()
+        return cache
+
+    def _backup_of(self, mnode: str) -> str | None:
+        """The mnode that `mnode` links to (the topology's replica), if any."""
+        role = {n.name: n.role for n in self.topology.nodes}
+        return next((k.server for k in self.topology.links
+                     if k.client == mnode and role[k.server] == "mnode"), None)
+
+    def _memory_channel(self, mnode: str) -> Link:
+        """A new shm channel from this process to mnode's store (ATTACH),
+        with the link model of the topology's link to that mnode."""
+        k = next((k for k in self.topology.links if mnode in (k.client, k.server)), None)
         model = k.model if k is not None else None
-        path = str(self.shm_dir / f"excache-{mnode.name}.shm")
+        path = str(self.shm_dir / f"excache-{mnode}.shm")
         create_shm_file(path, 1 << 22)
-        link = Link.shm_open(path, 0, name=f"excache-{mnode.name}")
+        link = Link.shm_open(path, 0, name=f"excache-{mnode}")
         req = {"service": "excache", "path": path, "side": 1}
         if model is not None and model.active:
             link.set_model(model.latency_ns, model.bytes_per_sec)
             req.update(latency_ns=model.latency_ns, bytes_per_sec=model.bytes_per_sec)
-        self.call(mnode.name, Op.ATTACH, json.dumps(req).encode())
-        ways = min(self.cache_options["ways"], max(1, self.cache_bytes // PAGE))
-        capacity = self.cache_bytes - self.cache_bytes % (ways * PAGE)
-        return ExCache(link, capacity, ways, self.cache_options["policy"],
-                       self.cache_options["fault_mode"],
-                       prefetch=prefetch_for(capacity, ways, self.cache_options["prefetch"]))
+        self.call(mnode, Op.ATTACH, json.dumps(req).encode())
+        return link
+
+    def _watch_failover(self, cache: ExCache, primary: str, backup: str) -> None:
+        """Logs the cache's failover in the snode's events table (the fault
+        handler that performs it cannot: it runs in a signal handler)."""
+        while not self._stopped and self._excache in (None, cache):  # None: being made
+            s = cache.stats()
+            if s["failovers"]:
+                self.failovers.append({"from": primary, "to": backup,
+                                       "seconds": s["failover_ns"] / 1e9})
+                if self._snode() is not None:
+                    self.sql("INSERT INTO events (time, node, kind, detail) VALUES (?,?,?,?)",
+                             (time.time(), "pnode0", "failover",
+                              f"excache: {primary} -> {backup} in "
+                              f"{s['failover_ns'] / 1e6:.1f} ms"), write=True)
+                return
+            time.sleep(0.05)
 
     def alloc(self, nbytes: int) -> Region:
         """Disaggregated memory: pages live on the mnode, a cache of

@@ -1,5 +1,7 @@
 """The memory node: a store of vRegions, served by C on channels that
-processor-side caches attach to (Op.ATTACH), one thread per channel."""
+processor-side caches attach to (Op.ATTACH), one thread per channel. Told
+to replicate (ATTACH of service "replica"), it forwards every write to
+another mnode's store and waits for it before answering."""
 
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ class MNode(Role):
 
     def attach(self, payload: bytes) -> bytes:
         req = json.loads(payload)
+        if req.get("service") == "replica":
+            link = Link.shm_open(req["path"], int(req.get("side", 0)), name="replica")
+            self.channels.append(link)
+            self.store.set_replica(link)
+            return b""
         if req.get("service") != "excache":
-            raise HarnessError(f"{self.agent.spec.name} serves only 'excache' channels")
+            raise HarnessError(f"{self.agent.spec.name} serves 'excache' and 'replica' "
+                               f"channels, not {req.get('service')!r}")
         link = Link.shm_open(req["path"], int(req.get("side", 1)), name="excache")
         if req.get("latency_ns") or req.get("bytes_per_sec"):
             link.set_model(int(req.get("latency_ns", 0)), int(req.get("bytes_per_sec", 0)))

@@ -40,6 +40,7 @@ struct line {
 
 struct dh_excache {
     dh_link *link;
+    dh_link *backup; /* a replica of the memory node, or NULL */
     int uffd;
     int mode;
     int policy;
@@ -133,11 +134,31 @@ static void install_hook(void)
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
+/* One request (in c->req) to the memory node. When it fails and there is a
+ * backup, the backup takes over for good and gets the same request: it holds
+ * every acknowledged write (the primary forwards each before answering), and
+ * every request is idempotent (a page written twice holds the same bytes). */
+static int call_mnode(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got,
+                      uint32_t *flags)
+{
+    uint64_t t0 = dh_now_ns();
+    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX, got,
+                         flags, c->timeout_ms);
+    if ((rc == DH_ECLOSED || rc == DH_ETIMEDOUT) && c->backup) {
+        c->link = c->backup;
+        c->backup = NULL;
+        c->st.failovers++;
+        rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX, got,
+                         flags, c->timeout_ms);
+        c->st.failover_ns = dh_now_ns() - t0;
+    }
+    return rc;
+}
+
 static int rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
 {
     uint32_t got = 0, flags = 0;
-    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX,
-                         &got, &flags, c->timeout_ms);
+    int rc = call_mnode(c, op, req_len, &got, &flags);
     if (rc)
         return rc;
     return (flags & DH_F_ERROR) || got != want ? DH_EPROTO : 0;
@@ -505,6 +526,13 @@ int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
     return 0;
 }
 
+void dh_excache_set_backup(dh_excache *c, dh_link *backup)
+{
+    lock(c);
+    c->backup = backup;
+    unlock(c);
+}
+
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
 {
     if (!size || size % DH_PAGE)
@@ -520,8 +548,7 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
         lock(c);
         put64(c->req, size);
         uint32_t got = 0, flags = 0;
-        int rc = dh_rpc_call(c->link, DH_OP_P2M_ALLOC, c->req, 8, c->page, DH_PAGE, &got,
-                             &flags, c->timeout_ms);
+        int rc = call_mnode(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
         if (!rc && ((flags & DH_F_ERROR) || got != 4))
             rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
         if (!rc)

@@ -27,6 +27,10 @@ struct dh_mstore {
     pthread_mutex_t mu;
     struct vregion regions[MAX_VREGIONS]; /* id = index + 1 */
     dh_mstore_stats st;
+    dh_link *replica; /* under mu */
+    int replica_timeout_ms;
+    uint8_t fwd[16 + DH_PAGE]; /* a MISS_FLUSH's flush, as a FLUSH */
+    uint8_t rbuf[64];
 };
 
 int dh_mstore_create(dh_mstore **out)
@@ -159,14 +163,69 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
     }
 }
 
+/* Sends a write to the replica and waits for its answer (under mu). 0 when
+ * it is on the replica or there is none; -1 when the replica refused it
+ * (the stores disagree, so this one refuses it too). A replica that fails
+ * is dropped: this store goes on alone. */
+static int replicate(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
+                     uint32_t *replica_id)
+{
+    if (!m->replica || (op != DH_OP_P2M_ALLOC && op != DH_OP_P2M_FREE &&
+                        op != DH_OP_P2M_PCACHE_FLUSH && op != DH_OP_P2M_PCACHE_MISS_FLUSH))
+        return 0;
+    if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) {
+        if (len < 24 + DH_PAGE)
+            return -1;
+        memcpy(m->fwd, in + 4, 4);       /* flush region */
+        memset(m->fwd + 4, 0, 4);
+        memcpy(m->fwd + 8, in + 16, 8);  /* flush page */
+        memcpy(m->fwd + 16, in + 24, DH_PAGE);
+        op = DH_OP_P2M_PCACHE_FLUSH;
+        in = m->fwd;
+        len = 16 + DH_PAGE;
+    }
+    uint32_t got = 0, flags = 0;
+    int rc = dh_rpc_call(m->replica, op, in, len, m->rbuf, sizeof m->rbuf, &got, &flags,
+                         m->replica_timeout_ms);
+    if (rc) {
+        m->replica = NULL;
+        m->st.replica_errors++;
+        m->st.replicating = 0;
+        return 0;
+    }
+    if (flags & DH_F_ERROR)
+        return -1;
+    if (op == DH_OP_P2M_ALLOC && got == 4)
+        memcpy(replica_id, m->rbuf, 4);
+    m->st.replicated++;
+    return 0;
+}
+
 static int serve_one(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply)
 {
     struct serve_ctx *sc = ctx;
-    pthread_mutex_lock(&sc->m->mu);
-    int n = handle(sc->m, h->opcode, in, h->length, sc->out);
-    pthread_mutex_unlock(&sc->m->mu);
+    dh_mstore *m = sc->m;
+    pthread_mutex_lock(&m->mu);
+    uint32_t replica_id = 0;
+    int replicated = m->replica != NULL;
+    int n = replicate(m, h->opcode, in, h->length, &replica_id);
+    if (n == 0)
+        n = handle(m, h->opcode, in, h->length, sc->out);
+    if (n == 4 && h->opcode == DH_OP_P2M_ALLOC && replicated && m->replica &&
+        memcmp(sc->out, &replica_id, 4) != 0)
+        n = -1; /* the two stores disagree on the region's id: refuse it */
+    pthread_mutex_unlock(&m->mu);
     *reply = sc->out;
     return n < 0 ? DH_EINVAL : n;
+}
+
+void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
+{
+    pthread_mutex_lock(&m->mu);
+    m->replica = replica;
+    m->replica_timeout_ms = timeout_ms;
+    m->st.replicating = replica != NULL;
+    pthread_mutex_unlock(&m->mu);
 }
 
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)

@@ -41,6 +41,8 @@ typedef struct dh_excache_stats {
     uint64_t dirty_flushes;
     uint64_t piggybacked;  /* dirty flushes carried by a miss request */
     uint64_t prefetched;   /* lines brought in behind a miss, in the same round trip */
+    uint64_t failovers;    /* switches from a failed memory node to its backup */
+    uint64_t failover_ns;  /* the last one: from the failed request's start to its answer */
     uint64_t resident;     /* lines in use now */
     uint64_t hist[DH_HIST_BUCKETS];
 } dh_excache_stats;
@@ -56,6 +58,10 @@ void dh_excache_destroy(dh_excache *c);
  * in the region, on the memory node, not resident, and whose victims are
  * clean (a prefetch never costs a write-back). 1 (the default): none. */
 int dh_excache_set_prefetch(dh_excache *c, uint32_t n);
+/* A backup memory node (the primary replicates every write to it): when a
+ * request to the primary fails (it closed, died or timed out), the cache
+ * switches to the backup for good and sends the request again. */
+void dh_excache_set_backup(dh_excache *c, dh_link *backup);
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
 int dh_excache_free(dh_excache *c, void *addr);
 /* Writes every dirty line back (and keeps it, now clean). */
@@ -74,6 +80,9 @@ typedef struct dh_mstore_stats {
     uint64_t pages_stored;   /* pages ever written back */
     uint64_t misses_served;
     uint64_t flushes;
+    uint64_t replicated;     /* writes the replica acknowledged before this store answered */
+    uint64_t replica_errors; /* the replica failed: from then on this store runs alone */
+    uint64_t replicating;    /* 1 while a replica is attached and answering */
 } dh_mstore_stats;
 
 int dh_mstore_create(dh_mstore **out);
@@ -81,6 +90,11 @@ void dh_mstore_destroy(dh_mstore *m);
 /* Serves the ExCache protocol on l until *stop, the link closes or SHUTDOWN.
  * Several links may share one store. */
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop);
+/* Every write (ALLOC, FREE, FLUSH, and a MISS_FLUSH's flush) is sent to the
+ * replica, another store, and acknowledged by it before this store applies
+ * it and answers. If the replica fails, this store goes on alone (degraded,
+ * counted in replica_errors) rather than failing its caches. */
+void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms);
 void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s);
 
 /* Reads (or writes) one byte of each of npages pages from addr, timing each

@@ -221,3 +221,34 @@ def test_the_benchmark_workload_is_right_on_disaggregated_memory():
         s = c.stats()["excache"]
         assert s["evictions"] > 0 and s["prefetched"] > 0
         c.free(r)
+
+
+def _channel(tmp_path, name, store):
+    """A new shm channel served by store from another thread -> client end."""
+    path = str(tmp_path / f"{name}.shm")
+    t.create_shm_file(path, 1 << 20)
+    client, server = t.Link.shm_open(path, 0, name=name), t.Link.shm_open(path, 1)
+    threading.Thread(target=store.serve, args=(server,), daemon=True).start()
+    return client, server
+
+
+def test_writes_are_replicated_and_the_cache_fails_over_without_losing_a_page(tmp_path):
+    pstore, bstore = MStore(), MStore()
+    primary, primary_server = _channel(tmp_path, "primary", pstore)
+    pstore.set_replica(_channel(tmp_path, "replica", bstore)[0])
+    cache = make(primary, ways=4)
+    cache.set_backup(_channel(tmp_path, "backup", bstore)[0])
+    n = 4 * CACHE_PAGES
+    region = cache.alloc(n * PAGE)
+    mv = memoryview(region)
+    for p in range(n):
+        mv[p * PAGE:(p + 1) * PAGE] = bytes([p % 251]) * PAGE
+    cache.flush()  # every page acknowledged: on the primary and on the backup
+    ps, bs = pstore.stats(), bstore.stats()
+    assert ps["replicating"] and ps["replicated"] == bs["flushes"] + 1  # + the ALLOC
+    assert bs["pages_stored"] == ps["pages_stored"] == cache.stats()["dirty_flushes"]
+    primary_server.close()  # the primary is gone
+    for p in range(n):  # every page comes back, from the backup
+        assert mv[p * PAGE:(p + 1) * PAGE] == bytes([p % 251]) * PAGE
+    s = cache.stats()
+    assert s["failovers"] == 1 and s["failover_ns"] > 0
