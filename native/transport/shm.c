@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +102,8 @@ static int peer_gone(struct shm_link *s)
     return atomic_load(&s->fh->closed[!s->side]) != 0;
 }
 
+#define SPIN_ALONE_NS 5000 /* a peer's usual turnaround: spin without yielding */
+
 /* Waits until *word != seen: spin first (the peer usually answers within a
  * few microseconds) on *poll if given, else on *word; then block on a futex
  * on *word, or poll with backoff when the peer is in another kernel.
@@ -108,7 +111,7 @@ static int peer_gone(struct shm_link *s)
 static int shm_wait(struct shm_link *s, atomic_uint *word, uint32_t seen,
                     atomic_uint *waiters, dh_timeout *t, atomic_uint *poll)
 {
-    uint64_t now, spin_end = 0, deadline;
+    uint64_t now, spin_end = 0, yield_after = 0, deadline;
     for (unsigned i = 0;; i++) {
         if (poll ? atomic_load_explicit(poll, memory_order_acquire) != 0
                  : atomic_load_explicit(word, memory_order_acquire) != seen)
@@ -117,10 +120,17 @@ static int shm_wait(struct shm_link *s, atomic_uint *word, uint32_t seen,
         if ((i & 63) == 63) { /* the clock only once spinning took a while */
             now = dh_now_ns();
             deadline = dh_timeout_at(t);
-            if (!spin_end)
+            if (!spin_end) {
                 spin_end = now + s->base.spin_ns;
+                yield_after = now + SPIN_ALONE_NS;
+            }
             if (now >= spin_end || now >= deadline)
                 break;
+            /* Past the usual turnaround, let a peer that shares this CPU run:
+             * with more spinning threads than cores (a replicating mnode on
+             * two cores) a pure spin burns the time slice its peer needs. */
+            if (now >= yield_after)
+                sched_yield();
         }
     }
     s->base.st.sleeps++;
