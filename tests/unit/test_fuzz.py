@@ -1,6 +1,7 @@
 """Bounded-time fuzzing of the frame decoder, in memory and on a live link:
 garbage must give a ProtocolError (or an incomplete frame), never a crash,
-a hang or a frame that was not sent."""
+a hang or a frame that was not sent. And of the topology parser: any
+document or file gives a Topology or a TopologyError naming it."""
 
 import os
 import random
@@ -10,8 +11,9 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import topology
 from harness._native import transport as t
-from harness.errors import LinkClosed, ProtocolError
+from harness.errors import LinkClosed, ProtocolError, TopologyError
 
 BUDGET_S = float(os.environ.get("HARNESS_FUZZ_SECONDS", "3"))
 
@@ -83,3 +85,64 @@ def test_garbage_on_a_stream_link_closes_it_without_hanging():
                                                       req_id=hdr.req_id, src=hdr.src))
         n += 1
     assert n > 50
+
+
+# ---- the topology parser ---------------------------------------------------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40),
+                     st.floats(allow_nan=True), st.text(max_size=12),
+                     st.sampled_from(["pnode0", "mnode0", "snode0", "pnode", "mnode", "snode",
+                                      "vm", "process", "shm", "tcp", "rdma", "4MiB", "1GiB",
+                                      "64KiB", "0", "-1MiB"]))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.sampled_from(["name", "role", "between", "kind", "size", "model",
+                                     "memory", "disk", "cpus", "placement", "latency_us",
+                                     "bandwidth_gbps", "x"]), inner, max_size=5)), max_leaves=12)
+_docs = st.dictionaries(st.sampled_from(["name", "description", "placement", "nodes", "links",
+                                         "extra"]), _values, max_size=6)
+
+
+def _lego3() -> dict:
+    return topology.read_toml(topology.BUILTIN_DIR / "lego3.toml")
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_docs)
+def test_topology_parser_on_random_documents(doc):
+    """Any document: a Topology, or a TopologyError; nothing else."""
+    try:
+        topology.parse(doc, "<fuzz>")
+    except TopologyError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(["nodes", "links"]), st.integers(0, 2),
+       st.sampled_from(["name", "role", "between", "kind", "size", "model", "memory", "disk",
+                        "cpus", "placement"]), _values)
+def test_topology_parser_on_lego3_with_one_field_changed(section, index, key, value):
+    doc = _lego3()
+    items = doc[section]
+    items[index % len(items)][key] = value
+    try:
+        t = topology.parse(doc, "<fuzz>")
+    except TopologyError as exc:
+        assert str(exc).startswith("<fuzz>")  # names the file, then the key
+        return
+    assert {n.name for n in t.nodes} >= {k.client for k in t.links}
+
+
+def test_mutated_topology_files_for_a_bounded_time(tmp_path):
+    rng = random.Random(99)
+    seed = (topology.BUILTIN_DIR / "lego3.toml").read_bytes()
+    path = tmp_path / "t.toml"
+    deadline, n, rejected = time.monotonic() + BUDGET_S, 0, 0
+    while time.monotonic() < deadline:
+        path.write_bytes(_mutate(rng, seed))
+        try:
+            topology.load(path)
+        except TopologyError:
+            rejected += 1
+        n += 1
+    assert n > 100 and 0 < rejected <= n
