@@ -75,6 +75,8 @@ class Agent:
         self.servers: dict[str, Link] = {}
         self.clients: dict[str, Link] = {}
         self._client_locks: dict[str, threading.Lock] = {}
+        self._unproven: set[str] = set()  # peers on auth links not yet authenticated
+        self._auth_servers: set[str] = set()
         self.memory_channels: list[Link] = []
         for end in spec.links:
             if end.service == "excache":  # a workload's, not the agent's
@@ -84,20 +86,35 @@ class Agent:
             link = open_link(end, spec.nid)
             if end.serve:
                 self.servers[end.peer] = link
+                if end.auth:
+                    self._auth_servers.add(end.peer)
             else:
                 self.clients[end.peer] = link
                 self._client_locks[end.peer] = threading.Lock()
+                if end.auth:
+                    self._unproven.add(end.peer)
         self.role = role_class(spec.role)(self)
 
     def all_links(self) -> list[tuple[str, Link]]:
         return [("controller", self.control), *self.servers.items(), *self.clients.items()]
 
     def call(self, peer: str, opcode: int, payload: bytes = b"", timeout: float = 5.0) -> bytes:
-        """A request to a node this one calls; one caller per link at a time."""
+        """A request to a node this one calls; one caller per link at a time.
+        On an auth link the first call proves both peers first."""
         with self._client_locks[peer]:
+            if peer in self._unproven:
+                from harness.nodes.auth import authenticate
+
+                authenticate(self.clients[peer], bytes.fromhex(self.spec.secret), peer, timeout)
+                self._unproven.discard(peer)
             return self.clients[peer].call(opcode, payload, timeout=timeout)
 
     def serve(self, peer: str, link: Link, is_control: bool) -> None:
+        challenge = None
+        if peer in self._auth_servers and not is_control:
+            from harness.nodes.auth import Challenge
+
+            challenge = Challenge(bytes.fromhex(self.spec.secret))
         while not self.stop.is_set():
             try:
                 hdr, payload = link.recv(timeout=0.5)
@@ -108,6 +125,10 @@ class Agent:
                 break
             except LinkClosed:
                 break
+            if challenge is not None and not challenge.done:
+                if not self._challenge(challenge, peer, link, hdr, payload):
+                    break
+                continue
             try:
                 out, err = self.role.handle(hdr.opcode, payload), False
             except Exception as exc:  # reported to the caller, never fatal here
@@ -119,6 +140,25 @@ class Agent:
                 break
         if is_control:  # the controller is gone or said shut down
             self.stop.set()
+
+    def _challenge(self, challenge, peer: str, link: Link, hdr, payload: bytes) -> bool:
+        """One step of a peer's authentication; False (the link is to be
+        closed) when it fails."""
+        from harness.nodes.auth import AuthError
+
+        try:
+            link.reply(hdr, challenge.answer(hdr, payload))
+            return True
+        except AuthError as exc:
+            log(f"{self.spec.name}: refused the peer on the link from {peer}: {exc}")
+            try:
+                link.reply(hdr, f"not authenticated: {exc}".encode(), error=True)
+            except TransportError:
+                pass
+            link.close()
+            return False
+        except TransportError:
+            return False
 
     def run(self) -> int:
         threads = [threading.Thread(target=self.serve, args=("controller", self.control, True),

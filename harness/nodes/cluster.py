@@ -12,6 +12,7 @@ import base64
 import itertools
 import json
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -103,6 +104,7 @@ class Cluster:
         self.disk_dir = disk_dir or self.run_dir
         self.nodes: dict[str, NodeHandle] = {}
         self.failovers: list[dict] = []  # the ExCache's switches to a backup mnode
+        self.secret = secrets.token_hex(32)  # peers on tcp links prove they know it
         self.started_at: float | None = None
         self._stopped = False
 
@@ -121,8 +123,9 @@ class Cluster:
         placement = {n.name: n.placement for n in self.topology.nodes}
         for k in self.topology.links:
             model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
-            cl = {**model, "peer_role": role[k.server]}
-            sv = {**model, "peer_role": role[k.client]}
+            auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
+            cl = {**model, "peer_role": role[k.server], **auth}
+            sv = {**model, "peer_role": role[k.client], **auth}
             if k.kind == "shm":
                 # Between VMs the same file backs an ivshmem device in each guest.
                 kind = "ivshmem" if placement[k.client] == "vm" else "shm"
@@ -196,6 +199,7 @@ class Cluster:
     def _spawn(self, h: NodeHandle) -> None:
         n = h.node
         spec = AgentSpec(name=n.name, role=n.role, nid=n.nid, cluster=self.name,
+                         secret=self.secret,
                          placement=n.placement, control=LinkEnd("controller", "", True),
                          links=list(h.links))
         if h.control is not None:
