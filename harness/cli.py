@@ -280,6 +280,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from harness.bench import dbos
 
         rep = dbos.run(placement=args.placement, n=min(args.n, 2000), progress=progress)
+    elif args.which == "reliability":
+        from harness.bench import reliability
+
+        if args.duration <= 0:
+            raise HarnessError(f"--duration must be positive, got {args.duration}")
+        rep = reliability.run(duration=args.duration, progress=progress)
+        print(rep.to_json() if args.json else rep.table())
+        return 1 if any(r.metric == "data_lost" and r.p50 for r in rep.rows) else 0
     else:
         from harness.bench import boot
 
@@ -409,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
-    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging", "gates"],
+    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging", "gates",
+                                      "reliability"],
                     help="the benchmark")
     sp.add_argument("--plot", metavar="PNG", default="paging-sweep.png",
                     help="paging: where to draw the cache-size sweep (default: "
@@ -424,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "operations (capped at 2000)")
     sp.add_argument("--rounds", type=int, default=5,
                     help="boot: samples per row; paging: runs per sweep point (default: 5)")
+    sp.add_argument("--duration", type=float, default=180.0,
+                    help="reliability: seconds the soak runs (default: 180)")
     sp.add_argument("--no-parallel", action="store_true",
                     help="boot: skip the three-guests-at-once rows")
     sp.add_argument("--vng", metavar="PATH",

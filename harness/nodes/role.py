@@ -32,6 +32,15 @@ def _clip(data: bytes) -> tuple[str, bool]:
     return base64.b64encode(data[:EXEC_OUTPUT_LIMIT]).decode(), len(data) > EXEC_OUTPUT_LIMIT
 
 
+def rss_kb(pid: int | str = "self") -> int:
+    """A process's resident memory (VmRSS), in KiB; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 class Role:
     """The base role; `handlers` maps opcodes to functions of the payload."""
 
@@ -82,7 +91,8 @@ class Role:
         return {
             "name": self.agent.spec.name, "role": self.agent.spec.role,
             "uptime_s": round(time.time() - self.started, 3), "handled": self.handled,
-            "links": {peer: link.stats() for peer, link in self.agent.all_links()},
+            "rss_kb": rss_kb(), "links": {peer: link.stats() for peer, link in
+                                          self.agent.all_links()},
         }
 
     def stats_json(self, _payload: bytes) -> bytes:
