@@ -31,6 +31,18 @@ GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (state T in /proc)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] not in ("T", "t"):
+                    return False
+    except (OSError, IndexError):
+        return False
+    return True
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -89,7 +101,15 @@ class ProcessRunner:
             self.proc.wait(10.0)
 
     def pause(self) -> None:
-        os.kill(self._pid(), signal.SIGSTOP)
+        """Returns once the process is stopped (SIGSTOP lands asynchronously:
+        a request sent right after kill() could still be answered)."""
+        pid = self._pid()
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5.0
+        while not _stopped(pid):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{self.node.name} (pid {pid}) did not stop within 5 s")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         os.kill(self._pid(), signal.SIGCONT)

@@ -18,4 +18,5 @@ def test_reliability_report_says_nothing_was_lost(tmp_path):
     assert rows["faults_survived"] == rows["faults_injected"] == 4
     assert rows["pages_checked"] > 4096 and rows["rows_checked"] > 50
     assert rows["soak_tasks_done"] >= 1
-    assert {"rss_growth:pnode0:host", "rss_growth:snode0:agent"} <= set(rows)
+    assert {"mem_growth:pnode0:host", "mem_growth:snode0:agent",
+            "mem_growth:pnode0:guest_used", "mem_growth:pnode0:workload"} <= set(rows)
