@@ -27,7 +27,7 @@ float64 matrices stored tile by tile (each tile contiguous): 4096x4096 with
 256x256 tiles (384 MiB) on the host, 768x768 with 128x128 tiles (13.5 MiB) in
 a TCG guest, where arithmetic is ~200x slower. It is blocked for the cache it
 is given, as a tuned BLAS is for a CPU cache: a panel of B as wide as fits in
-60 % of the cache stays while every row of A streams past it. numpy's BLAS
+half the cache stays while every row of A streams past it. numpy's BLAS
 runs on one thread: with two, each eviction's TLB shootdown (MADV_DONTNEED)
 costs ~70 us here."""
 
@@ -75,10 +75,13 @@ class Matmul:
         return 3 * self.n * self.n * 8
 
     def panel_width(self, cache_bytes: int | None) -> int:
-        """Tiles of B kept per panel: as many columns as fit in 60 % of the cache."""
+        """Tiles of B kept per panel: as many columns as fit in half the cache.
+        Under FIFO (hits are invisible), a panel filling a fraction x of the
+        cache is fetched again after every (1 - x) cache-fulls of A streaming
+        past, so the traffic goes as 1 / (x (1 - x)): least at x = 1/2."""
         if cache_bytes is None:
             return self.nt
-        pages = cache_bytes // ex.PAGE * 6 // 10 - (self.nt + 4) * self.tile_pages
+        pages = cache_bytes // ex.PAGE // 2 - (self.nt + 4) * self.tile_pages
         return max(1, min(self.nt, pages // (self.nt * self.tile_pages)))
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
