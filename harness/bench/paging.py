@@ -131,6 +131,9 @@ def _topology(model: str, name: str = "lego3") -> Topology:
 def _latency_rows(cache: ex.ExCache, rtt_4k: list[int], n: int, say: Progress) -> list[Row]:
     """The fault latencies on `cache` (LATENCY_CACHE_PAGES lines, no prefetch);
     rtt_4k is the same run's 4 KiB round trip for the miss floor."""
+    if cache.prefetch != 1:  # a prefetched line would be timed as a "miss"
+        raise HarnessError(f"the latency rows need a cache without prefetch, "
+                           f"got prefetch={cache.prefetch}")
     pages, lines = n, LATENCY_CACHE_PAGES
     # Pages on the mnode: write them all (most get evicted dirty), flush the rest.
     r = cache.alloc((pages + lines) * ex.PAGE)
@@ -285,7 +288,7 @@ def run_in_guest(n: int = 1000, rounds: int = 1, say: Progress = lambda _m: None
     rep = Report("paging", placement="vm")
     link.bench_rpc_rtt(4096, 200)
     rtt = link.bench_rpc_rtt(4096, n)
-    cache = open_excache(LATENCY_CACHE_PAGES * ex.PAGE, link=link)
+    cache = open_excache(LATENCY_CACHE_PAGES * ex.PAGE, prefetch=1, link=link)  # pure misses
     rep.rows += _latency_rows(cache, rtt, n, say)
     del cache
 
