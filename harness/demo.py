@@ -57,13 +57,7 @@ def _dbos(c) -> dict:
     db = c.dbos
     t0 = time.perf_counter()
     ids = [db.sched.submit(["sh", "-c", f"echo task {i}"]) for i in range(10)]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        [[done]] = c.sql("SELECT count(*) FROM tasks WHERE state = 'done' AND task_id "
-                         f"BETWEEN {min(ids)} AND {max(ids)}")
-        if done == len(ids):
-            break
-        time.sleep(0.2)
+    done = c.wait_tasks(ids)
     sched_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     db.fs.mkdir("/demo/logs", True)

@@ -130,13 +130,7 @@ def soak(duration: float, say: Progress) -> dict:
             time.sleep(0.5)
         worker.join()
         last_rss = {**_host_rss(c), **_agent_rss(c)}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            [[done]] = c.sql("SELECT count(*) FROM tasks WHERE state = 'done' AND task_id "
-                             f"BETWEEN {min(tasks)} AND {max(tasks)}")
-            if done == len(tasks):
-                break
-            time.sleep(0.5)
+        done = c.wait_tasks(tasks, timeout=120)
     paging_result = result.get("paging", {"error": "the paging workload did not report"})
     if "error" in paging_result:
         raise HarnessError(f"soak: the paging workload failed on pnode0:\n"

@@ -266,6 +266,18 @@ class Cluster:
         to let it change anything."""
         return self.dbos.sql(query, list(params), write=write).rows
 
+    def wait_tasks(self, ids: Sequence[int], timeout: float = 300.0) -> int:
+        """Waits until the DBOS tasks `ids` are all done (or the timeout
+        passes); returns how many are done."""
+        deadline = time.monotonic() + timeout
+        marks = ",".join("?" * len(ids))
+        while True:
+            [[done]] = self.sql(f"SELECT count(*) FROM tasks WHERE state = 'done' AND task_id "
+                                f"IN ({marks})", list(ids))
+            if done == len(ids) or time.monotonic() >= deadline:
+                return done
+            time.sleep(0.2)
+
     def node(self, name: str) -> NodeHandle:
         if name not in self.nodes:
             raise ClusterError(f"no node named {name!r} in {self.name} "

@@ -69,11 +69,5 @@ def test_stream_links_between_vms(tmp_path):
         cmd = open(f"/proc/{qemu['pnode0']}/cmdline").read()
         assert "virtserialport" in cmd and "dh.s." in cmd and "reconnect=1" in cmd
         tid = c.dbos.sched.submit(["sh", "-c", "echo over a tcp stream"])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            [[state]] = c.sql("SELECT state FROM tasks WHERE task_id = ?", (tid,))
-            if state == "done":
-                break
-            time.sleep(0.2)
-        assert state == "done"
+        assert c.wait_tasks([tid], timeout=120) == 1
     assert not any(alive(p) for p in qemu.values())
