@@ -66,6 +66,8 @@ cdef extern from "dh_transport.h" nogil:
                         const uint8_t **payload)
 
     int dh_shm_file_create(const char *path, uint32_t file_bytes)
+    int dh_shm_file_reset(const char *path)
+    int dh_link_shm_stale(const dh_link *l)
     int dh_link_shm_open(const char *path, int side, dh_link **out)
     int dh_link_shm_create(const char *path, uint32_t file_bytes, dh_link **out)
     int dh_link_shm_attach(void *base, size_t len, int side, int wait_mode,

@@ -161,6 +161,12 @@ cdef class Link:
         return bool(dh_link_is_closed(self._live()))
 
     @property
+    def stale(self) -> bool:
+        """An shm link whose channel was reset (its peer restarted) since it
+        was opened: open the channel file again."""
+        return bool(dh_link_shm_stale(self._live()))
+
+    @property
     def max_payload(self) -> int:
         return dh_link_max_payload(self._live())
 
@@ -292,6 +298,12 @@ cdef class Link:
 def create_shm_file(path: str, size: int = 4 << 20) -> None:
     """Makes a channel file (it must not exist) for two sides to open."""
     check(dh_shm_file_create(os.fsencode(path), size), f"create shm file {path}")
+
+
+def reset_shm_file(path: str) -> None:
+    """Starts a channel afresh (a restarted node): ends opened before see
+    their peer gone and must open the file again."""
+    check(dh_shm_file_reset(os.fsencode(path)), f"reset shm file {path}")
 
 
 cdef class Samples:

@@ -77,6 +77,7 @@ class Agent:
         self._client_locks: dict[str, threading.Lock] = {}
         self._unproven: set[str] = set()  # peers on auth links not yet authenticated
         self._auth_servers: set[str] = set()
+        self._ends: dict[tuple[str, bool], LinkEnd] = {}  # (peer, serve) -> its end
         self.memory_channels: list[Link] = []
         for end in spec.links:
             if end.service == "excache":  # a workload's, not the agent's
@@ -84,6 +85,7 @@ class Agent:
                     self.memory_channels.append(open_link(end, spec.nid))
                 continue
             link = open_link(end, spec.nid)
+            self._ends[end.peer, end.serve] = end
             if end.serve:
                 self.servers[end.peer] = link
                 if end.auth:
@@ -107,9 +109,35 @@ class Agent:
 
                 authenticate(self.clients[peer], bytes.fromhex(self.spec.secret), peer, timeout)
                 self._unproven.discard(peer)
-            return self.clients[peer].call(opcode, payload, timeout=timeout)
+            link = self.clients[peer]
+            try:
+                return link.call(opcode, payload, timeout=timeout)
+            except LinkClosed:
+                if link.stale:  # the peer was restarted: later calls reach it
+                    self._reopen(peer, serve=False)
+                raise
+
+    def _reopen(self, peer: str, serve: bool) -> Link:
+        """Opens a channel to peer again after a reset. The old link is
+        dropped, not closed: its closed flag would now be the new one's."""
+        links = self.servers if serve else self.clients
+        links[peer] = open_link(self._ends[peer, serve], self.spec.nid)
+        return links[peer]
 
     def serve(self, peer: str, link: Link, is_control: bool) -> None:
+        """Serves a link until the node stops; a channel link whose peer went
+        away is opened again, so a restarted peer is served on it."""
+        while self._serve_until_closed(peer, link, is_control) and not is_control:
+            while not link.stale:  # until the cluster resets the channel
+                if self.stop.wait(0.1):
+                    return
+            link = self._reopen(peer, serve=True)
+        if is_control:  # the controller is gone or said shut down
+            self.stop.set()
+
+    def _serve_until_closed(self, peer: str, link: Link, is_control: bool) -> bool:
+        """True when the peer went away (the link closed under us); False when
+        the node stops or the link was dropped for a bad frame or peer."""
         challenge = None
         if peer in self._auth_servers and not is_control:
             from harness.nodes.auth import Challenge
@@ -122,12 +150,12 @@ class Agent:
                 continue
             except ProtocolError as exc:
                 log(f"{self.spec.name}: {exc}; still serving the other links")
-                break
+                return False
             except LinkClosed:
-                break
+                return True
             if challenge is not None and not challenge.done:
                 if not self._challenge(challenge, peer, link, hdr, payload):
-                    break
+                    return False
                 continue
             try:
                 out, err = self.role.handle(hdr.opcode, payload), False
@@ -137,9 +165,8 @@ class Agent:
                 link.reply(hdr, out[: link.max_payload], error=err)
             except TransportError as exc:
                 log(f"{self.spec.name}: reply to {peer} failed: {exc}")
-                break
-        if is_control:  # the controller is gone or said shut down
-            self.stop.set()
+                return isinstance(exc, LinkClosed)
+        return False
 
     def _challenge(self, challenge, peer: str, link: Link, hdr, payload: bytes) -> bool:
         """One step of a peer's authentication; False (the link is to be

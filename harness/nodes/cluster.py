@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, prefetch_for
-from harness._native.transport import Link, Op, create_shm_file
+from harness._native.transport import Link, Op, create_shm_file, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
 from harness.nodes.runners import ProcessRunner, VMRunner
@@ -454,6 +454,10 @@ class Cluster:
                 raise NotSupported(f"{node} has stream links, whose peers cannot rejoin a new "
                                    "node; restart works on shm links")
             h.runner.kill()
+            # Its channels start afresh; its peers see that and open them again.
+            for e in h.links:
+                if e.kind in ("shm", "ivshmem"):
+                    reset_shm_file(e.path)
             self._spawn(h)
             self._wait_ready(time.monotonic() + timeout, lambda _m: None, [h])
 

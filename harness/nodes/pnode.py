@@ -8,7 +8,7 @@ import json
 import threading
 
 from harness._native.transport import Op
-from harness.errors import HarnessError
+from harness.errors import HarnessError, TransportError
 from harness.nodes.role import Role
 
 POLICY = "fifo"
@@ -35,18 +35,29 @@ class PNode(Role):
 
         name = self.agent.spec.name
         db = RemoteDBOS(lambda p: self.agent.call(self.snode, Op.SQL, p, timeout=10.0))
-        try:
-            db.sched.add_worker(name, name, 1)
-            while not self.agent.stop.is_set():
-                task = db.sched.claim(name, POLICY, wait=0.5)
-                if task is None:
-                    continue
-                ok, result = self._run(task["argv"])
-                db.sched.complete(task["task_id"], ok, result)
-                self.tasks_run += 1
-        except HarnessError as exc:
-            if not self.agent.stop.is_set():
-                print(f"dh-agent: {name}: task worker stopped: {exc}", flush=True)
+        lost = False
+        while not self.agent.stop.is_set():
+            try:
+                db.sched.add_worker(name, name, 1)  # again after the snode restarts
+                if lost:
+                    print(f"dh-agent: {name}: the snode is back; claiming tasks", flush=True)
+                    lost = False
+                while not self.agent.stop.is_set():
+                    task = db.sched.claim(name, POLICY, wait=0.5)
+                    if task is None:
+                        continue
+                    ok, result = self._run(task["argv"])
+                    db.sched.complete(task["task_id"], ok, result)
+                    self.tasks_run += 1
+            except TransportError as exc:  # the snode died or restarts: wait for it
+                if not lost and not self.agent.stop.is_set():
+                    print(f"dh-agent: {name}: lost the snode ({exc}); retrying", flush=True)
+                lost = True
+                self.agent.stop.wait(0.2)
+            except HarnessError as exc:
+                if not self.agent.stop.is_set():
+                    print(f"dh-agent: {name}: task worker stopped: {exc}", flush=True)
+                return
 
     @staticmethod
     def _run(argv: list[str]) -> tuple[bool, str]:

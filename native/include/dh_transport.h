@@ -109,6 +109,12 @@ enum dh_wait_mode { DH_WAIT_FUTEX = 0, DH_WAIT_POLL = 1 };
  * ivshmem device). file_bytes is a power of two >= 64 KiB; each ring gets a
  * quarter of it. Side 0 sends on ring 0, side 1 on ring 1. */
 int dh_shm_file_create(const char *path, uint32_t file_bytes);
+/* Starts a channel file afresh for a restarted node: both rings empty, and
+ * every end bound before the reset sees its peer gone (DH_ECLOSED), so its
+ * owner opens the file again. */
+int dh_shm_file_reset(const char *path);
+/* 1 when l is an shm link whose channel was reset since it was opened. */
+int dh_link_shm_stale(const dh_link *l);
 int dh_link_shm_open(const char *path, int side, dh_link **out);
 /* Creates the file and opens it as side 0. */
 int dh_link_shm_create(const char *path, uint32_t file_bytes, dh_link **out);

@@ -30,7 +30,7 @@
 #include "link.h"
 
 #define SHM_MAGIC 0x4d534844u /* "DHSM" */
-#define SHM_VERSION 1u
+#define SHM_VERSION 2u
 #define SHM_MIN_BYTES (64u << 10)
 #define CTL_OFF 4096u
 #define CTL_SIZE 256u
@@ -44,6 +44,7 @@ struct shm_file_hdr {
     uint32_t ring_bytes;
     int32_t pid[2];       /* each side's pid, 0 when unknown (another kernel) */
     atomic_uint closed[2]; /* side i closed its end */
+    atomic_uint generation; /* bumped by a reset: links bound before it are closed */
 };
 
 struct ring_ctl {
@@ -63,6 +64,7 @@ struct shm_link {
     int wait_mode;
     uint32_t mask;
     uint32_t tail_cache; /* the tx tail as last read */
+    uint32_t generation; /* the channel's generation when this end was bound */
     struct shm_file_hdr *fh;
     struct ring_ctl *tx, *rx;
     uint8_t *tx_data, *rx_data;
@@ -99,7 +101,8 @@ static int peer_dead(struct shm_link *s)
 
 static int peer_gone(struct shm_link *s)
 {
-    return atomic_load(&s->fh->closed[!s->side]) != 0;
+    return atomic_load(&s->fh->closed[!s->side]) != 0 ||
+           atomic_load_explicit(&s->fh->generation, memory_order_acquire) != s->generation;
 }
 
 #define SPIN_ALONE_NS 5000 /* a peer's usual turnaround: spin without yielding */
@@ -333,7 +336,9 @@ static int shm_recv(dh_link *l, dh_frame_hdr *out, void *buf, uint32_t cap_buf,
 static void shm_close(dh_link *l)
 {
     struct shm_link *s = (struct shm_link *)l;
-    atomic_store(&s->fh->closed[s->side], 1);
+    /* After a reset the flag belongs to the channel's new ends: leave it. */
+    if (atomic_load(&s->fh->generation) == s->generation)
+        atomic_store(&s->fh->closed[s->side], 1);
     if (s->wait_mode == DH_WAIT_FUTEX) {
         futex_wake(&s->tx->head);
         futex_wake(&s->tx->tail);
@@ -385,6 +390,8 @@ static int shm_bind(uint8_t *map, size_t len, int side, int wait_mode,
     s->wait_mode = wait_mode;
     s->mask = rb - 1;
     s->fh = fh;
+    s->generation = atomic_load_explicit(&fh->generation, memory_order_acquire);
+    atomic_store(&fh->closed[side], 0); /* this side is open (again) */
     struct ring_ctl *ctl0 = (struct ring_ctl *)(map + CTL_OFF);
     struct ring_ctl *ctl1 = (struct ring_ctl *)(map + CTL_OFF + CTL_SIZE);
     uint8_t *d0 = map + fb / 2, *d1 = map + fb / 2 + rb;
@@ -434,6 +441,50 @@ int dh_shm_file_create(const char *path, uint32_t file_bytes)
     atomic_thread_fence(memory_order_release);
     fh->magic = SHM_MAGIC; /* last: an opener sees a whole header or none */
     munmap(map, file_bytes);
+    return 0;
+}
+
+int dh_link_shm_stale(const dh_link *l)
+{
+    const struct shm_link *s = (const struct shm_link *)l;
+    return l->ops == &shm_ops &&
+           atomic_load_explicit(&s->fh->generation, memory_order_acquire) != s->generation;
+}
+
+int dh_shm_file_reset(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return DH_EIO;
+    struct stat st;
+    uint8_t *map = NULL;
+    int rc = fstat(fd, &st) == 0 && st.st_size >= (off_t)SHM_MIN_BYTES
+                 ? map_file(fd, (size_t)st.st_size, &map)
+                 : DH_EPROTO;
+    close(fd);
+    if (rc)
+        return rc;
+    struct shm_file_hdr *fh = (struct shm_file_hdr *)map;
+    if (fh->magic != SHM_MAGIC || fh->version != SHM_VERSION ||
+        fh->file_bytes > (uint64_t)st.st_size) {
+        munmap(map, (size_t)st.st_size);
+        return DH_EPROTO;
+    }
+    uint32_t fb = fh->file_bytes, rb = fh->ring_bytes;
+    /* Old ends see the new generation and close; new ones start at zero. */
+    atomic_fetch_add_explicit(&fh->generation, 1, memory_order_acq_rel);
+    memset(map + CTL_OFF, 0, 2 * CTL_SIZE);
+    memset(map + fb / 2, 0, REC_HDR);      /* ring 0's first length word */
+    memset(map + fb / 2 + rb, 0, REC_HDR); /* ring 1's */
+    fh->pid[0] = fh->pid[1] = 0;
+    atomic_store(&fh->closed[0], 0);
+    atomic_store(&fh->closed[1], 0);
+    for (int i = 0; i < 2; i++) { /* sleepers on the old channel look again */
+        struct ring_ctl *ctl = (struct ring_ctl *)(map + CTL_OFF + i * CTL_SIZE);
+        futex_wake(&ctl->head);
+        futex_wake(&ctl->tail);
+    }
+    munmap(map, (size_t)st.st_size);
     return 0;
 }
 

@@ -29,9 +29,21 @@ def test_a_committed_row_survives_kill_and_restart(cluster):
         cluster.sql("SELECT 1")
     cluster.fault("snode0", "restart")
     assert cluster.sql("SELECT name FROM nodes WHERE name = 'extra'") == [["extra"]]
-    # the pnode's link to the restarted snode works again
+    # the pnode's link to the restarted snode works again, and its task
+    # worker, which lost the snode, claims work from the new one
     assert set(json.loads(cluster.call("pnode0", Op.PING, b"peers", timeout=10))) == {
         "mnode0", "snode0"}
+    tid = cluster.dbos.sched.submit(["sh", "-c", "echo after the restart"])
+    assert cluster.wait_tasks([tid], timeout=30) == 1
+
+
+def test_a_restarted_pnode_is_served_again_by_its_peers(cluster):
+    cluster.fault("pnode0", "kill")
+    cluster.fault("pnode0", "restart")
+    assert set(json.loads(cluster.call("pnode0", Op.PING, b"peers", timeout=10))) == {
+        "mnode0", "snode0"}
+    tid = cluster.dbos.sched.submit(["true"])
+    assert cluster.wait_tasks([tid], timeout=30) == 1
 
 
 def test_pause_times_out_naming_the_node_and_resume_recovers(cluster):

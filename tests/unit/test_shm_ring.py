@@ -179,3 +179,21 @@ def test_dead_peer_is_noticed(tmp_path):
     with pytest.raises(LinkClosed):
         a.call(t.Op.PING, timeout=10)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_a_reset_channel_closes_old_ends_and_serves_new_ones(tmp_path):
+    """What a node restart does to its channels: ends opened before the reset
+    see their peer gone and report stale; ends opened after work."""
+    path = str(tmp_path / "c.shm")
+    t.create_shm_file(path, 1 << 16)
+    a, b = t.Link.shm_open(path, 0), t.Link.shm_open(path, 1)
+    a.send(t.Op.PING, b"before")
+    t.reset_shm_file(path)
+    assert a.stale and b.stale
+    with pytest.raises(LinkClosed):
+        b.recv(timeout=1.0)  # the frame sent before the reset is gone with it
+    a2, b2 = t.Link.shm_open(path, 0), t.Link.shm_open(path, 1)
+    del a, b  # dropped, not closed: the flags now belong to the new ends
+    assert not a2.stale
+    a2.send(t.Op.PING, b"after")
+    assert b2.recv(timeout=1.0)[1] == b"after"

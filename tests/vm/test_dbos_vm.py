@@ -67,3 +67,16 @@ def test_a_committed_row_survives_killing_and_restarting_the_snode_vm(tmp_path):
         c.fault("snode0", "restart")
         assert c.sql("SELECT name FROM nodes WHERE name = 'kept'") == [["kept"]]
         assert c.status()[0]["state"] == "ready"
+
+
+def test_the_pnode_guest_reconnects_to_a_restarted_snode_vm(tmp_path):
+    """lego3 in VMs: the snode's QEMU is killed and the node restarted on its
+    disk; the pnode guest's link (ivshmem, reset) is opened again and its
+    task worker claims work from the new snode."""
+    from harness.nodes.cluster import open_cluster
+
+    with open_cluster("lego3", placement="vm", run_dir=tmp_path, timeout=300) as c:
+        c.fault("snode0", "kill")
+        c.fault("snode0", "restart")
+        tid = c.dbos.sched.submit(["sh", "-c", "echo after the restart"])
+        assert c.wait_tasks([tid], timeout=120) == 1
