@@ -25,6 +25,13 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{rep.when}", rep)
 
 
+def call_failed(request: pytest.FixtureRequest) -> bool:
+    """Did the test body of the requesting fixture's test fail? (For a
+    fixture's teardown; the hook above records the outcome.)"""
+    rep = getattr(request.node, "rep_call", None)
+    return rep is not None and rep.failed
+
+
 @pytest.fixture
 def cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
@@ -37,8 +44,7 @@ def cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
     yield make
     for c in made:
         c.stop()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
+    if call_failed(request):
         for c in made:
             request.node.add_report_section("teardown", "cluster logs",
                                             f"{c.name}: logs kept in {c.run_dir}")

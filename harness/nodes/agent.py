@@ -76,7 +76,6 @@ class Agent:
         self.clients: dict[str, Link] = {}
         self._client_locks: dict[str, threading.Lock] = {}
         self._unproven: set[str] = set()  # peers on auth links not yet authenticated
-        self._auth_servers: set[str] = set()
         self._ends: dict[tuple[str, bool], LinkEnd] = {}  # (peer, serve) -> its end
         self.memory_channels: list[Link] = []
         for end in spec.links:
@@ -88,8 +87,6 @@ class Agent:
             self._ends[end.peer, end.serve] = end
             if end.serve:
                 self.servers[end.peer] = link
-                if end.auth:
-                    self._auth_servers.add(end.peer)
             else:
                 self.clients[end.peer] = link
                 self._client_locks[end.peer] = threading.Lock()
@@ -139,7 +136,7 @@ class Agent:
         """True when the peer went away (the link closed under us); False when
         the node stops or the link was dropped for a bad frame or peer."""
         challenge = None
-        if peer in self._auth_servers and not is_control:
+        if not is_control and self._ends[peer, True].auth:
             from harness.nodes.auth import Challenge
 
             challenge = Challenge(bytes.fromhex(self.spec.secret))

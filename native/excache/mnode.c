@@ -17,6 +17,7 @@
 #include "dh_excache.h"
 
 #define MAX_VREGIONS 1024
+#define REPLY_MAX (DH_PAGE * DH_PREFETCH_MAX) /* a prefetching miss's pages */
 
 struct vregion {
     uint8_t *base;
@@ -73,7 +74,7 @@ static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
 
 struct serve_ctx {
     dh_mstore *m;
-    uint8_t out[DH_PAGE * DH_PREFETCH_MAX];
+    uint8_t out[REPLY_MAX];
 };
 
 /* Handles one request; returns the reply length or -1 for a bad request. */
@@ -92,7 +93,7 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
     uint8_t *p, *q;
     switch (op) {
     case DH_OP_ECHO: /* the channel's own round trip: the paging benchmark's floor */
-        if (len > sizeof(((struct serve_ctx *)0)->out))
+        if (len > REPLY_MAX)
             return -1;
         memcpy(out, in, len);
         return (int)len;

@@ -53,7 +53,6 @@ typedef struct dh_excache_stats {
 int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
                       int fault_mode, int timeout_ms, dh_excache **out);
 void dh_excache_destroy(dh_excache *c);
-/* A new region of size bytes, backed by a vRegion on the memory node. */
 /* Lines a remote miss fetches: the missing page and up to n-1 that follow it
  * in the region, on the memory node, not resident, and whose victims are
  * clean (a prefetch never costs a write-back). 1 (the default): none. */
@@ -62,6 +61,7 @@ int dh_excache_set_prefetch(dh_excache *c, uint32_t n);
  * request to the primary fails (it closed, died or timed out), the cache
  * switches to the backup for good and sends the request again. */
 void dh_excache_set_backup(dh_excache *c, dh_link *backup);
+/* A new region of size bytes, backed by a vRegion on the memory node. */
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
 int dh_excache_free(dh_excache *c, void *addr);
 /* Writes every dirty line back (and keeps it, now clean). */

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import images
+from harness.pytest_plugin import call_failed
 from harness.vm import accel
 from harness.vm.machine import VM
 from harness.vm.qemu import MachineConfig
@@ -50,8 +51,7 @@ def make_vm(request, tmp_path, image, probe):
     yield make
     for vm in made:
         vm.stop()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
+    if call_failed(request):
         dest = ARTIFACTS / request.node.name
         dest.mkdir(parents=True, exist_ok=True)
         for log in tmp_path.glob("*.console.log"):
