@@ -23,6 +23,23 @@ CORE = ("dh", {
 })
 
 
+# The same core again inside the LD_PRELOAD interposer: hidden symbols, and
+# its mapping and allocation calls bound to the interposer's raw ones (the
+# interposer undoes this for the calls it exports), so the interposer never
+# serves its own memory from the program's remote heap.
+RAW = ["mmap", "munmap", "madvise", "mprotect"]
+ALLOC = ["malloc", "calloc", "free", "aligned_alloc"]
+INTERPOSER = Extension(
+    "harness._native.dh_interpose",
+    [str(NATIVE / "error.c"),
+     *(str(NATIVE / "transport" / f"{m}.c") for m in ("frame", "link", "shm", "stream")),
+     *sources("excache"), *sources("interpose")],
+    include_dirs=[*CORE[1]["include_dirs"], str(NATIVE / "interpose")],
+    define_macros=[*((n, f"dh_sys_{n}") for n in RAW), *((n, f"dh_raw_{n}") for n in ALLOC)],
+    libraries=["pthread", "dl"],
+    extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
+
+
 def ext(name: str) -> Extension:
     return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx"],
                      include_dirs=[str(NATIVE / "include")],
@@ -32,6 +49,6 @@ def ext(name: str) -> Extension:
 
 setup(
     libraries=[CORE],
-    ext_modules=cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
-                          compiler_directives={"language_level": "3"}),
+    ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
+                            compiler_directives={"language_level": "3"}), INTERPOSER],
 )

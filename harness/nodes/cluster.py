@@ -25,9 +25,10 @@ from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, pre
 from harness._native.transport import Link, Op, create_shm_file, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
+from harness.nodes.broker import Channel, Process
 from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
-from harness.topology import Node, Topology, load, parse_size
+from harness.topology import LinkModel, Node, Topology, load, parse_size
 from harness.vm.streams import chardevs, port_name
 
 Progress = Callable[[str], None]
@@ -81,7 +82,8 @@ class Cluster:
     def __init__(self, topology: Topology, run_dir: Path | None = None,
                  cache: str | int | None = None, disk_dir: Path | None = None,
                  deterministic: bool = False, ways: int = 64, policy: str = "fifo",
-                 fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH) -> None:
+                 fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH,
+                 memory_channels: int = 1) -> None:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
             ends = {k.client, k.server} & vm
@@ -94,6 +96,11 @@ class Cluster:
         self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
         self.cache_options = {"ways": ways, "policy": policy, "fault_mode": fault_mode,
                               "prefetch": prefetch}
+        # Between VMs, channels to the mnode for workloads in the pnode guest:
+        # one per process that runs on remote memory (ivshmem devices are fixed
+        # when the guest starts).
+        self.memory_channels = memory_channels
+        self._channel_serial = itertools.count()
         self._excache: ExCache | None = None
         self._regions: list[Region] = []
         # A private run directory is removed after a clean stop; a given one is kept.
@@ -131,7 +138,8 @@ class Cluster:
                 kind = "ivshmem" if placement[k.client] == "vm" else "shm"
                 channels = [("", k.name)]
                 if kind == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
-                    channels.append(("excache", f"{k.name}.excache"))  # for the workload
+                    channels += [("excache", f"{k.name}.excache{i or ''}")  # for workloads
+                                 for i in range(self.memory_channels)]
                 for service, fname in channels:
                     path = str(self.shm_dir / f"{fname}.shm")
                     create_shm_file(path, k.size)
@@ -353,10 +361,7 @@ class Cluster:
         return self._excache
 
     def _attach_excache(self) -> ExCache:
-        mnodes = [n for n in self.topology.nodes if n.role == "mnode"]
-        if not mnodes:
-            raise NotSupported(f"{self.name} has no mnode to hold disaggregated memory")
-        primary = mnodes[0]
+        primary = self._first_mnode()
         if primary.placement != "process":
             raise NotSupported("alloc() from the host needs the mnode placed as a process; "
                                "with VMs, run the workload on the pnode with exec()")
@@ -386,20 +391,41 @@ class Cluster:
         return next((k.server for k in self.topology.links
                      if k.client == mnode and role[k.server] == "mnode"), None)
 
-    def _memory_channel(self, mnode: str) -> Link:
-        """A new shm channel from this process to mnode's store (ATTACH),
-        with the link model of the topology's link to that mnode."""
+    def memory_channel_file(self, mnode: str, name: str) -> tuple[str, LinkModel | None]:
+        """A new shm channel file that mnode's store serves (ATTACH), for this
+        process or a program's; its link model is the topology's link to mnode."""
         k = next((k for k in self.topology.links if mnode in (k.client, k.server)), None)
-        model = k.model if k is not None else None
-        path = str(self.shm_dir / f"excache-{mnode}.shm")
+        model = k.model if k is not None and k.model.active else None
+        path = str(self.shm_dir / f"{name}.shm")
         create_shm_file(path, 1 << 22)
-        link = Link.shm_open(path, 0, name=f"excache-{mnode}")
-        req = {"service": "excache", "path": path, "side": 1}
-        if model is not None and model.active:
-            link.set_model(model.latency_ns, model.bytes_per_sec)
+        req: dict = {"service": "excache", "path": path, "side": 1}
+        if model is not None:
             req.update(latency_ns=model.latency_ns, bytes_per_sec=model.bytes_per_sec)
         self.call(mnode, Op.ATTACH, json.dumps(req).encode())
+        return path, model
+
+    def _memory_channel(self, mnode: str) -> Link:
+        """A new channel from this process to mnode's store."""
+        path, model = self.memory_channel_file(mnode, f"excache-{mnode}")
+        link = Link.shm_open(path, 0, name=f"excache-{mnode}")
+        if model is not None:
+            link.set_model(model.latency_ns, model.bytes_per_sec)
         return link
+
+    def program_channel(self, proc: Process) -> Channel:
+        """A channel to the first mnode for one process of a program on
+        remote memory (the broker's source, with placement "process")."""
+        mnode = self._first_mnode().name
+        path, model = self.memory_channel_file(
+            mnode, f"program-{proc.pid}-{next(self._channel_serial)}")
+        return Channel("shm", path, 0, mnode, model.latency_ns if model else 0,
+                       model.bytes_per_sec if model else 0)
+
+    def _first_mnode(self) -> Node:
+        mnodes = [n for n in self.topology.nodes if n.role == "mnode"]
+        if not mnodes:
+            raise NotSupported(f"{self.name} has no mnode to hold disaggregated memory")
+        return mnodes[0]
 
     def _watch_failover(self, cache: ExCache, primary: str, backup: str) -> None:
         """Logs the cache's failover in the snode's events table (the fault
@@ -517,11 +543,13 @@ def _socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
 def open_cluster(topology: str | Path | Topology = "lego3", placement: str | None = None,
                  cache: str | int | None = None, run_dir: Path | None = None,
                  timeout: float = 30.0, progress: Progress | None = None,
-                 prefetch: int = DEFAULT_PREFETCH) -> Cluster:
+                 prefetch: int = DEFAULT_PREFETCH, memory_channels: int = 1) -> Cluster:
     """Starts a cluster and returns it; use it in a `with` block. `cache` and
     `prefetch` (lines a miss brings in, LegoOS's pcache prefetch) shape the
-    ExCache behind alloc()."""
+    ExCache behind alloc(); `memory_channels` is how many processes of programs
+    in a pnode guest can be on remote memory at once (see run_program)."""
     topo = topology if isinstance(topology, Topology) else load(topology)
     if placement is not None:
         topo = topo.with_placement(placement)
-    return Cluster(topo, run_dir=run_dir, cache=cache, prefetch=prefetch).start(timeout, progress)
+    return Cluster(topo, run_dir=run_dir, cache=cache, prefetch=prefetch,
+                   memory_channels=memory_channels).start(timeout, progress)

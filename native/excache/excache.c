@@ -10,7 +10,9 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,47 +21,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "dh_excache.h"
-
-struct region {
-    uint8_t *base;
-    uint64_t size;
-    uint32_t id;
-    int used;
-    uint8_t *on_mnode; /* bit per page: written back at least once */
-    uint64_t resident, dirty; /* its lines in the cache now */
-    uint8_t *local;    /* the local page store (no link: the floor) */
-};
-
-struct line {
-    uintptr_t page; /* 0: empty */
-    struct region *r;
-    uint8_t dirty;
-    uint64_t filled, touched; /* fifo and lru stamps */
-};
-
-struct dh_excache {
-    dh_link *link;
-    dh_link *backup; /* a replica of the memory node, or NULL */
-    int uffd;
-    int mode;
-    int policy;
-    int timeout_ms;
-    uint32_t nsets, ways;
-    uint32_t prefetch; /* lines per remote miss, >= 1 */
-    struct line *lines;
-    struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
-    struct region regions[DH_EXCACHE_MAX_REGIONS];
-    atomic_flag lock;
-    uint64_t clock;
-    uint32_t rng;
-    dh_excache_stats st;
-    uint8_t *req;  /* request buffer: header fields + a page */
-    uint8_t *page; /* reply buffer: DH_PREFETCH_MAX pages */
-    pthread_t thread;
-    int thread_running;
-    atomic_int stop;
-};
+#include "excache_int.h"
 
 /* ---- the process-wide SIGBUS hook -------------------------------------- */
 
@@ -77,16 +39,17 @@ static void say(const char *a, const char *b)
     (void)rc;
 }
 
-static void fatal(const char *why)
+void ex_fatal(dh_excache *c, const char *why)
 {
     /* No page to give the faulting code: ending the process is the only
      * answer that is neither a hang nor silently wrong data. */
     say("disagg-harness ExCache: cannot serve a page fault: ", why);
-    say("; the memory node is gone or not answering. Aborting.\n", "");
+    say("; the memory node ", c->label[0] ? c->label : "(unnamed)");
+    say(" is gone or not answering. Aborting.\n", "");
     abort();
 }
 
-static struct region *find(dh_excache *c, uintptr_t a)
+struct region *ex_find(dh_excache *c, uintptr_t a)
 {
     for (int i = 0; i < DH_EXCACHE_MAX_REGIONS; i++) {
         struct region *r = &c->regions[i];
@@ -102,10 +65,10 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
     for (int i = 0; i < MAX_CACHES; i++) {
         dh_excache *c = atomic_load(&caches[i]);
         struct region *r;
-        if (c && c->mode == DH_FAULT_SIGBUS && (r = find(c, a))) {
+        if (c && c->mode == DH_FAULT_SIGBUS && (r = ex_find(c, a))) {
             int rc = serve_fault(c, r, a, -1);
             if (rc)
-                fatal(dh_strerror(rc));
+                ex_fatal(c, dh_strerror(rc));
             return;
         }
     }
@@ -155,7 +118,7 @@ static int call_mnode(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *go
     return rc;
 }
 
-static int rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
+int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
 {
     uint32_t got = 0, flags = 0;
     int rc = call_mnode(c, op, req_len, &got, &flags);
@@ -164,7 +127,7 @@ static int rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
     return (flags & DH_F_ERROR) || got != want ? DH_EPROTO : 0;
 }
 
-static uint64_t page_index(struct region *r, uintptr_t page)
+uint64_t ex_page_index(struct region *r, uintptr_t page)
 {
     return (page - (uintptr_t)r->base) / DH_PAGE;
 }
@@ -181,7 +144,7 @@ static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
 {
     if (!c->link) { /* the floor: a local store */
         if (dirty_victim)
-            memcpy(dirty_victim->r->local + page_index(dirty_victim->r, dirty_victim->page) *
+            memcpy(dirty_victim->r->local + ex_page_index(dirty_victim->r, dirty_victim->page) *
                        DH_PAGE, c->req + 24, DH_PAGE);
         memcpy(c->page, r->local + idx * DH_PAGE, (size_t)n * DH_PAGE);
         return 0;
@@ -190,21 +153,21 @@ static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
         put32(c->req, r->id);
         put32(c->req + 4, dirty_victim->r->id);
         put64(c->req + 8, idx);
-        put64(c->req + 16, page_index(dirty_victim->r, dirty_victim->page));
+        put64(c->req + 16, ex_page_index(dirty_victim->r, dirty_victim->page));
         put32(c->req + 24 + DH_PAGE, n);
         c->st.piggybacked++;
-        return rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, 28 + DH_PAGE, n * DH_PAGE);
+        return ex_rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, 28 + DH_PAGE, n * DH_PAGE);
     }
     put32(c->req, r->id);
     put32(c->req + 4, n);
     put64(c->req + 8, idx);
-    return rpc(c, DH_OP_P2M_PCACHE_MISS, 16, n * DH_PAGE);
+    return ex_rpc(c, DH_OP_P2M_PCACHE_MISS, 16, n * DH_PAGE);
 }
 
 /* Writes back the page whose data is at c->req + 24. */
 static int flush_one(dh_excache *c, struct line *v)
 {
-    uint64_t idx = page_index(v->r, v->page);
+    uint64_t idx = ex_page_index(v->r, v->page);
     if (!c->link) {
         memcpy(v->r->local + idx * DH_PAGE, c->req + 24, DH_PAGE);
         return 0;
@@ -213,12 +176,12 @@ static int flush_one(dh_excache *c, struct line *v)
     put32(c->req + 4, 0);
     put64(c->req + 8, idx);
     memmove(c->req + 16, c->req + 24, DH_PAGE);
-    return rpc(c, DH_OP_P2M_PCACHE_FLUSH, 16 + DH_PAGE, 0);
+    return ex_rpc(c, DH_OP_P2M_PCACHE_FLUSH, 16 + DH_PAGE, 0);
 }
 
 /* ---- userfaultfd helpers ---------------------------------------------------- */
 
-static int protect(dh_excache *c, uintptr_t page, int on)
+int ex_protect(dh_excache *c, uintptr_t page, int on)
 {
     struct uffdio_writeprotect wp = {
         .range = {.start = page, .len = DH_PAGE},
@@ -227,24 +190,30 @@ static int protect(dh_excache *c, uintptr_t page, int on)
     return ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp) ? DH_EIO : 0;
 }
 
-static int install(dh_excache *c, uintptr_t page, uint32_t n)
+static int install(dh_excache *c, uintptr_t page, uint32_t n, int writable)
 {
     struct uffdio_copy cp = {
         .dst = page, .src = (uintptr_t)c->page, .len = (uint64_t)n * DH_PAGE,
-        .mode = UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
+        .mode = writable ? 0 : UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
     };
     if (ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST)
         return DH_EIO;
     return 0;
 }
 
-static void lock(dh_excache *c)
+void ex_lock(dh_excache *c)
 {
-    while (atomic_flag_test_and_set_explicit(&c->lock, memory_order_acquire))
-        __builtin_ia32_pause();
+    /* Spin a little, then yield: the holder may be waiting for the memory
+     * node, which needs a core that a spinner would keep. */
+    for (unsigned i = 0; atomic_flag_test_and_set_explicit(&c->lock, memory_order_acquire); i++) {
+        if (i < 256)
+            __builtin_ia32_pause();
+        else
+            sched_yield();
+    }
 }
 
-static void unlock(dh_excache *c) { atomic_flag_clear_explicit(&c->lock, memory_order_release); }
+void ex_unlock(dh_excache *c) { atomic_flag_clear_explicit(&c->lock, memory_order_release); }
 
 static uint64_t now_ns(void) { return dh_now_ns(); }
 
@@ -275,12 +244,12 @@ static struct line *victim_of(dh_excache *c, struct line *set)
     }
 }
 
-static struct line *set_of(dh_excache *c, uintptr_t page)
+struct line *ex_set_of(dh_excache *c, uintptr_t page)
 {
     return &c->lines[(uint64_t)(page / DH_PAGE) % c->nsets * c->ways];
 }
 
-static struct line *resident_line(dh_excache *c, struct line *set, uintptr_t page)
+struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page)
 {
     for (uint32_t w = 0; w < c->ways; w++)
         if (set[w].page == page)
@@ -298,8 +267,8 @@ static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
     uint64_t pages = r->size / DH_PAGE;
     for (; n < c->prefetch && idx + n < pages && on_mnode(r, idx + n); n++) {
         uintptr_t q = (uintptr_t)r->base + (idx + n) * DH_PAGE;
-        struct line *set = set_of(c, q);
-        if (resident_line(c, set, q))
+        struct line *set = ex_set_of(c, q);
+        if (ex_resident_line(c, set, q))
             break;
         struct line *v = victim_of(c, set);
         if (v->page && v->dirty)
@@ -338,10 +307,10 @@ static void record(dh_excache *c, uint64_t t0)
 static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
 {
     uintptr_t page = addr & ~(uintptr_t)(DH_PAGE - 1);
-    lock(c);
+    ex_lock(c);
     uint64_t t0 = now_ns();
-    struct line *set = set_of(c, page);
-    struct line *hit = resident_line(c, set, page);
+    struct line *set = ex_set_of(c, page);
+    struct line *hit = ex_resident_line(c, set, page);
     int rc = 0;
     if (hit) {
         /* Present: the first write to a clean line (or a fault another
@@ -351,12 +320,12 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
             hit->r->dirty += !hit->dirty;
             hit->dirty = 1;
             c->st.wp_faults++;
-            rc = protect(c, page, 0);
+            rc = ex_protect(c, page, 0);
         } else if (c->mode == DH_FAULT_THREAD) { /* a stale message: just wake */
             struct uffdio_range rg = {.start = page, .len = DH_PAGE};
             ioctl(c->uffd, UFFDIO_WAKE, &rg);
         }
-        unlock(c);
+        ex_unlock(c);
         return rc;
     }
     c->st.misses++;
@@ -366,7 +335,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         c->st.evictions++;
         if (v->dirty) {
             /* Stop writers first, so no store lands after the copy. */
-            if ((rc = protect(c, v->page, 1)))
+            if ((rc = ex_protect(c, v->page, 1)))
                 goto out;
             memcpy(c->req + 24, (void *)v->page, DH_PAGE);
             dirty_victim = v;
@@ -375,9 +344,10 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
             c->st.clean_drops++;
         }
     }
-    uint64_t idx = page_index(r, page);
+    uint64_t idx = ex_page_index(r, page);
     uint32_t n = 1;
-    if (on_mnode(r, idx)) {
+    int fresh = !on_mnode(r, idx); /* zero-filled: written soon, so maybe dirty at once */
+    if (!fresh) {
         n = window(c, r, idx);
         rc = fetch(c, r, idx, n, dirty_victim);
         c->st.remote_fetches++;
@@ -391,7 +361,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         goto out;
     if (dirty_victim) {
         struct region *vr = dirty_victim->r;
-        uint64_t vi = page_index(vr, v->page);
+        uint64_t vi = ex_page_index(vr, v->page);
         vr->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
     }
     c->pf[0] = v;
@@ -408,13 +378,15 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     }
     if (len)
         madvise((void *)run, len, MADV_DONTNEED);
-    if ((rc = install(c, page, n)))
+    int dirty = fresh && c->zero_dirty;
+    if ((rc = install(c, page, n, dirty)))
         goto out;
+    r->dirty += (uint64_t)dirty;
     for (uint32_t i = 0; i < n; i++) {
         struct line *l = c->pf[i];
         l->page = page + (uintptr_t)i * DH_PAGE;
         l->r = r;
-        l->dirty = 0;
+        l->dirty = (uint8_t)dirty;
         l->filled = l->touched = ++c->clock;
     }
     c->st.prefetched += n - 1;
@@ -422,7 +394,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     r->resident += n;
     record(c, t0);
 out:
-    unlock(c);
+    ex_unlock(c);
     return rc;
 }
 
@@ -441,13 +413,48 @@ static void *handler(void *arg)
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
             uintptr_t a = msgs[i].arg.pagefault.address;
-            struct region *r = find(c, a);
+            struct region *r = ex_find(c, a);
             int wp = (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
             if (r && serve_fault(c, r, a, wp))
-                fatal("the handler thread could not fetch a page");
+                ex_fatal(c, "the handler thread could not fetch a page");
         }
     }
     return NULL;
+}
+
+int ex_open_uffd(dh_excache *c)
+{
+    c->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (c->uffd < 0)
+        return errno == ENOSYS ? DH_ENOSYS : DH_EIO;
+    struct uffdio_api api = {
+        .api = UFFD_API,
+        .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
+                    (c->mode == DH_FAULT_SIGBUS ? UFFD_FEATURE_SIGBUS : 0),
+    };
+    if (ioctl(c->uffd, UFFDIO_API, &api))
+        return errno == EINVAL ? DH_ENOSYS : DH_EIO;
+    return 0;
+}
+
+int ex_register(dh_excache *c, void *base, uint64_t size)
+{
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)base, .len = size},
+        .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+    };
+    if (ioctl(c->uffd, UFFDIO_REGISTER, &reg))
+        return errno == EINVAL ? DH_ENOSYS : DH_EIO;
+    return 0;
+}
+
+int ex_start_handler(dh_excache *c)
+{
+    atomic_store(&c->stop, 0);
+    if (pthread_create(&c->thread, NULL, handler, c))
+        return DH_EIO;
+    c->thread_running = 1;
+    return 0;
 }
 
 /* ---- life cycle ----------------------------------------------------------- */
@@ -477,20 +484,8 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
     c->req = malloc(28 + DH_PAGE);
     c->page = aligned_alloc(DH_PAGE, (size_t)DH_PAGE * DH_PREFETCH_MAX);
     int rc = c->lines && c->req && c->page ? 0 : DH_ENOMEM;
-    if (!rc) {
-        c->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-        if (c->uffd < 0)
-            rc = errno == ENOSYS ? DH_ENOSYS : DH_EIO;
-    }
-    if (!rc) {
-        struct uffdio_api api = {
-            .api = UFFD_API,
-            .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
-                        (fault_mode == DH_FAULT_SIGBUS ? UFFD_FEATURE_SIGBUS : 0),
-        };
-        if (ioctl(c->uffd, UFFDIO_API, &api))
-            rc = errno == EINVAL ? DH_ENOSYS : DH_EIO;
-    }
+    if (!rc)
+        rc = ex_open_uffd(c);
     if (!rc && fault_mode == DH_FAULT_SIGBUS) {
         pthread_once(&hook_once, install_hook);
         rc = DH_ENOMEM;
@@ -500,12 +495,8 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
                 rc = 0;
         }
     }
-    if (!rc && fault_mode == DH_FAULT_THREAD) {
-        if (pthread_create(&c->thread, NULL, handler, c))
-            rc = DH_EIO;
-        else
-            c->thread_running = 1;
-    }
+    if (!rc && fault_mode == DH_FAULT_THREAD)
+        rc = ex_start_handler(c);
     if (rc) {
         dh_excache_destroy(c);
         return rc;
@@ -520,17 +511,31 @@ int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
         return DH_EINVAL;
     if (c->link && dh_link_max_payload(c->link) < n * DH_PAGE)
         return DH_ETOOBIG;
-    lock(c);
+    ex_lock(c);
     c->prefetch = n;
-    unlock(c);
+    ex_unlock(c);
     return 0;
+}
+
+void dh_excache_set_zero_dirty(dh_excache *c, int on)
+{
+    ex_lock(c);
+    c->zero_dirty = on;
+    ex_unlock(c);
+}
+
+void dh_excache_set_label(dh_excache *c, const char *label)
+{
+    ex_lock(c);
+    snprintf(c->label, sizeof c->label, "%s", label);
+    ex_unlock(c);
 }
 
 void dh_excache_set_backup(dh_excache *c, dh_link *backup)
 {
-    lock(c);
+    ex_lock(c);
     c->backup = backup;
-    unlock(c);
+    ex_unlock(c);
 }
 
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
@@ -545,7 +550,7 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
         return DH_ENOMEM;
     uint32_t id = (uint32_t)(r - c->regions) + 1;
     if (c->link) { /* a vRegion on the memory node */
-        lock(c);
+        ex_lock(c);
         put64(c->req, size);
         uint32_t got = 0, flags = 0;
         int rc = call_mnode(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
@@ -553,7 +558,7 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
             rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
         if (!rc)
             memcpy(&id, c->page, 4);
-        unlock(c);
+        ex_unlock(c);
         if (rc)
             return rc;
     }
@@ -572,27 +577,22 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
             munmap(local, size);
         return DH_ENOMEM;
     }
-    struct uffdio_register reg = {
-        .range = {.start = (uintptr_t)base, .len = size},
-        .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
-    };
-    if (ioctl(c->uffd, UFFDIO_REGISTER, &reg)) {
-        int saved = errno;
+    int rc = ex_register(c, base, size);
+    if (rc) {
         free(bits);
         munmap(base, size);
         if (local)
             munmap(local, size);
-        errno = saved;
-        return saved == EINVAL ? DH_ENOSYS : DH_EIO;
+        return rc;
     }
-    lock(c);
+    ex_lock(c);
     r->base = base;
     r->size = size;
     r->id = id;
     r->on_mnode = bits;
     r->local = local;
     r->used = 1;
-    unlock(c);
+    ex_unlock(c);
     *addr = base;
     *region_id = id;
     return 0;
@@ -600,10 +600,10 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
 
 int dh_excache_free(dh_excache *c, void *addr)
 {
-    lock(c);
-    struct region *r = find(c, (uintptr_t)addr);
+    ex_lock(c);
+    struct region *r = ex_find(c, (uintptr_t)addr);
     if (!r || r->base != addr) {
-        unlock(c);
+        ex_unlock(c);
         return DH_EINVAL;
     }
     for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways; i++)
@@ -615,9 +615,9 @@ int dh_excache_free(dh_excache *c, void *addr)
     int rc = 0;
     if (c->link) {
         put32(c->req, r->id);
-        rc = rpc(c, DH_OP_P2M_FREE, 4, 0);
+        rc = ex_rpc(c, DH_OP_P2M_FREE, 4, 0);
     }
-    unlock(c);
+    ex_unlock(c);
     struct uffdio_range rg = {.start = (uintptr_t)r->base, .len = r->size};
     ioctl(c->uffd, UFFDIO_UNREGISTER, &rg);
     munmap(r->base, r->size);
@@ -628,55 +628,59 @@ int dh_excache_free(dh_excache *c, void *addr)
     return rc;
 }
 
+int ex_write_back(dh_excache *c, struct line *l)
+{
+    int rc;
+    if ((rc = ex_protect(c, l->page, 1)))
+        return rc;
+    memcpy(c->req + 24, (void *)l->page, DH_PAGE);
+    if ((rc = flush_one(c, l)))
+        return rc;
+    uint64_t vi = ex_page_index(l->r, l->page);
+    l->r->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
+    l->dirty = 0;
+    l->r->dirty--;
+    c->st.dirty_flushes++;
+    return 0;
+}
+
 int dh_excache_flush(dh_excache *c)
 {
     int rc = 0;
-    lock(c);
-    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways && !rc; i++) {
-        struct line *l = &c->lines[i];
-        if (!l->page || !l->dirty)
-            continue;
-        if ((rc = protect(c, l->page, 1)))
-            break;
-        memcpy(c->req + 24, (void *)l->page, DH_PAGE);
-        if ((rc = flush_one(c, l)))
-            break;
-        uint64_t vi = page_index(l->r, l->page);
-        l->r->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
-        l->dirty = 0;
-        l->r->dirty--;
-        c->st.dirty_flushes++;
-    }
-    unlock(c);
+    ex_lock(c);
+    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways && !rc; i++)
+        if (c->lines[i].page && c->lines[i].dirty)
+            rc = ex_write_back(c, &c->lines[i]);
+    ex_unlock(c);
     return rc;
 }
 
 int dh_excache_region_stats(dh_excache *c, void *addr, uint64_t *resident, uint64_t *dirty)
 {
-    lock(c);
-    struct region *r = find(c, (uintptr_t)addr);
+    ex_lock(c);
+    struct region *r = ex_find(c, (uintptr_t)addr);
     if (r) {
         *resident = r->resident;
         *dirty = r->dirty;
     }
-    unlock(c);
+    ex_unlock(c);
     return r ? 0 : DH_EINVAL;
 }
 
 void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s)
 {
-    lock(c);
+    ex_lock(c);
     *s = c->st;
-    unlock(c);
+    ex_unlock(c);
 }
 
 void dh_excache_reset_stats(dh_excache *c)
 {
-    lock(c);
+    ex_lock(c);
     uint64_t resident = c->st.resident;
     memset(&c->st, 0, sizeof c->st);
     c->st.resident = resident;
-    unlock(c);
+    ex_unlock(c);
 }
 
 void dh_excache_destroy(dh_excache *c)

@@ -3,6 +3,7 @@
  * back, and the protocol served on a link:
  *   P2M_ALLOC       u64 size                         -> u32 region id
  *   P2M_FREE        u32 region                       -> (empty)
+ *   P2M_CLONE       u32 region                       -> u32 id of a copy of it
  *   P2M_PCACHE_MISS u32 region, u32 n, u64 page      -> n pages from there (0: one)
  *   P2M_PCACHE_FLUSH u32 region, u32 0, u64 page, data -> (empty)
  *   P2M_PCACHE_MISS_FLUSH u32 miss region, u32 flush region, u64 miss page,
@@ -72,6 +73,39 @@ static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
     return r->base + page * DH_PAGE;
 }
 
+/* A new vRegion holding the pages of r that were ever written (mincore
+ * finds them: the rest were never touched and read as zero). */
+static int clone_region(dh_mstore *m, const struct vregion *r, uint8_t *out)
+{
+    uint32_t i = 0;
+    while (i < MAX_VREGIONS && m->regions[i].base)
+        i++;
+    if (i == MAX_VREGIONS)
+        return -1;
+    uint8_t *base = mmap(NULL, r->size, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED)
+        return -1;
+    enum { CHUNK = 1u << 30 };
+    static unsigned char vec[CHUNK / DH_PAGE]; /* under mu */
+    for (uint64_t off = 0; off < r->size; off += CHUNK) {
+        uint64_t n = r->size - off < CHUNK ? r->size - off : CHUNK;
+        if (mincore(r->base + off, n, vec)) {
+            munmap(base, r->size);
+            return -1;
+        }
+        for (uint64_t p = 0; p < n / DH_PAGE; p++)
+            if (vec[p] & 1)
+                memcpy(base + off + p * DH_PAGE, r->base + off + p * DH_PAGE, DH_PAGE);
+    }
+    m->regions[i] = (struct vregion){base, r->size};
+    m->st.regions++;
+    m->st.bytes_reserved += r->size;
+    uint32_t id = i + 1;
+    memcpy(out, &id, 4);
+    return 4;
+}
+
 struct serve_ctx {
     dh_mstore *m;
     uint8_t out[REPLY_MAX];
@@ -120,6 +154,10 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
         }
         return -1;
     }
+    case DH_OP_P2M_CLONE:
+        if (len != 4 || a == 0 || a > MAX_VREGIONS || !m->regions[a - 1].base)
+            return -1;
+        return clone_region(m, &m->regions[a - 1], out);
     case DH_OP_P2M_FREE:
         if (len != 4 || a == 0 || a > MAX_VREGIONS || !m->regions[a - 1].base)
             return -1;
@@ -171,7 +209,7 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
 static int replicate(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
                      uint32_t *replica_id)
 {
-    if (!m->replica || (op != DH_OP_P2M_ALLOC && op != DH_OP_P2M_FREE &&
+    if (!m->replica || (op != DH_OP_P2M_ALLOC && op != DH_OP_P2M_FREE && op != DH_OP_P2M_CLONE &&
                         op != DH_OP_P2M_PCACHE_FLUSH && op != DH_OP_P2M_PCACHE_MISS_FLUSH))
         return 0;
     if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) {
@@ -196,7 +234,7 @@ static int replicate(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
     }
     if (flags & DH_F_ERROR)
         return -1;
-    if (op == DH_OP_P2M_ALLOC && got == 4)
+    if ((op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) && got == 4)
         memcpy(replica_id, m->rbuf, 4);
     m->st.replicated++;
     return 0;
@@ -212,7 +250,8 @@ static int serve_one(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_
     int n = replicate(m, h->opcode, in, h->length, &replica_id);
     if (n == 0)
         n = handle(m, h->opcode, in, h->length, sc->out);
-    if (n == 4 && h->opcode == DH_OP_P2M_ALLOC && replicated && m->replica &&
+    if (n == 4 && (h->opcode == DH_OP_P2M_ALLOC || h->opcode == DH_OP_P2M_CLONE) &&
+        replicated && m->replica &&
         memcmp(sc->out, &replica_id, 4) != 0)
         n = -1; /* the two stores disagree on the region's id: refuse it */
     pthread_mutex_unlock(&m->mu);

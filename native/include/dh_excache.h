@@ -57,6 +57,13 @@ void dh_excache_destroy(dh_excache *c);
  * in the region, on the memory node, not resident, and whose victims are
  * clean (a prefetch never costs a write-back). 1 (the default): none. */
 int dh_excache_set_prefetch(dh_excache *c, uint32_t n);
+/* on: a page never written back is installed writable and counted dirty,
+ * saving the write-protect fault its first write would take (a program's
+ * fresh memory is written at once); off (the default): installed clean. */
+void dh_excache_set_zero_dirty(dh_excache *c, int on);
+/* The memory node's name, for the message a process dies with when that
+ * node stops answering. */
+void dh_excache_set_label(dh_excache *c, const char *label);
 /* A backup memory node (the primary replicates every write to it): when a
  * request to the primary fails (it closed, died or timed out), the cache
  * switches to the backup for good and sends the request again. */
@@ -64,12 +71,31 @@ void dh_excache_set_backup(dh_excache *c, dh_link *backup);
 /* A new region of size bytes, backed by a vRegion on the memory node. */
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
 int dh_excache_free(dh_excache *c, void *addr);
+/* Drops the lines of [addr, addr+len) inside a region without writing them
+ * back, and forgets that the range was ever written: its next touch is
+ * zero-filled, as after munmap or MADV_DONTNEED. zap: also unmap the pages
+ * here (0 when the caller replaces the mapping itself). */
+int dh_excache_discard(dh_excache *c, void *addr, uint64_t len, int zap);
+/* Writes back the dirty lines of the range and drops all its lines, so its
+ * pages live only on the memory node (before mprotect takes access away). */
+int dh_excache_evict_range(dh_excache *c, void *addr, uint64_t len);
+/* fork(): prepare (in the parent, before) takes the lock, writes every
+ * dirty line back and copies each region on the memory node; parent (after,
+ * in the parent) releases it; child (in the child) gives the cache its own
+ * userfaultfd and link, registers the regions again, write-protects the
+ * lines it inherited and switches to the copies. */
+int dh_excache_fork_prepare(dh_excache *c);
+void dh_excache_fork_parent(dh_excache *c);
+int dh_excache_fork_child(dh_excache *c, dh_link *link);
 /* Writes every dirty line back (and keeps it, now clean). */
 int dh_excache_flush(dh_excache *c);
 void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s);
 /* Lines of one region in the cache now, and how many of them are dirty. */
 int dh_excache_region_stats(dh_excache *c, void *addr, uint64_t *resident, uint64_t *dirty);
 void dh_excache_reset_stats(dh_excache *c);
+/* The memory node's id of the region holding addr (0: none); a forked
+ * child's regions are copies with ids of their own. */
+uint32_t dh_excache_region_id(dh_excache *c, void *addr);
 
 /* The memory node's side: a store of vRegions, served on links. */
 typedef struct dh_mstore dh_mstore;

@@ -42,6 +42,7 @@ enum dh_op {
     DH_OP_P2M_ZERO_FILL = 0x0103,
     DH_OP_P2M_ALLOC = 0x0104,
     DH_OP_P2M_FREE = 0x0105,
+    DH_OP_P2M_CLONE = 0x0106, /* a copy of a region, for a forked child */
     DH_OP_M2M_REPLICA = 0x0110,
     DH_OP_M2S_LOG = 0x0120,
     DH_OP_SQL = 0x0200,

@@ -1,0 +1,68 @@
+/* ExCache internals shared by its C files (not part of the public API). */
+#ifndef DH_EXCACHE_INT_H
+#define DH_EXCACHE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "dh_excache.h"
+
+struct region {
+    uint8_t *base;
+    uint64_t size;
+    uint32_t id;
+    int used;
+    uint8_t *on_mnode; /* bit per page: written back at least once */
+    uint64_t resident, dirty; /* its lines in the cache now */
+    uint8_t *local;    /* the local page store (no link: the floor) */
+    uint32_t clone_id; /* its copy on the memory node, made for a forked child */
+};
+
+struct line {
+    uintptr_t page; /* 0: empty */
+    struct region *r;
+    uint8_t dirty;
+    uint64_t filled, touched; /* fifo and lru stamps */
+};
+
+struct dh_excache {
+    dh_link *link;
+    dh_link *backup; /* a replica of the memory node, or NULL */
+    int uffd;
+    int mode;
+    int policy;
+    int timeout_ms;
+    uint32_t nsets, ways;
+    uint32_t prefetch; /* lines per remote miss, >= 1 */
+    int zero_dirty;    /* install zero-filled pages writable, as dirty lines */
+    char label[48];    /* the memory node's name, for the fatal message */
+    struct line *lines;
+    struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
+    struct region regions[DH_EXCACHE_MAX_REGIONS];
+    atomic_flag lock;
+    uint64_t clock;
+    uint32_t rng;
+    dh_excache_stats st;
+    uint8_t *req;  /* request buffer: header fields + a page */
+    uint8_t *page; /* reply buffer: DH_PREFETCH_MAX pages */
+    pthread_t thread;
+    int thread_running;
+    atomic_int stop;
+};
+
+void ex_fatal(dh_excache *c, const char *why);
+int ex_start_handler(dh_excache *c);
+int ex_open_uffd(dh_excache *c);
+int ex_register(dh_excache *c, void *base, uint64_t size);
+/* Writes a dirty line back; it stays resident, clean and write-protected. */
+int ex_write_back(dh_excache *c, struct line *l);
+struct region *ex_find(dh_excache *c, uintptr_t a);
+void ex_lock(dh_excache *c);
+void ex_unlock(dh_excache *c);
+int ex_protect(dh_excache *c, uintptr_t page, int on);
+int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want);
+struct line *ex_set_of(dh_excache *c, uintptr_t page);
+struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page);
+uint64_t ex_page_index(struct region *r, uintptr_t page);
+
+#endif
