@@ -72,6 +72,10 @@ struct shm_link {
 
 static uint32_t align8(uint32_t n) { return (n + 7u) & ~7u; }
 
+/* One read of a word the peer can rewrite at any time: the compiler may not
+ * load it again after it was checked. */
+static uint32_t load_once(const void *p) { return *(const volatile uint32_t *)p; }
+
 static void futex_wake(atomic_uint *w)
 {
     syscall(SYS_futex, w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
@@ -365,6 +369,19 @@ static const struct dh_link_ops shm_ops = {
 
 static int is_pow2(uint64_t v) { return v && !(v & (v - 1)); }
 
+/* Reads the header once and checks that it describes a channel of at most
+ * len bytes; *fb_out is the channel's size. */
+static int hdr_check(const struct shm_file_hdr *fh, size_t len, uint32_t *fb_out)
+{
+    uint32_t magic = load_once(&fh->magic), version = load_once(&fh->version);
+    uint32_t fb = load_once(&fh->file_bytes), rb = load_once(&fh->ring_bytes);
+    if (magic != SHM_MAGIC || version != SHM_VERSION || fb > len || !is_pow2(fb) ||
+        fb < SHM_MIN_BYTES || rb != fb / 4)
+        return DH_EPROTO;
+    *fb_out = fb;
+    return 0;
+}
+
 /* Validates a mapped channel and builds the link over it. */
 static int shm_bind(uint8_t *map, size_t len, int side, int wait_mode,
                     int owns_map, dh_link **out)
@@ -372,10 +389,10 @@ static int shm_bind(uint8_t *map, size_t len, int side, int wait_mode,
     struct shm_file_hdr *fh = (struct shm_file_hdr *)map;
     if (len < SHM_MIN_BYTES || side < 0 || side > 1)
         return DH_EINVAL;
-    uint32_t fb = fh->file_bytes, rb = fh->ring_bytes;
-    if (fh->magic != SHM_MAGIC || fh->version != SHM_VERSION || fb > len ||
-        !is_pow2(fb) || fb < SHM_MIN_BYTES || rb != fb / 4)
+    uint32_t fb;
+    if (hdr_check(fh, len, &fb))
         return DH_EPROTO;
+    uint32_t rb = fb / 4;
     struct shm_link *s = calloc(1, sizeof *s);
     if (!s)
         return DH_ENOMEM;
@@ -458,19 +475,22 @@ int dh_shm_file_reset(const char *path)
         return DH_EIO;
     struct stat st;
     uint8_t *map = NULL;
-    int rc = fstat(fd, &st) == 0 && st.st_size >= (off_t)SHM_MIN_BYTES
+    int rc = fstat(fd, &st) == 0 && st.st_size >= (off_t)SHM_MIN_BYTES &&
+                     st.st_size <= (1l << 30)
                  ? map_file(fd, (size_t)st.st_size, &map)
                  : DH_EPROTO;
     close(fd);
     if (rc)
         return rc;
+    /* The layout follows from the file's size; the header, which the peer
+     * can rewrite, must agree with it (read once, like the bind path). */
     struct shm_file_hdr *fh = (struct shm_file_hdr *)map;
-    if (fh->magic != SHM_MAGIC || fh->version != SHM_VERSION ||
-        fh->file_bytes > (uint64_t)st.st_size) {
+    uint32_t fb;
+    if (hdr_check(fh, (size_t)st.st_size, &fb) || fb != (uint64_t)st.st_size) {
         munmap(map, (size_t)st.st_size);
         return DH_EPROTO;
     }
-    uint32_t fb = fh->file_bytes, rb = fh->ring_bytes;
+    uint32_t rb = fb / 4;
     /* Old ends see the new generation and close; new ones start at zero. */
     atomic_fetch_add_explicit(&fh->generation, 1, memory_order_acq_rel);
     memset(map + CTL_OFF, 0, 2 * CTL_SIZE);
