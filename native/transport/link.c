@@ -88,6 +88,17 @@ void dh_link_set_model(dh_link *l, const dh_link_model *m) { l->model = *m; }
 void dh_link_get_stats(const dh_link *l, dh_link_stats *s) { *s = l->st; }
 uint32_t dh_link_max_payload(const dh_link *l) { return l->max_payload; }
 
+/* Whatever the peer does after a protocol violation cannot be trusted: the
+ * link is dropped, on the sending path (a bad ring index) as on receipt. */
+static int proto_fail(dh_link *l, int rc)
+{
+    if (rc == DH_EPROTO) {
+        l->st.proto_errors++;
+        dh_link_close(l);
+    }
+    return rc;
+}
+
 static int link_send(dh_link *l, const dh_frame_hdr *h, const void *payload,
                      uint32_t len, dh_timeout *t)
 {
@@ -109,7 +120,7 @@ static int link_send(dh_link *l, const dh_frame_hdr *h, const void *payload,
         l->st.frames_sent++;
         l->st.bytes_sent += DH_FRAME_HDR_SIZE + len;
     }
-    return rc;
+    return proto_fail(l, rc);
 }
 
 int dh_link_send(dh_link *l, const dh_frame_hdr *h, const void *payload,
@@ -124,7 +135,7 @@ int dh_link_send_raw(dh_link *l, const void *bytes, uint32_t n, int timeout_ms)
     if (atomic_load(&l->closed))
         return DH_ECLOSED;
     dh_timeout t = dh_timeout_ms(timeout_ms);
-    return l->ops->send_raw(l, bytes, n, &t);
+    return proto_fail(l, l->ops->send_raw(l, bytes, n, &t));
 }
 
 static int link_recv(dh_link *l, dh_frame_hdr *h, void *buf, uint32_t cap,
@@ -136,12 +147,8 @@ static int link_recv(dh_link *l, dh_frame_hdr *h, void *buf, uint32_t cap,
     if (rc == 0) {
         l->st.frames_recv++;
         l->st.bytes_recv += DH_FRAME_HDR_SIZE + h->length;
-    } else if (rc == DH_EPROTO) {
-        /* Whatever follows a bad frame cannot be trusted: drop the link. */
-        l->st.proto_errors++;
-        dh_link_close(l);
     }
-    return rc;
+    return proto_fail(l, rc);
 }
 
 int dh_link_recv(dh_link *l, dh_frame_hdr *h, void *buf, uint32_t cap,

@@ -11,7 +11,11 @@
  * yet": the consumer zeroes each length word it consumes and the producer
  * zeroes the word after each record it writes. Positions are u32 and
  * free-running, so head - tail is the bytes in use. Everything read from the
- * file is checked before use: the peer may be buggy or hostile. */
+ * file is checked before use: the peer may be buggy or hostile (another VM
+ * can write the whole file). So each end keeps its own index in private
+ * memory and only publishes it; the peer's index is checked (aligned, and
+ * between ours and a ring's capacity away) and a bad one is DH_EPROTO, which
+ * closes the link. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -63,7 +67,9 @@ struct shm_link {
     int side;
     int wait_mode;
     uint32_t mask;
-    uint32_t tail_cache; /* the tx tail as last read */
+    uint32_t tx_head;    /* ours: the file's copy is only published, never read */
+    uint32_t rx_tail;    /* ours, likewise */
+    uint32_t tail_cache; /* the peer's tx tail as last read and checked */
     uint32_t generation; /* the channel's generation when this end was bound */
     struct shm_file_hdr *fh;
     struct ring_ctl *tx, *rx;
@@ -75,6 +81,13 @@ static uint32_t align8(uint32_t n) { return (n + 7u) & ~7u; }
 /* One read of a word the peer can rewrite at any time: the compiler may not
  * load it again after it was checked. */
 static uint32_t load_once(const void *p) { return *(const volatile uint32_t *)p; }
+
+/* A peer's ring position: aligned like every record, and at most `span`
+ * bytes past `from` (positions are free-running, so this is mod 2^32). */
+static int pos_ok(uint32_t pos, uint32_t from, uint32_t span)
+{
+    return !(pos & 7u) && pos - from <= span;
+}
 
 static void futex_wake(atomic_uint *w)
 {
@@ -195,7 +208,7 @@ static int reserve(struct shm_link *s, uint32_t need, dh_timeout *t,
                    uint32_t *pos_out, uint32_t *wrap_off)
 {
     uint32_t cap = s->mask + 1;
-    uint32_t head = atomic_load_explicit(&s->tx->head, memory_order_relaxed);
+    uint32_t head = s->tx_head;
     uint32_t off = head & s->mask;
     uint32_t to_end = cap - off;
     uint32_t total = need + REC_HDR + (to_end < need ? to_end : 0);
@@ -203,6 +216,9 @@ static int reserve(struct shm_link *s, uint32_t need, dh_timeout *t,
         if (peer_gone(s))
             return DH_ECLOSED;
         uint32_t tail = atomic_load_explicit(&s->tx->tail, memory_order_acquire);
+        /* The consumer only moves forward, and never past what we wrote. */
+        if (!pos_ok(tail, s->tail_cache, head - s->tail_cache))
+            return DH_EPROTO;
         if (tail != s->tail_cache) {
             s->tail_cache = tail;
             continue;
@@ -235,7 +251,8 @@ static void commit(struct shm_link *s, uint32_t head, uint32_t rec_len,
     if (wrap_off != WRAP)
         atomic_store_explicit(len_word(s->tx_data, wrap_off), WRAP,
                               memory_order_release);
-    publish(&s->tx->head, &s->tx->head_waiters, head + span,
+    s->tx_head = head + span;
+    publish(&s->tx->head, &s->tx->head_waiters, s->tx_head,
             s->wait_mode == DH_WAIT_FUTEX);
 }
 
@@ -284,6 +301,10 @@ static int wait_record(struct shm_link *s, atomic_uint *lw, dh_timeout *t)
         uint32_t head = atomic_load_explicit(&s->rx->head, memory_order_relaxed);
         if (atomic_load_explicit(lw, memory_order_acquire))
             return 0;
+        /* Within a ring of us either way: a record's length word is stored
+         * before head is published, so we may be a record ahead of it. */
+        if (!pos_ok(head, s->rx_tail - (s->mask + 1), 2 * (s->mask + 1)))
+            return DH_EPROTO;
         if (peer_gone(s))
             return atomic_load_explicit(lw, memory_order_acquire) ? 0 : DH_ECLOSED;
         int rc = shm_wait(s, &s->rx->head, head, &s->rx->head_waiters, t,
@@ -298,7 +319,7 @@ static int shm_recv(dh_link *l, dh_frame_hdr *out, void *buf, uint32_t cap_buf,
 {
     struct shm_link *s = (struct shm_link *)l;
     uint32_t cap = s->mask + 1;
-    uint32_t tail = atomic_load_explicit(&s->rx->tail, memory_order_relaxed);
+    uint32_t tail = s->rx_tail;
     for (;;) {
         uint32_t off = tail & s->mask;
         uint32_t to_end = cap - off;
@@ -310,6 +331,7 @@ static int shm_recv(dh_link *l, dh_frame_hdr *out, void *buf, uint32_t cap_buf,
         if (rec == WRAP) {
             atomic_store_explicit(lw, 0, memory_order_relaxed);
             tail += to_end;
+            s->rx_tail = tail;
             publish(&s->rx->tail, &s->rx->tail_waiters, tail,
                     s->wait_mode == DH_WAIT_FUTEX);
             continue;
@@ -330,7 +352,8 @@ static int shm_recv(dh_link *l, dh_frame_hdr *out, void *buf, uint32_t cap_buf,
         if (dh_frame_verify_split(&h, buf))
             return DH_EPROTO;
         atomic_store_explicit(lw, 0, memory_order_relaxed);
-        publish(&s->rx->tail, &s->rx->tail_waiters, tail + align8(REC_HDR + rec),
+        s->rx_tail = tail + align8(REC_HDR + rec);
+        publish(&s->rx->tail, &s->rx->tail_waiters, s->rx_tail,
                 s->wait_mode == DH_WAIT_FUTEX);
         *out = h;
         return 0;
@@ -416,6 +439,14 @@ static int shm_bind(uint8_t *map, size_t len, int side, int wait_mode,
     s->rx = side ? ctl0 : ctl1;
     s->tx_data = side ? d1 : d0;
     s->rx_data = side ? d0 : d1;
+    /* Where this end takes over: read once, then kept privately. */
+    s->tx_head = atomic_load_explicit(&s->tx->head, memory_order_acquire);
+    s->tail_cache = atomic_load_explicit(&s->tx->tail, memory_order_acquire);
+    s->rx_tail = atomic_load_explicit(&s->rx->tail, memory_order_acquire);
+    if (!pos_ok(s->tx_head, s->tail_cache, rb) || (s->tail_cache & 7u) || (s->rx_tail & 7u)) {
+        free(s);
+        return DH_EPROTO;
+    }
     /* Largest frame whose record fits in half a ring, so a wrap always fits. */
     uint32_t max = rb / 2 - REC_HDR - DH_FRAME_HDR_SIZE - 8;
     if (max < s->base.max_payload)

@@ -103,6 +103,43 @@ def attack(tmp_path, op: str, writes: list[tuple[str, str]]) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.parametrize(("op", "field"), [
+    ("recv_on_0", "tail1"),  # the receiver's own index, at the end of the file
+    ("recv_on_0", "head1"),  # the sender's own index
+    ("recv_on_1", "tail0"),
+    ("recv_on_1", "head0"),
+])
+def test_an_end_keeps_its_own_index(tmp_path, op, field):
+    """An unaligned index 2 bytes before the ring's end would put the length
+    word past the ring (past the file for ring 1): an end never reloads its
+    own index, so the frame still arrives whole."""
+    out = attack(tmp_path, op, [(field, "cap - 2")])
+    assert out == {"outcome": "ok", "value": True, "closed": False}, out
+
+
+@pytest.mark.parametrize("expr", [
+    "head0 + 3",              # unaligned
+    "tail0 - 8",              # the consumer went backwards
+    "head0 + 8",              # consumed more than was produced
+    "head0 - cap - 8",        # further behind than the ring holds
+])
+def test_a_bad_consumer_index_closes_the_senders_link(tmp_path, expr):
+    """The sender re-reads the peer's tail when its ring is full."""
+    out = attack(tmp_path, "send_full", [("tail0", expr)])
+    assert out["outcome"] == "ProtocolError" and out["closed"], out
+
+
+@pytest.mark.parametrize("expr", ["tail0 + 3", "tail0 + cap + 8", "tail0 - cap - 8"])
+def test_a_bad_producer_index_closes_the_receivers_link(tmp_path, expr):
+    out = attack(tmp_path, "recv_empty", [("head0", expr)])
+    assert out["outcome"] == "ProtocolError" and out["closed"], out
+
+
+def test_a_rewritten_generation_closes_live_ends(tmp_path):
+    out = attack(tmp_path, "recv_on_1", [("generation", "generation + 5")])
+    assert out["outcome"] == "LinkClosed", out
+
+
 @pytest.mark.parametrize("writes", [
     [("ring_bytes", "0x40000000")],       # a ring far outside the file
     [("ring_bytes", "cap - 4")],
