@@ -1,9 +1,13 @@
-"""Where the harness keeps what it builds and caches (XDG base dirs)."""
+"""Where the harness keeps what it builds and caches (XDG base dirs), and
+the check that keeps its directories in shared places its own."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from harness.errors import HarnessError
 
 
 def _xdg(override: str, xdg_var: str, default: str) -> Path:
@@ -22,3 +26,61 @@ def cache_dir() -> Path:
 def data_dir() -> Path:
     """What must persist (disks that survive restarts)."""
     return _xdg("HARNESS_DATA_DIR", "XDG_DATA_HOME", ".local/share")
+
+
+def shm_root() -> Path:
+    """Where clusters keep their shm channel files (one directory each)."""
+    return Path("/dev/shm") / f"disagg-harness-{os.getuid()}"
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Makes path, and each parent it lacks, mode 0700; or checks the one
+    already there. A name in /tmp or /dev/shm can be taken first by anyone,
+    who could then swap the channel files and sockets in it: path must be a
+    real directory of this user, and every directory above it up to a
+    sticky one of root's (/tmp, /dev/shm) or one of root's (from then on
+    trusted) must be this user's or root's; none may be writable by group or
+    others. Otherwise HarnessError names the directory and what to remove."""
+    path = Path(os.path.abspath(path))
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    if missing:
+        _check_private(p, path)  # before anything is made in it
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass  # someone made it meanwhile: checked below like any other
+    _check_private(path, path)
+    return path
+
+
+def _refuse(d: Path, why: str) -> HarnessError:
+    return HarnessError(
+        f"{d} {why}, so another user could replace the harness's files in it; "
+        f"remove it (rm -rf {d}; if it is not yours, its owner or root must) and run again")
+
+
+def _check_private(d: Path, path: Path) -> None:
+    """Checks d and the directories above it; path is the one asked for."""
+    me = os.geteuid()
+    while True:
+        st = os.lstat(d)
+        if stat.S_ISLNK(st.st_mode):
+            if d == path or st.st_uid not in (me, 0):
+                raise _refuse(d, "is a symbolic link")
+            st = os.stat(d)  # a system link above us, like /var/run
+        if not stat.S_ISDIR(st.st_mode):
+            raise _refuse(d, "is not a directory")
+        if st.st_uid != me and (d == path or st.st_uid != 0):
+            raise _refuse(d, f"is owned by uid {st.st_uid}, not you (uid {me})")
+        if d != path and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+            return  # /tmp, /dev/shm: shared by design, and nobody else may rename our entry
+        if st.st_mode & 0o022:
+            raise _refuse(d, f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+        if d.parent == d or (d != path and st.st_uid == 0 and me != 0):
+            return  # the root, or root's own directory: trusted from here up
+        d = d.parent

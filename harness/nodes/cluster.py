@@ -28,6 +28,7 @@ from harness.errors import ClusterError, HarnessError, NotSupported, TransportEr
 from harness.nodes.broker import Channel, Process
 from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.paths import private_dir, shm_root
 from harness.topology import LinkModel, Node, Topology, load, parse_size
 from harness.vm.streams import chardevs, port_name
 
@@ -37,12 +38,14 @@ _serial = itertools.count()
 
 
 def run_root() -> Path:
-    """Where clusters keep their run directories (logs, state, sockets)."""
+    """Where clusters keep their run directories (logs, state, sockets):
+    made, or checked, private to this user (paths.private_dir)."""
     env = os.environ.get("HARNESS_RUN_DIR")
     if env:
-        return Path(env)
+        return private_dir(env)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "disagg-harness" if xdg else Path(f"/tmp/disagg-harness-{os.getuid()}")
+    return private_dir(Path(xdg) / "disagg-harness" if xdg
+                       else Path(f"/tmp/disagg-harness-{os.getuid()}"))
 
 
 @dataclass
@@ -106,7 +109,7 @@ class Cluster:
         # A private run directory is removed after a clean stop; a given one is kept.
         self._private = run_dir is None
         self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
-        self.shm_dir = Path("/dev/shm") / f"disagg-harness-{os.getuid()}" / self.run_dir.name
+        self.shm_dir = shm_root() / self.run_dir.name
         # Disks outlive a node's restart; a private cluster keeps them in its run dir.
         self.disk_dir = disk_dir or self.run_dir
         self.nodes: dict[str, NodeHandle] = {}
@@ -180,8 +183,8 @@ class Cluster:
         """Starts every node (VMs are launched from this thread: QEMU's
         parent-death signal is tied to it) and waits until all answer."""
         say = progress or (lambda _msg: None)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
+        private_dir(self.shm_dir)
         self.started_at = time.time()
         try:
             self._runners(say)

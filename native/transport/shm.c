@@ -468,7 +468,7 @@ int dh_shm_file_create(const char *path, uint32_t file_bytes)
 {
     if (!is_pow2(file_bytes) || file_bytes < SHM_MIN_BYTES || file_bytes > (1u << 30))
         return DH_EINVAL;
-    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return DH_EIO;
     uint8_t *map;
@@ -499,9 +499,11 @@ int dh_link_shm_stale(const dh_link *l)
            atomic_load_explicit(&s->fh->generation, memory_order_acquire) != s->generation;
 }
 
+/* Channel files are opened by path, never through a symbolic link: in a
+ * directory others could write, one could point a node at their file. */
 int dh_shm_file_reset(const char *path)
 {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return DH_EIO;
     struct stat st;
@@ -541,7 +543,7 @@ int dh_shm_file_reset(const char *path)
 
 int dh_link_shm_open(const char *path, int side, dh_link **out)
 {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return DH_EIO;
     struct stat st;
