@@ -1,7 +1,11 @@
 /* Stream links: frames over a byte stream (Unix or TCP socket, a
  * virtio-serial port). The fd is non-blocking; waits are poll() with the
- * caller's deadline. A frame cut short by EOF is a protocol error; a frame
- * cut short by a timeout loses the stream's framing, so the link closes. */
+ * caller's deadline. A frame cut short by EOF is a protocol error. Once a
+ * frame's first byte is in, the frame is read to its end under a deadline of
+ * its own (the caller's timeout, at least FRAME_FINISH_MS, from when it has to
+ * wait): callers poll with short timeouts, and a frame that straddles one
+ * must not be lost. A frame not finished even then loses the stream's
+ * framing, so the link closes. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -17,6 +21,7 @@
 #include "link.h"
 
 #define RBUF 65536u
+#define FRAME_FINISH_MS 10000
 
 struct fd_link {
     dh_link base;
@@ -169,14 +174,17 @@ static int fd_recv(dh_link *l, dh_frame_hdr *out, void *buf, uint32_t cap,
         f->rpos = 0;
         f->rlen = (uint32_t)r;
     }
-    int rc = read_exact(f, raw, sizeof raw, t);
+    /* A frame has begun. Its clock starts only if it has to wait. */
+    dh_timeout ft = dh_timeout_ms(t->ms < 0 || t->ms > FRAME_FINISH_MS ? t->ms
+                                                                        : FRAME_FINISH_MS);
+    int rc = read_exact(f, raw, sizeof raw, &ft);
     dh_frame_hdr h;
     if (rc == 0)
         rc = dh_frame_check_hdr(raw, sizeof raw, &h);
     if (rc == 0 && h.length > cap)
         rc = DH_ETOOBIG;
     if (rc == 0)
-        rc = read_exact(f, buf, h.length, t);
+        rc = read_exact(f, buf, h.length, &ft);
     if (rc == 0)
         rc = dh_frame_verify_split(&h, buf);
     if (rc == DH_ECLOSED)

@@ -140,3 +140,39 @@ def test_timeout_must_not_be_negative(sockets):
     a, _ = sockets
     with pytest.raises(ValueError, match="timeout"):
         t.Link.from_fd(a.fileno()).recv(timeout=-1)
+
+
+@pytest.mark.parametrize("cut", [1, 20, 32, 5000])  # in the header, at its end, in the body
+def test_a_frame_that_straddles_the_receive_deadline_is_finished(sockets, cut):
+    """A frame whose first bytes arrive just before a receive's deadline is
+    read to its end under a deadline of its own: the agent polls with short
+    timeouts, and a frame cut there would lose the stream and close the link."""
+    a, b = sockets
+    lb = t.Link.from_fd(b.fileno())
+    body = bytes(range(256)) * 400  # 100 KiB: more than the link's read buffer
+    frame = t.encode_frame(t.Op.ECHO, body, req_id=7)
+    a.sendall(frame[:cut])
+
+    def rest():
+        time.sleep(0.3)  # well past the receive's 0.1 s
+        a.sendall(frame[cut:cut + 7000])
+        time.sleep(0.3)
+        a.sendall(frame[cut + 7000:] + t.encode_frame(t.Op.PING, b"next", req_id=8))
+
+    th = threading.Thread(target=rest)
+    th.start()
+    try:
+        hdr, data = lb.recv(timeout=0.1)
+    finally:
+        th.join()
+    assert (hdr.req_id, data) == (7, body) and not lb.closed
+    assert lb.recv(timeout=1)[1] == b"next"  # the stream kept its framing
+
+
+def test_a_receive_with_nothing_started_still_times_out_on_time(sockets):
+    _, b = sockets
+    lb = t.Link.from_fd(b.fileno())
+    t0 = time.monotonic()
+    with pytest.raises(TransportTimeout):
+        lb.recv(timeout=0.1)
+    assert time.monotonic() - t0 < 1.0 and not lb.closed
