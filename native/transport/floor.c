@@ -127,7 +127,9 @@ int dh_floor_copy(uint32_t size, uint64_t count, uint64_t *ns)
         for (uint64_t i = 0; i < count; i++) {
             memcpy(mid + off, src, size);
             memcpy(dst, mid + off, size);
-            off = (off + size) % (ring - size);
+            off += size; /* on through the ring; no modulo: size may be the ring's */
+            if (off > ring - size)
+                off = 0;
             __asm__ volatile("" : : "r"(dst) : "memory");
         }
         *ns = dh_now_ns() - t0;

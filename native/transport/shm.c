@@ -279,7 +279,8 @@ static int shm_send_raw(dh_link *l, const void *bytes, uint32_t n,
                         dh_timeout *t)
 {
     struct shm_link *s = (struct shm_link *)l;
-    if (n == 0 || n == WRAP || align8(REC_HDR + n) > (s->mask + 1) / 2)
+    /* n first: REC_HDR + n wraps for n near 4 GiB. */
+    if (n == 0 || n > (s->mask + 1) / 2 || align8(REC_HDR + n) > (s->mask + 1) / 2)
         return DH_ETOOBIG;
     if (peer_gone(s))
         return DH_ECLOSED;

@@ -133,6 +133,12 @@ static void test_shm_wraparound(void)
         CHECK(dh_link_recv(b, &h, buf, sizeof buf, 10) == 0);
     CHECK(dh_link_recv(b, &h, buf, sizeof buf, 10) == DH_ETIMEDOUT);
 
+    /* Raw sizes near 4 GiB are refused before anything is copied: the
+     * record's size (4 + n, rounded up to 8) wraps to a few bytes. */
+    for (uint32_t n = 0xfffffff0u; n != 0; n++)
+        CHECK(dh_link_send_raw(a, buf, n, 10) == DH_ETOOBIG);
+    CHECK(dh_link_recv(b, &h, buf, sizeof buf, 10) == DH_ETIMEDOUT);
+
     /* A record that lies is caught before it is read. */
     CHECK(dh_link_send_raw(a, "DHF1 garbage that is long enough...", 36, 10) == 0);
     CHECK(dh_link_recv(b, &h, buf, sizeof buf, 10) == DH_EPROTO);
@@ -172,6 +178,17 @@ static void test_stream_socket(void)
     }
     dh_link_destroy(a);
     dh_link_destroy(b);
+    passed++;
+}
+
+/* The copy floor with a ring-sized payload: the offset once wrapped modulo
+ * ring - size, which is 0 there. */
+static void test_floor_copy(void)
+{
+    uint64_t ns = 0;
+    CHECK(dh_floor_copy(1u << 20, 3, &ns) == 0);
+    CHECK(dh_floor_copy(4096, 1000, &ns) == 0 && ns > 0);
+    CHECK(dh_floor_copy((1u << 20) + 1, 1, &ns) == DH_EINVAL);
     passed++;
 }
 
@@ -215,6 +232,7 @@ int main(void)
     test_shm_wraparound();
     test_stream_socket();
     test_rpc();
+    test_floor_copy();
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
