@@ -9,13 +9,30 @@ from libc.string cimport memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 from harness._native.errors cimport check
-from harness._native.transport cimport Link, Samples
+from harness._native.transport cimport Link, Samples, dh_link, dh_link_is_closed
+from harness.errors import LinkClosed
 
 PAGE = DH_PAGE
 POLICIES = {"fifo": DH_POLICY_FIFO, "lru": DH_POLICY_LRU, "random": DH_POLICY_RANDOM}
 FAULT_MODES = {"sigbus": DH_FAULT_SIGBUS, "thread": DH_FAULT_THREAD}
 PREFETCH_MAX = DH_PREFETCH_MAX
 DEFAULT_PREFETCH = 8  # the harness's default (LegoOS's config prefetches; Linux swap reads 8)
+
+
+cdef dh_link *_usable(Link link, str what) except NULL:
+    """The C link of a Link that was opened and is not closed: C keeps using
+    it, so a closed or never-opened one is refused here."""
+    cdef dh_link *l = link._live()
+    if dh_link_is_closed(l):
+        raise LinkClosed(f"{what}: link {link.name} is closed")
+    return l
+
+
+cdef size_t _pages_bytes(size_t npages) except? 0:
+    """npages * PAGE, refused when it would wrap."""
+    if npages > (<size_t>-1) // DH_PAGE:
+        raise MemoryError(f"{npages} pages do not fit in memory")
+    return max(npages, 1) * DH_PAGE
 
 
 def prefetch_for(uint64_t capacity, uint32_t ways, uint32_t want=DEFAULT_PREFETCH) -> int:
@@ -29,8 +46,7 @@ cdef class ExCache:
     pages live on a memory node (link=None: a local store, the benchmark's floor)."""
 
     cdef dh_excache *_c
-    cdef object _link
-    cdef object _backup
+    cdef list _links  # every link handed to C: it may use any of them until destroy
     cdef readonly uint64_t capacity
     cdef readonly uint32_t ways
     cdef readonly str policy
@@ -44,9 +60,10 @@ cdef class ExCache:
         if fault_mode not in FAULT_MODES:
             raise ValueError(f"fault_mode must be one of {sorted(FAULT_MODES)}, "
                              f"got {fault_mode!r}")
-        self._link = link
+        self._links = [link]
         self.capacity, self.ways, self.policy, self.fault_mode = capacity, ways, policy, fault_mode
-        check(dh_excache_create(link._l if link is not None else NULL, capacity, ways,
+        cdef dh_link *l = _usable(link, "ExCache") if link is not None else NULL
+        check(dh_excache_create(l, capacity, ways,
                                 POLICIES[policy], FAULT_MODES[fault_mode],
                                 <int>(timeout * 1000), &self._c),
               f"ExCache of {capacity} bytes, {ways}-way ({policy}, {fault_mode})")
@@ -72,11 +89,14 @@ cdef class ExCache:
         r._cache, r._addr, r.size, r.id = self, addr, size, rid
         return r
 
-    def set_backup(self, Link link) -> None:
+    def set_backup(self, Link link not None) -> None:
         """A backup memory node that the primary replicates to: when a request
-        to the primary fails, the cache switches to it and retries."""
-        self._backup = link
-        dh_excache_set_backup(self._c, link._l)
+        to the primary fails, the cache switches to it and retries. The link
+        is kept as long as the cache: after a failover C sends on it, even
+        once another backup was set."""
+        cdef dh_link *l = _usable(link, "backup")
+        self._links.append(link)
+        dh_excache_set_backup(self._c, l)
 
     def flush(self) -> None:
         """Writes every dirty line back to the memory node."""
@@ -129,8 +149,10 @@ cdef class Region:
 
     def time_touch(self, size_t first_page, size_t npages, bint write=False) -> list:
         """Touches npages pages from first_page, timing each access in C -> ns."""
-        if self._addr is NULL or (first_page + npages) * DH_PAGE > self.size:
-            raise ValueError("pages outside the region")
+        cdef uint64_t pages = self.size // DH_PAGE
+        if self._addr is NULL or first_page > pages or npages > pages - first_page:
+            raise ValueError(f"pages {first_page}..+{npages} are outside the region "
+                             f"({pages} pages)")
         cdef Samples s = Samples(npages)
         dh_excache_time_touch(<uint8_t *>self._addr + first_page * DH_PAGE, npages, write, s.v)
         return s.values()
@@ -158,28 +180,31 @@ cdef class MStore:
     """A memory node's store of vRegions; serve() answers the ExCache protocol."""
 
     cdef dh_mstore *_m
-    cdef object _replica
+    cdef list _replicas  # as ExCache._links: C may still be sending on an earlier one
 
     def __cinit__(self):
+        self._replicas = []
         check(dh_mstore_create(&self._m), "memory store")
 
     def __dealloc__(self):
         if self._m is not NULL:
             dh_mstore_destroy(self._m)
 
-    def serve(self, Link link) -> None:
+    def serve(self, Link link not None) -> None:
         """Serves link until it closes or says SHUTDOWN (blocks; releases the GIL)."""
         cdef volatile int stop = 0
+        cdef dh_link *l = link._live()
         cdef int rc
         with nogil:
-            rc = dh_mstore_serve(self._m, link._l, &stop)
+            rc = dh_mstore_serve(self._m, l, &stop)
         check(rc, "memory node serving ExCache")
 
-    def set_replica(self, Link link, double timeout=2.0) -> None:
+    def set_replica(self, Link link not None, double timeout=2.0) -> None:
         """Every write goes to the store behind link, and is acknowledged by
         it, before this store applies it and answers."""
-        self._replica = link
-        dh_mstore_set_replica(self._m, link._l, <int>(timeout * 1000))
+        cdef dh_link *l = _usable(link, "replica")
+        self._replicas.append(link)
+        dh_mstore_set_replica(self._m, l, <int>(timeout * 1000))
 
     def stats(self) -> dict:
         cdef dh_mstore_stats s
@@ -193,7 +218,7 @@ cdef class MStore:
 
 def floor_minor_fault(size_t n) -> list:
     """First touches of n pages of plain anonymous memory -> ns each."""
-    cdef size_t size = max(n, 1) * DH_PAGE
+    cdef size_t size = _pages_bytes(n)
     cdef void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if m == MAP_FAILED:
         raise MemoryError()
@@ -208,7 +233,7 @@ def floor_minor_fault(size_t n) -> list:
 def time_touch_native(size_t npages) -> list:
     """Touches of npages already-present pages of ordinary memory -> ns each
     (the floor of a cache hit)."""
-    cdef size_t size = max(npages, 1) * DH_PAGE
+    cdef size_t size = _pages_bytes(npages)
     cdef Samples s = Samples(npages)
     cdef uint8_t *m = <uint8_t *>malloc(size)
     if m is NULL:

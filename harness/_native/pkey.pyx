@@ -129,7 +129,7 @@ def floor_wrpkru_pair(size_t n) -> tuple:
     return s.lists()
 
 
-def floor_mprotect(Compartment a, Compartment b, size_t n) -> tuple:
+def floor_mprotect(Compartment a not None, Compartment b not None, size_t n) -> tuple:
     """The four mprotect calls of a round trip between two compartments."""
     cdef _Samples s = _Samples(n)
     check(dh_floor_mprotect(a._c, b._c, s.cycles.v, s.ns.v, n), "mprotect floor")

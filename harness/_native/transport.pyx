@@ -60,6 +60,14 @@ cdef int _ms(timeout) except? -2:
     return <int>min(timeout * 1000.0 + 0.999, 2**31 - 1)
 
 
+cdef uint32_t _length(Py_ssize_t n, uint64_t limit, str name, str what) except? 0:
+    """A buffer's length as the u32 C takes: one over limit is refused here,
+    before the conversion could cut 4 GiB + 8 bytes to 8."""
+    if <uint64_t>n > limit:
+        check(DH_ETOOBIG, f"{name}: {what} {n}-byte payload (limit {limit})")
+    return <uint32_t>n
+
+
 def crc32c(const uint8_t[::1] data, uint32_t crc=0) -> int:
     return dh_crc32c(crc, &data[0] if data.shape[0] else NULL, data.shape[0])
 
@@ -199,7 +207,7 @@ cdef class Link:
         h.flags = flags
         h.req_id = req_id
         cdef const void *p = &payload[0] if payload.shape[0] else NULL
-        cdef uint32_t n = payload.shape[0]
+        cdef uint32_t n = _length(payload.shape[0], DH_FRAME_MAX_PAYLOAD, self.name, "send")
         cdef int ms = _ms(timeout)
         cdef int rc
         with nogil:
@@ -210,8 +218,8 @@ cdef class Link:
         """Puts bytes on the link unchecked (to test a peer's decoder)."""
         if data.shape[0] == 0:
             raise ValueError("send_raw needs at least one byte")
-        cdef int rc = dh_link_send_raw(self._live(), &data[0], data.shape[0],
-                                       _ms(timeout))
+        cdef uint32_t n = _length(data.shape[0], 0xFFFFFFFF, self.name, "send raw")
+        cdef int rc = dh_link_send_raw(self._live(), &data[0], n, _ms(timeout))
         check(rc, f"{self.name}: send raw")
 
     def recv(self, timeout=5.0):
@@ -231,7 +239,7 @@ cdef class Link:
         cdef dh_link *l = self._live()
         cdef unsigned char[::1] buf = self._buf
         cdef const void *p = &payload[0] if payload.shape[0] else NULL
-        cdef uint32_t n = payload.shape[0]
+        cdef uint32_t n = _length(payload.shape[0], DH_FRAME_MAX_PAYLOAD, self.name, "call")
         cdef uint32_t got = 0, flags = 0
         cdef int ms = _ms(timeout)
         cdef int rc
@@ -249,7 +257,7 @@ cdef class Link:
         h.opcode = req.opcode
         h.req_id = req.req_id
         cdef const void *p = &payload[0] if payload.shape[0] else NULL
-        cdef uint32_t n = payload.shape[0]
+        cdef uint32_t n = _length(payload.shape[0], DH_FRAME_MAX_PAYLOAD, self.name, "reply")
         cdef dh_link *l = self._live()
         cdef int ms = _ms(timeout)
         cdef int rc
@@ -311,6 +319,8 @@ cdef class Samples:
     bindings of every module use it)."""
 
     def __cinit__(self, size_t n):
+        if n > (<size_t>-1) // sizeof(uint64_t):  # n * 8 would wrap to a small block
+            raise MemoryError(f"{n} samples do not fit in memory")
         self.n = n
         self.v = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
         if self.v is NULL:
