@@ -1,7 +1,9 @@
 """A file system as SQL (DBOS's File table): directories and files are rows,
 file data lives in 4 KiB blocks, every operation is one transaction, and
 errors are POSIX errnos. Paths are absolute; a name may not be empty, "." or
-"..", contain "/" or NUL, or be longer than 255 bytes."""
+"..", contain "/" or NUL, or be longer than 255 bytes, and a path may not be
+longer than 4095 (PATH_MAX with its NUL). One read returns at most 64 MiB:
+a larger range (a whole sparse file of 10^12 bytes) is EFBIG, read it in parts."""
 
 from __future__ import annotations
 
@@ -17,12 +19,16 @@ if TYPE_CHECKING:
 
 BLOCK = 4096
 ROOT = 1
+MAX_PATH = 4095
+MAX_READ = 64 << 20
 
 
 def split(path: str) -> list[str]:
     """Checks a path and returns its components."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise FSError(errno.EINVAL, str(path))
+    if len(path.encode()) > MAX_PATH:
+        raise FSError(errno.ENAMETOOLONG, path)
     parts = [p for p in path.split("/") if p]
     for p in parts:
         if p in (".", "..") or "\0" in p or len(p.encode()) > 255:
@@ -121,7 +127,7 @@ class FileSystem:
     def write(self, path: str, offset: int, data: bytes, task: int | None = None) -> int:
         if offset < 0:
             raise FSError(errno.EINVAL, path)
-        data = bytes(data)
+        data = bytes(memoryview(data))  # bytes-like only: bytes(n) would make n zeros
         with self.db.tx() as con:
             fid, _ = self._file(con, path)
             pos, end = offset, offset + len(data)
@@ -152,16 +158,16 @@ class FileSystem:
         with self.db.tx(write=task is not None) as con:
             fid, fsize = self._file(con, path)
             end = fsize if size < 0 else min(fsize, offset + size)
-            out = bytearray()
-            if offset < end:
-                first, last = offset // BLOCK, (end - 1) // BLOCK
-                blocks = dict(con.execute(
-                    "SELECT block_number, bytes FROM blocks WHERE file_id = ? AND "
-                    "block_number BETWEEN ? AND ?", (fid, first, last)).fetchall())
-                for bn in range(first, last + 1):
-                    b = blocks.get(bn, b"")
-                    out += b + bytes(BLOCK - len(b))  # holes read as zeros
-                out = out[offset - first * BLOCK:end - first * BLOCK]
+            if end - offset > MAX_READ:
+                raise FSError(errno.EFBIG, path)
+            out = bytearray(max(end - offset, 0))  # holes read as zeros
+            if offset < end:  # only the blocks there are: not one per block of a hole
+                for bn, b in con.execute(
+                        "SELECT block_number, bytes FROM blocks WHERE file_id = ? AND "
+                        "block_number BETWEEN ? AND ?", (fid, offset // BLOCK, (end - 1) // BLOCK)):
+                    lo, hi = max(bn * BLOCK, offset), min(bn * BLOCK + len(b), end)
+                    if lo < hi:
+                        out[lo - offset:hi - offset] = b[lo - bn * BLOCK:hi - bn * BLOCK]
             if task is not None:
                 self.db.log(con, "file_read", f"file:{fid}", task)
         return bytes(out)

@@ -197,6 +197,53 @@ def test_posix_errors(db, op, err):
     assert e.value.errno == err and isinstance(e.value, OSError)
 
 
+def test_a_read_past_a_huge_hole_reads_only_what_is_asked(db):
+    """A file with one byte past 10^12: reads around it build what they
+    return, not the hole; the whole file at once is refused (EFBIG)."""
+    fs = db.fs
+    fs.create("/sparse")
+    fs.write("/sparse", 10**12, b"end")
+    assert fs.stat("/sparse")["size"] == 10**12 + 3
+    assert fs.read("/sparse", 10**12, 10) == b"end"
+    assert fs.read("/sparse", 10**12 - 5, 8) == bytes(5) + b"end"
+    assert fs.read("/sparse", 5 * 10**11, 3) == bytes(3)
+    for size in (-1, 10**12):
+        with pytest.raises(FSError) as e:
+            fs.read("/sparse", 0, size)
+        assert e.value.errno == errno.EFBIG
+
+
+def test_reads_up_to_the_limit_still_work(db):
+    fs = db.fs
+    fs.create("/f")
+    fs.write("/f", 3, b"abc")
+    fs.write("/f", 9000, b"z")
+    assert fs.read("/f") == bytes(3) + b"abc" + bytes(9000 - 6) + b"z"
+    assert fs.read("/f", 4, 4) == b"bc" + bytes(2)
+
+
+@pytest.mark.parametrize("data", [5, 10**12, "text", None])
+def test_write_data_must_be_bytes(db, data):
+    """An int was taken as a length: bytes(10**12) would build a terabyte."""
+    db.fs.create("/f")
+    with pytest.raises(TypeError):
+        db.fs.write("/f", 0, data)
+    assert db.fs.stat("/f")["size"] == 0
+
+
+def test_a_path_longer_than_path_max_is_refused(db):
+    name = "d" * 200
+    deep = "/" + "/".join([name] * 20)  # 4020 bytes: fine
+    db.fs.mkdir(deep, parents=True)
+    longest = deep + "/" + "x" * (4095 - len(deep) - 1)
+    db.fs.create(longest)  # 4095 bytes: PATH_MAX with its NUL
+    for op in (lambda: db.fs.create(longest + "y"), lambda: db.fs.stat(longest + "/y"),
+               lambda: db.fs.mkdir(deep + "/" + "/".join([name] * 3), parents=True)):
+        with pytest.raises(FSError) as e:
+            op()
+        assert e.value.errno == errno.ENAMETOOLONG
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 20_000), st.binary(min_size=1, max_size=6000)),
                 max_size=12), st.integers(0, 30_000))
