@@ -46,6 +46,19 @@ def _ivshmem(end: LinkEnd) -> Link:
     return Link.shm_attach(memoryview(mem), end.side, name=end.peer)
 
 
+def fit_reply(out: bytes, err: bool, limit: int) -> tuple[bytes, bool]:
+    """A reply the link can carry. One over its payload limit is never cut
+    (a cut JSON answer only fails to parse far away): it becomes an error
+    that names both sizes. An error message that long is shortened, saying so."""
+    if len(out) <= limit:
+        return out, err
+    if err:
+        note = b" [... error message cut at the link's limit]"
+        return out[:max(limit - len(note), 0)] + note[:limit], True
+    return (f"the reply is {len(out)} bytes, over this link's limit of {limit} bytes; "
+            "ask for less at a time (read a file in parts, LIMIT a query)").encode()[:limit], True
+
+
 def open_link(end: LinkEnd, nid: int) -> Link:
     if end.kind == "ivshmem":
         link = _ivshmem(end)
@@ -158,8 +171,9 @@ class Agent:
                 out, err = self.role.handle(hdr.opcode, payload), False
             except Exception as exc:  # reported to the caller, never fatal here
                 out, err = f"{type(exc).__name__}: {exc}".encode(), True
+            out, err = fit_reply(out, err, link.max_payload)
             try:
-                link.reply(hdr, out[: link.max_payload], error=err)
+                link.reply(hdr, out, error=err)
             except TransportError as exc:
                 log(f"{self.spec.name}: reply to {peer} failed: {exc}")
                 return isinstance(exc, LinkClosed)

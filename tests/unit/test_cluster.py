@@ -189,3 +189,27 @@ def test_alloc_is_disaggregated_memory_on_the_mnode():
         assert c.sql("SELECT node, owner, size FROM regions") == [["mnode0", "pnode0", 1 << 20]]
         [[node, resident]] = c.sql("SELECT node, resident FROM pages")
         assert node == "pnode0" and resident == 64  # 256 KiB of lines
+
+
+def test_a_reply_over_the_links_limit_is_refused_not_cut(cluster):
+    """A DBOS read whose answer is larger than the control link carries comes
+    back as an error naming both sizes, not as JSON cut at the limit."""
+    fs = cluster.dbos.fs
+    fs.create("/big")
+    chunk = bytes(range(256)) * 512  # 128 KiB a request
+    for i in range(5):
+        fs.write("/big", i * len(chunk), chunk)
+    with pytest.raises(RemoteError, match=r"the reply is \d+ bytes, over this link's limit of "
+                                          r"\d+ bytes"):
+        fs.read("/big")
+    assert fs.read("/big", 0, len(chunk)) == chunk  # in parts it works, on the same link
+
+
+def test_fit_reply_never_cuts_an_answer():
+    from harness.nodes.agent import fit_reply
+
+    assert fit_reply(b"x" * 10, False, 10) == (b"x" * 10, False)
+    out, err = fit_reply(b"{" * 1000, False, 200)
+    assert err and out.startswith(b"the reply is 1000 bytes, over this link's limit of 200")
+    out, err = fit_reply(b"E" * 1000, True, 100)
+    assert err and len(out) == 100 and out.endswith(b"cut at the link's limit]")
