@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -303,18 +304,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.nodes.cluster import open_cluster
+    from harness.topology import parse_size
 
     argv = args.cmd
     if not argv:
         raise HarnessError("give the command to run on the pnode after --")
     quiet = not sys.stderr.isatty()
+    if args.memory == "local" and not args.client and not args.stats_json:
+        with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
+                          progress=None if quiet else (lambda m: _err(f"[run] {m}"))) as c:
+            pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
+            r = c.exec(pnode, argv, timeout=args.timeout)
+        sys.stdout.buffer.write(r.stdout)
+        sys.stderr.buffer.write(r.stderr)
+        return r.returncode
+    from harness.nodes.program import run_program, summary
+
     with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
+                      memory_channels=args.channels,
                       progress=None if quiet else (lambda m: _err(f"[run] {m}"))) as c:
-        pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
-        r = c.exec(pnode, argv, timeout=args.timeout)
-    sys.stdout.buffer.write(r.stdout)
-    sys.stderr.buffer.write(r.stderr)
-    return r.returncode
+        res = run_program(c, argv, memory=args.memory, cache=parse_size(args.cache),
+                          policy=args.policy, prefetch=args.prefetch,
+                          client=shlex.split(args.client) if args.client else None,
+                          timeout=args.timeout, capture=False)
+    sys.stdout.buffer.write(res.stdout)
+    sys.stderr.buffer.write(res.stderr)
+    if res.client_returncode is not None:
+        sys.stdout.buffer.write(res.client_stdout)
+        sys.stderr.buffer.write(res.client_stderr)
+    _err(f"[run] {summary(res)}")
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(res.stats, indent=1) + "\n")
+    code = res.returncode if res.returncode >= 0 else 128 - res.returncode
+    return code or (res.client_returncode or 0)
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
@@ -446,6 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("topology", nargs="?", default="lego3")
     sp.add_argument("--placement", choices=["process", "vm"])
     sp.add_argument("--timeout", type=float, default=300.0)
+    sp.add_argument("--memory", choices=["local", "remote"], default="local",
+                    help="remote: the program's anonymous memory lives on the mnode, behind "
+                    "an ExCache (default: local)")
+    sp.add_argument("--cache", default="16MiB",
+                    help="ExCache size per process with --memory remote (default: 16MiB)")
+    sp.add_argument("--policy", choices=["fifo", "lru", "random"], default="fifo")
+    sp.add_argument("--prefetch", type=int, default=8,
+                    help="lines one miss brings in, 1 to 16 (default: 8)")
+    sp.add_argument("--stats-json", metavar="PATH",
+                    help="write the run's memory counters as one JSON object")
+    sp.add_argument("--client", metavar="CMD",
+                    help="a load generator to run on local memory once CMD listens on a TCP "
+                    "port; CMD gets SIGTERM when it exits (e.g. 'redis-benchmark -q')")
+    sp.add_argument("--channels", type=int, default=4,
+                    help="memory channels in the pnode guest (placement vm): processes that "
+                    "can be on remote memory at once (default: 4)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("fault", cmd_fault, "inject a fault into a node of a running cluster")
