@@ -33,9 +33,9 @@ static void unlock(void) { atomic_flag_clear_explicit(&A.lock, memory_order_rele
 
 int dh_arena_init(uint8_t *base, uint64_t size)
 {
-    A.free = dh_raw_calloc(MAX_EXTENTS, sizeof *A.free);
-    if (!A.free)
+    if (!A.free && !(A.free = dh_raw_calloc(MAX_EXTENTS, sizeof *A.free)))
         return -1;
+    A.used = A.peak = 0;
     A.base = base;
     A.pages = size / DH_PAGE;
     A.free[0] = (struct extent){0, A.pages};
