@@ -263,6 +263,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     progress = None if args.json else (lambda m: _err(f"  {m}"))
+    if args.rounds is None:
+        args.rounds = 3 if args.which == "apps" else 5
     if args.which == "transport":
         from harness.bench import transport
 
@@ -275,8 +277,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.which == "paging":
         from harness.bench import paging
 
+        plot = "paging-sweep.png" if args.plot is None else args.plot
         rep = paging.run(placement=args.placement, n=min(args.n, 5000), rounds=args.rounds,
-                         plot_path=Path(args.plot) if args.plot else None, progress=progress)
+                         plot_path=Path(plot) if plot else None, progress=progress)
+    elif args.which == "apps":
+        from harness.bench import apps
+
+        plot = "apps-slowdown.png" if args.plot is None else args.plot
+        rep = apps.run(placement=args.placement, rounds=args.rounds,
+                       plot_path=Path(plot) if plot else None, progress=progress,
+                       apps=args.apps.split(",") if args.apps else None, budget=args.budget)
     elif args.which == "dbos":
         from harness.bench import dbos
 
@@ -440,21 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("bench", cmd_bench, "run a benchmark; every row is reported beside its floor", True)
     sp.add_argument("which", choices=["transport", "boot", "dbos", "paging", "gates",
-                                      "reliability"],
+                                      "reliability", "apps"],
                     help="the benchmark")
-    sp.add_argument("--plot", metavar="PNG", default="paging-sweep.png",
-                    help="paging: where to draw the cache-size sweep (default: "
-                         "paging-sweep.png; '' for none)")
+    sp.add_argument("--plot", metavar="PNG",
+                    help="paging, apps: where to draw the cache-size sweep (default: "
+                         "paging-sweep.png, apps-slowdown.png; '' for none)")
     sp.add_argument("--placement", choices=["process", "vm"], default="process",
-                    help="dbos, gates: on the host or in a guest; paging: the mnode and the "
-                         "workload as processes, or both in VMs (default: process)")
+                    help="dbos, gates: on the host or in a guest; paging, apps: the mnode and "
+                         "the workload as processes, or both in VMs (default: process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
                     help="samples per row: transport round trips (default: 20000); dbos "
                          "operations (capped at 2000)")
-    sp.add_argument("--rounds", type=int, default=5,
-                    help="boot: samples per row; paging: runs per sweep point (default: 5)")
+    sp.add_argument("--rounds", type=int,
+                    help="boot: samples per row; paging: runs per sweep point (default: 5); "
+                         "apps: runs per app and cache size (default: 3)")
+    sp.add_argument("--apps", metavar="NAMES",
+                    help="apps: a comma-separated subset of redis,xz,python,numpy1t,numpy2t "
+                         "(default: all)")
+    sp.add_argument("--budget", type=float, default=20.0,
+                    help="apps: stop a remote run after this many times its local time and "
+                         "report that as a lower bound (default: 20)")
     sp.add_argument("--duration", type=float, default=180.0,
                     help="reliability: seconds the soak runs (default: 180)")
     sp.add_argument("--no-parallel", action="store_true",

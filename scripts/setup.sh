@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
-pkgs=(qemu-system-x86 busybox-static e2fsprogs cpio kmod zstd xz-utils libmimalloc2.0)
+pkgs=(qemu-system-x86 busybox-static e2fsprogs cpio kmod zstd xz-utils redis-server redis-tools libmimalloc2.0)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -25,6 +25,11 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     "${sudo[@]}" apt-get update -qq
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # `harness bench apps` starts its own redis-server on a free port; the
+    # system service the package may have started is not needed.
+    if printf '%s\n' "${missing[@]}" | grep -qx redis-server && [ -d /run/systemd/system ]; then
+        "${sudo[@]}" systemctl disable --now redis-server >/dev/null 2>&1 || true
+    fi
 fi
 
 py=${PYTHON:-python3}
