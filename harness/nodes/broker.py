@@ -54,10 +54,12 @@ class Process:
 @dataclass
 class Broker:
     """Serves the interposer's protocol at `path` until stop(); `source` makes
-    a channel for a new process (it raises HarnessError when it cannot)."""
+    a channel for a new process (it raises HarnessError when it cannot), and
+    `release`, when given, takes it back once the process is gone."""
 
     path: Path
     source: Callable[[Process], Channel]
+    release: Callable[[Channel], None] | None = None
     processes: list[Process] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
@@ -109,6 +111,8 @@ class Broker:
         finally:
             if proc is not None:
                 proc.ended = time.time()
+                if proc.channel is not None and self.release is not None:
+                    self.release(proc.channel)
             with self._lock:
                 self._open -= 1
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -336,26 +335,33 @@ def record(cluster, pnode: str, argv: list[str], res: ProgramResult) -> int:
 
 # ---- inside the pnode guest -------------------------------------------------------
 
-def guest_channels() -> Callable[[Process], Channel]:
-    """Hands out the guest's ivshmem memory channels, one per process."""
-    from harness.nodes.guest import node_spec
+class GuestChannels:
+    """The guest's ivshmem memory channels, one per live process. A channel
+    is taken back when its process is gone: its rings are then idle (a late
+    reply to a process that was killed mid-call is dropped by its request id)."""
 
-    spec = node_spec()
-    pool = [e for e in spec.links if e.service == "excache" and not e.serve]
-    lock = threading.Lock()
-    total = len(pool)
+    def __init__(self) -> None:
+        from harness.nodes.guest import node_spec
 
-    def take(proc: Process) -> Channel:
-        with lock:
-            if not pool:
-                raise HarnessError(f"{spec.name} has no memory channel left ({total} in all, "
-                                   "one per process on remote memory); start the cluster "
-                                   "with more (Cluster(memory_channels=N))")
-            end = pool.pop(0)
+        self.spec = node_spec()
+        self.pool = [e for e in self.spec.links if e.service == "excache" and not e.serve]
+        self.total = len(self.pool)
+        self.lock = threading.Lock()
+
+    def take(self, proc: Process) -> Channel:
+        with self.lock:
+            if not self.pool:
+                raise HarnessError(
+                    f"{self.spec.name} has no memory channel left ({self.total} in all, one per "
+                    "live process on remote memory); run with more: `harness run --channels N` "
+                    "or open_cluster(memory_channels=N)")
+            end = self.pool.pop(0)
         return Channel("ivshmem", end.path, end.side, end.peer, end.latency_ns,
                        end.bytes_per_sec)
 
-    return take
+    def give(self, ch: Channel) -> None:
+        with self.lock:
+            self.pool.append(next(e for e in self.spec.links if e.path == ch.path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(**req["options"])
     broker = None
     if opts.memory == "remote":
-        broker = Broker(Path(f"/tmp/dh-broker.{os.getpid()}.sock"), guest_channels())
+        pool = GuestChannels()
+        broker = Broker(Path(f"/tmp/dh-broker.{os.getpid()}.sock"), pool.take, pool.give)
     try:
         res = launch(req["argv"], opts, broker)
     except HarnessError as exc:
