@@ -97,36 +97,6 @@ static void install_hook(void)
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
-/* One request (in c->req) to the memory node. When it fails and there is a
- * backup, the backup takes over for good and gets the same request: it holds
- * every acknowledged write (the primary forwards each before answering), and
- * every request is idempotent (a page written twice holds the same bytes). */
-static int call_mnode(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got,
-                      uint32_t *flags)
-{
-    uint64_t t0 = dh_now_ns();
-    int rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX, got,
-                         flags, c->timeout_ms);
-    if ((rc == DH_ECLOSED || rc == DH_ETIMEDOUT) && c->backup) {
-        c->link = c->backup;
-        c->backup = NULL;
-        c->st.failovers++;
-        rc = dh_rpc_call(c->link, op, c->req, req_len, c->page, DH_PAGE * DH_PREFETCH_MAX, got,
-                         flags, c->timeout_ms);
-        c->st.failover_ns = dh_now_ns() - t0;
-    }
-    return rc;
-}
-
-int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want)
-{
-    uint32_t got = 0, flags = 0;
-    int rc = call_mnode(c, op, req_len, &got, &flags);
-    if (rc)
-        return rc;
-    return (flags & DH_F_ERROR) || got != want ? DH_EPROTO : 0;
-}
-
 uint64_t ex_page_index(struct region *r, uintptr_t page)
 {
     return (page - (uintptr_t)r->base) / DH_PAGE;
@@ -400,15 +370,29 @@ out:
 
 /* ---- the handler thread (fault_mode THREAD) ------------------------------------ */
 
+/* After a fault the handler keeps reading the userfaultfd this long before
+ * it sleeps again: a paging program faults in bursts, and waking a sleeping
+ * handler costs a cross-core wake-up per fault (18-60 us here). It yields
+ * while it spins, and with one CPU it does not spin: the program it just
+ * woke needs that CPU. */
+#define HANDLER_SPIN_NS 50000
+
 static void *handler(void *arg)
 {
     dh_excache *c = arg;
     struct uffd_msg msgs[16];
+    uint64_t busy_until = 0, spin = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? HANDLER_SPIN_NS : 0;
     while (!atomic_load(&c->stop)) {
-        struct pollfd p = {.fd = c->uffd, .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0)
-            continue;
         ssize_t n = read(c->uffd, msgs, sizeof msgs);
+        if (n <= 0) {
+            if (dh_now_ns() < busy_until) {
+                sched_yield();
+                continue;
+            }
+            struct pollfd p = {.fd = c->uffd, .events = POLLIN};
+            poll(&p, 1, 100);
+            continue;
+        }
         for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
@@ -418,6 +402,7 @@ static void *handler(void *arg)
             if (r && serve_fault(c, r, a, wp))
                 ex_fatal(c, "the handler thread could not fetch a page");
         }
+        busy_until = dh_now_ns() + spin;
     }
     return NULL;
 }
@@ -479,6 +464,7 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
     c->mode = fault_mode;
     c->timeout_ms = timeout_ms;
     c->rng = 2463534242u;
+    ex_failover_init(c);
     atomic_flag_clear(&c->lock);
     c->lines = calloc((size_t)c->nsets * ways, sizeof *c->lines);
     c->req = malloc(28 + DH_PAGE);
@@ -531,13 +517,6 @@ void dh_excache_set_label(dh_excache *c, const char *label)
     ex_unlock(c);
 }
 
-void dh_excache_set_backup(dh_excache *c, dh_link *backup)
-{
-    ex_lock(c);
-    c->backup = backup;
-    ex_unlock(c);
-}
-
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
 {
     if (!size || size % DH_PAGE)
@@ -553,7 +532,7 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
         ex_lock(c);
         put64(c->req, size);
         uint32_t got = 0, flags = 0;
-        int rc = call_mnode(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
+        int rc = ex_call(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
         if (!rc && ((flags & DH_F_ERROR) || got != 4))
             rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
         if (!rc)
@@ -671,6 +650,7 @@ void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s)
 {
     ex_lock(c);
     *s = c->st;
+    s->backup_in_sync = c->backup && c->synced;
     ex_unlock(c);
 }
 
