@@ -35,6 +35,11 @@ class ProtocolError(TransportError):
     """A malformed frame; the link it came on has been closed."""
 
 
+class BackupBehind(TransportError):
+    """The memory node failed and its backup missed acknowledged writes (its
+    replication had failed): failing over would have returned old pages."""
+
+
 class RemoteError(HarnessError):
     """A node answered a request with an error."""
 

@@ -14,6 +14,9 @@ const char *dh_strerror(int code)
     case DH_ETOOBIG: return "message too big";
     case DH_ENOSYS: return "not available on this host";
     case DH_EACCES: return "protection fault";
+    case DH_ESTALE:
+        return "the memory node failed and its backup missed acknowledged writes (replication "
+               "to it had failed), so failing over would return old pages";
     default: return "unknown error";
     }
 }

@@ -11,6 +11,7 @@ cdef extern from "dh_error.h":
         DH_ETOOBIG
         DH_ENOSYS
         DH_EACCES
+        DH_ESTALE
     const char *dh_strerror(int code)
 
 cdef int check(int rc, str what) except -1

@@ -5,7 +5,7 @@ from libc.errno cimport errno
 import os
 
 from harness.errors import (
-    LinkClosed, NotSupported, ProtocolError, TransportError, TransportTimeout,
+    BackupBehind, LinkClosed, NotSupported, ProtocolError, TransportError, TransportTimeout,
 )
 
 
@@ -29,6 +29,8 @@ cdef int check(int rc, str what) except -1:
         raise ProtocolError(msg + "; the link was closed")
     if rc == DH_ENOSYS:
         raise NotSupported(msg)
+    if rc == DH_ESTALE:
+        raise BackupBehind(msg)
     raise TransportError(msg)
 
 

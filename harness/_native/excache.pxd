@@ -31,6 +31,8 @@ cdef extern from "dh_excache.h" nogil:
         uint64_t failovers
         uint64_t failover_ns
         uint64_t resident
+        uint64_t failovers_refused
+        uint64_t backup_in_sync
         uint64_t hist[32]
 
     ctypedef struct dh_mstore_stats:
@@ -42,6 +44,10 @@ cdef extern from "dh_excache.h" nogil:
         uint64_t replicated
         uint64_t replica_errors
         uint64_t replicating
+        uint64_t fenced
+        uint64_t backup
+        uint64_t epoch
+        uint64_t refused_forwards
 
     int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int policy,
                           int fault_mode, int timeout_ms, dh_excache **out)
@@ -61,4 +67,4 @@ cdef extern from "dh_excache.h" nogil:
     void dh_mstore_destroy(dh_mstore *m)
     int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
     void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s)
-    void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
+    int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)

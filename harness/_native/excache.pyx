@@ -8,7 +8,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
-from harness._native.errors cimport check
+from harness._native.errors cimport DH_EINVAL, check
 from harness._native.transport cimport Link, Samples, dh_link, dh_link_is_closed
 from harness.errors import LinkClosed
 
@@ -91,9 +91,12 @@ cdef class ExCache:
 
     def set_backup(self, Link link not None) -> None:
         """A backup memory node that the primary replicates to: when a request
-        to the primary fails, the cache switches to it and retries. The link
-        is kept as long as the cache: after a failover C sends on it, even
-        once another backup was set."""
+        to the primary fails, the cache switches to it and retries, provided
+        the primary's last answer said the backup holds every write it
+        acknowledged; otherwise the request fails with BackupBehind (a fault
+        ends the process with that message) rather than read old pages. The
+        link is kept as long as the cache: after a failover C sends on it,
+        even once another backup was set."""
         cdef dh_link *l = _usable(link, "backup")
         self._links.append(link)
         dh_excache_set_backup(self._c, l)
@@ -112,7 +115,9 @@ cdef class ExCache:
                     wp_faults=s.wp_faults, evictions=s.evictions, clean_drops=s.clean_drops,
                     dirty_flushes=s.dirty_flushes, piggybacked=s.piggybacked,
                     prefetched=s.prefetched, failovers=s.failovers,
-                    failover_ns=s.failover_ns, resident=s.resident, capacity=self.capacity,
+                    failover_ns=s.failover_ns, failovers_refused=s.failovers_refused,
+                    backup_in_sync=bool(s.backup_in_sync), resident=s.resident,
+                    capacity=self.capacity,
                     ways=self.ways, policy=self.policy, fault_mode=self.fault_mode,
                     prefetch=self.prefetch,
                     latency_hist_log2ns=[s.hist[i] for i in range(DH_HIST_BUCKETS)])
@@ -201,10 +206,20 @@ cdef class MStore:
 
     def set_replica(self, Link link not None, double timeout=2.0) -> None:
         """Every write goes to the store behind link, and is acknowledged by
-        it, before this store applies it and answers."""
+        it, before this store answers. Both stores must be empty (the one
+        behind link is asked over it to serve as a replica). A replica that
+        does not answer within timeout is dropped: this store goes on alone
+        and its caches no longer fail over to it."""
         cdef dh_link *l = _usable(link, "replica")
+        cdef int ms = <int>(timeout * 1000)
+        cdef int rc
         self._replicas.append(link)
-        dh_mstore_set_replica(self._m, l, <int>(timeout * 1000))
+        with nogil:
+            rc = dh_mstore_set_replica(self._m, l, ms)
+        if rc == DH_EINVAL:
+            raise ValueError(f"replica over {link.name}: a replica must start empty, beside an "
+                             "empty store, and not have taken over from a primary")
+        check(rc, f"replica over {link.name}")
 
     def stats(self) -> dict:
         cdef dh_mstore_stats s
@@ -213,7 +228,8 @@ cdef class MStore:
                     pages_stored=s.pages_stored, bytes_stored=s.pages_stored * DH_PAGE,
                     misses_served=s.misses_served, flushes=s.flushes,
                     replicated=s.replicated, replica_errors=s.replica_errors,
-                    replicating=bool(s.replicating))
+                    replicating=bool(s.replicating), fenced=bool(s.fenced),
+                    backup=bool(s.backup), epoch=s.epoch, refused_forwards=s.refused_forwards)
 
 
 def floor_minor_fault(size_t n) -> list:

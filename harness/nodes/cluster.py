@@ -376,7 +376,10 @@ class Cluster:
                         prefetch=prefetch_for(capacity, ways, self.cache_options["prefetch"]))
         backup = self._backup_of(primary.name)
         if backup is not None:
-            # The primary forwards every write to the backup before it answers.
+            # The primary forwards every write to the backup before it answers;
+            # the cache fails over only while the primary says the backup is
+            # in sync. The backup's side of that channel is an ordinary
+            # excache channel: forwards are told apart by their opcode.
             path = str(self.shm_dir / f"replica-{primary.name}-{backup}.shm")
             create_shm_file(path, 1 << 22)
             self.call(backup, Op.ATTACH, json.dumps(
@@ -432,18 +435,28 @@ class Cluster:
 
     def _watch_failover(self, cache: ExCache, primary: str, backup: str) -> None:
         """Logs the cache's failover in the snode's events table (the fault
-        handler that performs it cannot: it runs in a signal handler)."""
+        handler that performs it cannot: it runs in a signal handler), and
+        the moment the backup fell behind (the primary lost it and went on
+        alone: from then on the cache refuses to fail over to it)."""
+        def event(kind: str, detail: str) -> None:
+            if self._snode() is not None:
+                self.sql("INSERT INTO events (time, node, kind, detail) VALUES (?,?,?,?)",
+                         (time.time(), "pnode0", kind, detail), write=True)
+
+        behind = False
         while not self._stopped and self._excache in (None, cache):  # None: being made
             s = cache.stats()
             if s["failovers"]:
                 self.failovers.append({"from": primary, "to": backup,
                                        "seconds": s["failover_ns"] / 1e9})
-                if self._snode() is not None:
-                    self.sql("INSERT INTO events (time, node, kind, detail) VALUES (?,?,?,?)",
-                             (time.time(), "pnode0", "failover",
-                              f"excache: {primary} -> {backup} in "
-                              f"{s['failover_ns'] / 1e6:.1f} ms"), write=True)
+                event("failover", f"excache: {primary} -> {backup} in "
+                                  f"{s['failover_ns'] / 1e6:.1f} ms")
                 return
+            if not s["backup_in_sync"] and not behind:
+                behind = True
+                event("replica_behind",
+                      f"excache: {backup} missed writes {primary} acknowledged; "
+                      "no failover to it")
             time.sleep(0.05)
 
     def alloc(self, nbytes: int) -> Region:

@@ -1,7 +1,11 @@
 """The memory node: a store of vRegions, served by C on channels that
 processor-side caches attach to (Op.ATTACH), one thread per channel. Told
 to replicate (ATTACH of service "replica"), it forwards every write to
-another mnode's store and waits for it before answering."""
+another mnode's store and waits for it before answering. A replica that does
+not answer within REPLICA_TIMEOUT is dropped for good: this store goes on
+alone and its answers tell caches the backup fell behind, so they never fail
+over to it. A store a cache switched to takes over: forwards from its old
+primary are refused, and that primary then refuses every request."""
 
 from __future__ import annotations
 
@@ -12,6 +16,11 @@ from harness._native.excache import MStore
 from harness._native.transport import Link, Op
 from harness.errors import HarnessError
 from harness.nodes.role import Role
+
+# Well under the caches' 2 s timeout: a primary whose replica went silent
+# answers its caches (and goes on alone) before they give up on it and fail
+# over to that same silent replica.
+REPLICA_TIMEOUT = 1.0
 
 
 class MNode(Role):
@@ -28,7 +37,7 @@ class MNode(Role):
         if req.get("service") == "replica":
             link = Link.shm_open(req["path"], int(req.get("side", 0)), name="replica")
             self.channels.append(link)
-            self.store.set_replica(link)
+            self.store.set_replica(link, timeout=REPLICA_TIMEOUT)
             return b""
         if req.get("service") != "excache":
             raise HarnessError(f"{self.agent.spec.name} serves 'excache' and 'replica' "

@@ -28,6 +28,8 @@ struct line {
 struct dh_excache {
     dh_link *link;
     dh_link *backup; /* a replica of the memory node, or NULL */
+    int synced;      /* the primary's last answer: the backup holds all it acknowledged */
+    uint32_t nonce, seq; /* the tokens of ALLOC and CLONE requests */
     int uffd;
     int mode;
     int policy;
@@ -60,6 +62,9 @@ struct region *ex_find(dh_excache *c, uintptr_t a);
 void ex_lock(dh_excache *c);
 void ex_unlock(dh_excache *c);
 int ex_protect(dh_excache *c, uintptr_t page, int on);
+/* failover.c: requests to the memory node, failing over to its backup. */
+void ex_failover_init(dh_excache *c);
+int ex_call(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got, uint32_t *flags);
 int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want);
 struct line *ex_set_of(dh_excache *c, uintptr_t page);
 struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page);

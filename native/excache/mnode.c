@@ -1,16 +1,34 @@
 /* The memory node's side of ExCache: vRegions (LegoOS's allocation unit)
  * kept as anonymous mappings, so a page costs memory only once it is written
  * back, and the protocol served on a link:
- *   P2M_ALLOC       u64 size                         -> u32 region id
+ *   P2M_ALLOC       u64 size [, u64 token]           -> u32 region id
  *   P2M_FREE        u32 region                       -> (empty)
- *   P2M_CLONE       u32 region                       -> u32 id of a copy of it
+ *   P2M_CLONE       u32 region [, u64 token]         -> u32 id of a copy of it
  *   P2M_PCACHE_MISS u32 region, u32 n, u64 page      -> n pages from there (0: one)
  *   P2M_PCACHE_FLUSH u32 region, u32 0, u64 page, data -> (empty)
  *   P2M_PCACHE_MISS_FLUSH u32 miss region, u32 flush region, u64 miss page,
  *                   u64 flush page, data [, u32 n]   -> n pages (default one)
+ *   M2M_REPLICA     u16 op, u16 0, u32 epoch, u32 id, u32 0, op's request
+ *                   -> op's answer: a write forwarded by the primary
  *   ECHO      any payload                            -> the same payload
- * Every field is checked against the region's bounds before use. */
+ * Every field is checked against the region's bounds before use.
+ *
+ * Region ids grow for the store's life and are never reused, so a FREE sent
+ * twice (a retry after a failover) cannot free a region made in between; the
+ * second is answered as done. An ALLOC or CLONE that carries a token is
+ * answered with the region its token already made, if any.
+ *
+ * Replication: the primary forwards each write to its replica and waits for
+ * it before it answers; every reply says whether the replica holds all that
+ * this store acknowledged (DH_F_REPLICATED). A replica that fails is dropped
+ * for good: the store goes on alone, its replies no longer say REPLICATED,
+ * and its caches will not fail over to a replica that missed writes. The
+ * first request a cache sends straight to a replica makes it take over: its
+ * epoch is bumped, so forwards the old primary sent under the old one are
+ * refused (DH_F_FENCED), and that primary, told so, refuses every later
+ * request with DH_F_FENCED (its caches fail over too). */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -19,19 +37,26 @@
 
 #define MAX_VREGIONS 1024
 #define REPLY_MAX (DH_PAGE * DH_PREFETCH_MAX) /* a prefetching miss's pages */
+#define FWD_HDR 16u  /* a forward's own fields before the request it carries */
+#define FWD_JOIN 0   /* a forward's op when a primary attaches: -> u32 epoch */
 
 struct vregion {
     uint8_t *base;
     uint64_t size;
+    uint32_t id;    /* its slot is (id - 1) % MAX_VREGIONS */
+    uint64_t token; /* of the ALLOC or CLONE that made it; 0: none */
 };
 
 struct dh_mstore {
     pthread_mutex_t mu;
-    struct vregion regions[MAX_VREGIONS]; /* id = index + 1 */
+    struct vregion regions[MAX_VREGIONS];
+    uint32_t next_id; /* ids below it were given out */
     dh_mstore_stats st;
-    dh_link *replica; /* under mu */
+    dh_link *replica; /* under mu; NULL once it failed or took over */
     int replica_timeout_ms;
-    uint8_t fwd[16 + DH_PAGE]; /* a MISS_FLUSH's flush, as a FLUSH */
+    uint32_t replica_epoch; /* the replica's epoch, on every forward */
+    int made;               /* the last make_region made one (not a token's repeat) */
+    uint8_t fwd[FWD_HDR + 16 + DH_PAGE]; /* a forward: header + the largest write */
     uint8_t rbuf[64];
 };
 
@@ -41,6 +66,8 @@ int dh_mstore_create(dh_mstore **out)
     if (!m)
         return DH_ENOMEM;
     pthread_mutex_init(&m->mu, NULL);
+    m->next_id = 1;
+    m->st.epoch = 1;
     *out = m;
     return 0;
 }
@@ -63,56 +90,93 @@ void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s)
     pthread_mutex_unlock(&m->mu);
 }
 
+static struct vregion *region_of(dh_mstore *m, uint32_t id)
+{
+    if (id == 0)
+        return NULL;
+    struct vregion *r = &m->regions[(id - 1) % MAX_VREGIONS];
+    return r->base && r->id == id ? r : NULL;
+}
+
 static uint8_t *page_at(dh_mstore *m, uint32_t id, uint64_t page)
 {
-    if (id == 0 || id > MAX_VREGIONS)
-        return NULL;
-    struct vregion *r = &m->regions[id - 1];
-    if (!r->base || page >= r->size / DH_PAGE)
+    struct vregion *r = region_of(m, id);
+    if (!r || page >= r->size / DH_PAGE)
         return NULL;
     return r->base + page * DH_PAGE;
 }
 
-/* A new vRegion holding the pages of r that were ever written (mincore
- * finds them: the rest were never touched and read as zero). */
-static int clone_region(dh_mstore *m, const struct vregion *r, uint8_t *out)
+/* The id a new region gets: the lowest unused one whose slot is free. */
+static uint32_t new_id(dh_mstore *m)
 {
-    uint32_t i = 0;
-    while (i < MAX_VREGIONS && m->regions[i].base)
-        i++;
-    if (i == MAX_VREGIONS)
+    for (uint32_t k = 0; k < MAX_VREGIONS; k++) {
+        uint32_t id = m->next_id + k;
+        if (id < m->next_id) /* 2^32 regions in one store's life */
+            return 0;
+        if (!m->regions[(id - 1) % MAX_VREGIONS].base)
+            return id;
+    }
+    return 0;
+}
+
+/* A new vRegion of size bytes (a copy of the pages of src that were ever
+ * written, when given: mincore finds them, the rest read as zero), at id
+ * (a forward names the primary's) or the next free one. A token that made a
+ * region already gets that region again. */
+static int make_region(dh_mstore *m, const struct vregion *src, uint64_t size, uint64_t token,
+                       uint32_t id, uint8_t *out)
+{
+    m->made = 0;
+    for (int i = 0; token && i < MAX_VREGIONS; i++) {
+        struct vregion *r = &m->regions[i];
+        if (r->base && r->token == token) {
+            if (r->size != size)
+                return -1;
+            memcpy(out, &r->id, 4);
+            return 4;
+        }
+    }
+    if (!id)
+        id = new_id(m);
+    if (!id || id < m->next_id || m->regions[(id - 1) % MAX_VREGIONS].base)
         return -1;
-    uint8_t *base = mmap(NULL, r->size, PROT_READ | PROT_WRITE,
+    uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (base == MAP_FAILED)
         return -1;
     enum { CHUNK = 1u << 30 };
     static unsigned char vec[CHUNK / DH_PAGE]; /* under mu */
-    for (uint64_t off = 0; off < r->size; off += CHUNK) {
-        uint64_t n = r->size - off < CHUNK ? r->size - off : CHUNK;
-        if (mincore(r->base + off, n, vec)) {
-            munmap(base, r->size);
+    for (uint64_t off = 0; src && off < size; off += CHUNK) {
+        uint64_t n = size - off < CHUNK ? size - off : CHUNK;
+        if (mincore(src->base + off, n, vec)) {
+            munmap(base, size);
             return -1;
         }
         for (uint64_t p = 0; p < n / DH_PAGE; p++)
             if (vec[p] & 1)
-                memcpy(base + off + p * DH_PAGE, r->base + off + p * DH_PAGE, DH_PAGE);
+                memcpy(base + off + p * DH_PAGE, src->base + off + p * DH_PAGE, DH_PAGE);
     }
-    m->regions[i] = (struct vregion){base, r->size};
+    m->regions[(id - 1) % MAX_VREGIONS] = (struct vregion){base, size, id, token};
+    m->next_id = id + 1;
     m->st.regions++;
-    m->st.bytes_reserved += r->size;
-    uint32_t id = i + 1;
+    m->st.bytes_reserved += size;
+    m->made = 1;
     memcpy(out, &id, 4);
     return 4;
 }
 
-struct serve_ctx {
-    dh_mstore *m;
-    uint8_t out[REPLY_MAX];
-};
+static void drop_region(dh_mstore *m, struct vregion *r)
+{
+    munmap(r->base, r->size);
+    m->st.regions--;
+    m->st.bytes_reserved -= r->size;
+    *r = (struct vregion){0};
+}
 
-/* Handles one request; returns the reply length or -1 for a bad request. */
-static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out)
+/* Handles one request; returns the reply length or -1 for a bad request.
+ * id: where an ALLOC or CLONE puts its region (a forward's), 0: anywhere. */
+static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out,
+                  uint32_t id)
 {
     uint32_t a = 0, b = 0;
     uint64_t x = 0, y = 0;
@@ -125,46 +189,38 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
     if (len >= 24)
         memcpy(&y, in + 16, 8);
     uint8_t *p, *q;
+    struct vregion *r;
     switch (op) {
     case DH_OP_ECHO: /* the channel's own round trip: the paging benchmark's floor */
         if (len > REPLY_MAX)
             return -1;
         memcpy(out, in, len);
         return (int)len;
-    case DH_OP_P2M_ALLOC: {
-        uint64_t size;
-        if (len != 8)
+    case DH_OP_P2M_ALLOC: { /* u64 size [, u64 token] */
+        uint64_t size, token = 0;
+        if (len != 8 && len != 16)
             return -1;
         memcpy(&size, in, 8);
+        if (len == 16)
+            memcpy(&token, in + 8, 8);
         if (!size || size % DH_PAGE)
             return -1;
-        for (uint32_t i = 0; i < MAX_VREGIONS; i++) {
-            if (m->regions[i].base)
-                continue;
-            void *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (base == MAP_FAILED)
-                return -1;
-            m->regions[i] = (struct vregion){base, size};
-            m->st.regions++;
-            m->st.bytes_reserved += size;
-            uint32_t id = i + 1;
-            memcpy(out, &id, 4);
-            return 4;
-        }
-        return -1;
+        return make_region(m, NULL, size, token, id, out);
     }
-    case DH_OP_P2M_CLONE:
-        if (len != 4 || a == 0 || a > MAX_VREGIONS || !m->regions[a - 1].base)
+    case DH_OP_P2M_CLONE: { /* u32 region [, u64 token] */
+        uint64_t token = 0;
+        if ((len != 4 && len != 12) || !(r = region_of(m, a)))
             return -1;
-        return clone_region(m, &m->regions[a - 1], out);
+        if (len == 12)
+            memcpy(&token, in + 4, 8);
+        return make_region(m, r, r->size, token, id, out);
+    }
     case DH_OP_P2M_FREE:
-        if (len != 4 || a == 0 || a > MAX_VREGIONS || !m->regions[a - 1].base)
+        if (len != 4)
             return -1;
-        munmap(m->regions[a - 1].base, m->regions[a - 1].size);
-        m->st.regions--;
-        m->st.bytes_reserved -= m->regions[a - 1].size;
-        m->regions[a - 1] = (struct vregion){0};
+        if (!(r = region_of(m, a))) /* freed already (a retry), or never given out */
+            return a && a < m->next_id ? 0 : -1;
+        drop_region(m, r);
         return 0;
     case DH_OP_P2M_PCACHE_MISS:
         b += !b;
@@ -202,79 +258,220 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
     }
 }
 
-/* Sends a write to the replica and waits for its answer (under mu). 0 when
- * it is on the replica or there is none; -1 when the replica refused it
- * (the stores disagree, so this one refuses it too). A replica that fails
- * is dropped: this store goes on alone. */
-static int replicate(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
-                     uint32_t *replica_id)
+static int is_write(uint16_t op)
 {
-    if (!m->replica || (op != DH_OP_P2M_ALLOC && op != DH_OP_P2M_FREE && op != DH_OP_P2M_CLONE &&
-                        op != DH_OP_P2M_PCACHE_FLUSH && op != DH_OP_P2M_PCACHE_MISS_FLUSH))
-        return 0;
-    if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) {
+    return op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_FREE || op == DH_OP_P2M_CLONE ||
+           op == DH_OP_P2M_PCACHE_FLUSH || op == DH_OP_P2M_PCACHE_MISS_FLUSH;
+}
+
+/* A cache's request about its memory (not ECHO). */
+static int is_p2m(uint16_t op) { return is_write(op) || op == DH_OP_P2M_PCACHE_MISS; }
+
+static void say(const char *what)
+{
+    fprintf(stderr, "disagg-harness memory store: %s\n", what);
+}
+
+/* The replica stopped answering: this store goes on alone, and says so. */
+static void lose_replica(dh_mstore *m)
+{
+    m->replica = NULL;
+    m->st.replica_errors++;
+    m->st.replicating = 0;
+    say("its replica stopped answering: it goes on alone, and its caches will not fail over "
+        "to that replica");
+}
+
+/* Sends a write to the replica (under mu) and waits for its answer: 0 when
+ * it is there or the replica failed (this store goes on alone), -1 when the
+ * replica refused it (this store refuses it too; m->st.fenced if the replica
+ * took over). id: an ALLOC's or CLONE's region, made here already. */
+static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint32_t id)
+{
+    uint8_t *body = m->fwd + FWD_HDR;
+    if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) { /* its flush, as a FLUSH */
         if (len < 24 + DH_PAGE)
             return -1;
-        memcpy(m->fwd, in + 4, 4);       /* flush region */
-        memset(m->fwd + 4, 0, 4);
-        memcpy(m->fwd + 8, in + 16, 8);  /* flush page */
-        memcpy(m->fwd + 16, in + 24, DH_PAGE);
+        memcpy(body, in + 4, 4); /* flush region */
+        memset(body + 4, 0, 4);
+        memcpy(body + 8, in + 16, 8); /* flush page */
+        memcpy(body + 16, in + 24, DH_PAGE);
         op = DH_OP_P2M_PCACHE_FLUSH;
-        in = m->fwd;
         len = 16 + DH_PAGE;
+    } else {
+        if (len > sizeof m->fwd - FWD_HDR)
+            return -1;
+        memcpy(body, in, len);
     }
+    memset(m->fwd, 0, FWD_HDR);
+    memcpy(m->fwd, &op, 2);
+    memcpy(m->fwd + 4, &m->replica_epoch, 4);
+    memcpy(m->fwd + 8, &id, 4);
     uint32_t got = 0, flags = 0;
-    int rc = dh_rpc_call(m->replica, op, in, len, m->rbuf, sizeof m->rbuf, &got, &flags,
-                         m->replica_timeout_ms);
+    int rc = dh_rpc_call(m->replica, DH_OP_M2M_REPLICA, m->fwd, FWD_HDR + len, m->rbuf,
+                         sizeof m->rbuf, &got, &flags, m->replica_timeout_ms);
     if (rc) {
-        m->replica = NULL;
-        m->st.replica_errors++;
-        m->st.replicating = 0;
+        lose_replica(m);
         return 0;
     }
-    if (flags & DH_F_ERROR)
+    if (flags & DH_F_FENCED) {
+        m->replica = NULL;
+        m->st.replicating = 0;
+        m->st.fenced = 1;
+        say("its replica took over (a cache switched to it): it refuses every request now");
         return -1;
-    if ((op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) && got == 4)
-        memcpy(replica_id, m->rbuf, 4);
+    }
+    if ((flags & DH_F_ERROR) || (id && (got != 4 || memcmp(m->rbuf, &id, 4))))
+        return -1; /* the stores disagree: refuse it */
     m->st.replicated++;
     return 0;
 }
 
-static int serve_one(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply)
+/* A cache's request, on a primary or a lone store. */
+static int serve_request(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
+                         uint8_t *out)
 {
-    struct serve_ctx *sc = ctx;
-    dh_mstore *m = sc->m;
-    pthread_mutex_lock(&m->mu);
-    uint32_t replica_id = 0;
-    int replicated = m->replica != NULL;
-    int n = replicate(m, h->opcode, in, h->length, &replica_id);
-    if (n == 0)
-        n = handle(m, h->opcode, in, h->length, sc->out);
-    if (n == 4 && (h->opcode == DH_OP_P2M_ALLOC || h->opcode == DH_OP_P2M_CLONE) &&
-        replicated && m->replica &&
-        memcmp(sc->out, &replica_id, 4) != 0)
-        n = -1; /* the two stores disagree on the region's id: refuse it */
-    pthread_mutex_unlock(&m->mu);
-    *reply = sc->out;
-    return n < 0 ? DH_EINVAL : n;
+    if (!m->replica || !is_write(op))
+        return handle(m, op, in, len, out, 0);
+    if (op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) {
+        /* Made here first, so the replica puts it at the same id. */
+        int n = handle(m, op, in, len, out, 0);
+        uint32_t id;
+        if (n != 4)
+            return n;
+        memcpy(&id, out, 4);
+        int made = m->made;
+        if (forward(m, op, in, len, id) == 0)
+            return n;
+        struct vregion *r = region_of(m, id);
+        if (made && r)
+            drop_region(m, r);
+        return -1;
+    }
+    return forward(m, op, in, len, 0) ? -1 : handle(m, op, in, len, out, 0);
 }
 
-void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
+/* A primary's forward: applied while this store is its replica and the
+ * epoch it was sent under is ours; refused once a cache switched here. */
+static int serve_forward(dh_mstore *m, const uint8_t *in, uint32_t len, uint8_t *out,
+                         uint32_t *flags)
 {
-    pthread_mutex_lock(&m->mu);
-    m->replica = replica;
-    m->replica_timeout_ms = timeout_ms;
-    m->st.replicating = replica != NULL;
-    pthread_mutex_unlock(&m->mu);
+    uint16_t op;
+    uint32_t epoch, id;
+    if (len < FWD_HDR)
+        return -1;
+    memcpy(&op, in, 2);
+    memcpy(&epoch, in + 4, 4);
+    memcpy(&id, in + 8, 4);
+    if (op == FWD_JOIN) { /* a replica starts empty, beside an empty primary */
+        if (m->next_id != 1 || m->st.fenced || m->st.epoch != 1 || m->replica)
+            return -1;
+        m->st.backup = 1;
+        uint32_t e = (uint32_t)m->st.epoch;
+        memcpy(out, &e, 4);
+        return 4;
+    }
+    if (!m->st.backup || epoch != m->st.epoch) {
+        m->st.refused_forwards++;
+        *flags |= DH_F_FENCED;
+        return -1;
+    }
+    if (!is_write(op) || op == DH_OP_P2M_PCACHE_MISS_FLUSH ||
+        ((op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) != (id != 0)))
+        return -1;
+    return handle(m, op, in + FWD_HDR, len - FWD_HDR, out, id);
 }
 
+static int serve_one(dh_mstore *m, const dh_frame_hdr *h, const uint8_t *in, uint8_t *out,
+                     uint32_t *flags)
+{
+    pthread_mutex_lock(&m->mu);
+    int n;
+    if (h->opcode == DH_OP_M2M_REPLICA) {
+        n = serve_forward(m, in, h->length, out, flags);
+    } else if (m->st.fenced && h->opcode != DH_OP_ECHO) {
+        n = -1;
+    } else {
+        if (m->st.backup && is_p2m(h->opcode)) {
+            /* A cache switched to this replica: it takes over, and forwards
+             * sent under the old epoch (a late one from the old primary)
+             * are refused from now on. */
+            m->st.backup = 0;
+            m->st.epoch++;
+            say("a cache switched to this replica: it takes over from its primary");
+        }
+        n = serve_request(m, h->opcode, in, h->length, out);
+    }
+    if (m->st.fenced && h->opcode != DH_OP_M2M_REPLICA)
+        *flags |= DH_F_FENCED;
+    else if (m->replica)
+        *flags |= DH_F_REPLICATED;
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
+{
+    pthread_mutex_lock(&m->mu);
+    int rc = 0;
+    if (m->next_id != 1 || m->st.backup || m->st.fenced || m->st.epoch != 1) {
+        rc = DH_EINVAL; /* the replica would lack what this store holds */
+    } else if (replica) {
+        uint32_t got = 0, flags = 0;
+        memset(m->fwd, 0, FWD_HDR); /* FWD_JOIN */
+        rc = dh_rpc_call(replica, DH_OP_M2M_REPLICA, m->fwd, FWD_HDR, m->rbuf, sizeof m->rbuf,
+                         &got, &flags, timeout_ms);
+        if (!rc && ((flags & DH_F_ERROR) || got != 4))
+            rc = DH_EINVAL; /* not empty, or taken over already */
+        if (!rc)
+            memcpy(&m->replica_epoch, m->rbuf, 4);
+    }
+    if (!rc) {
+        m->replica = replica;
+        m->replica_timeout_ms = timeout_ms;
+        m->st.replicating = replica != NULL;
+    }
+    pthread_mutex_unlock(&m->mu);
+    return rc;
+}
+
+/* dh_rpc_serve's loop, with the reply flags the protocol adds. */
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
 {
-    struct serve_ctx *sc = malloc(sizeof *sc);
-    if (!sc)
-        return DH_ENOMEM;
-    sc->m = m;
-    int rc = dh_rpc_serve(l, stop, serve_one, sc);
-    free(sc);
+    uint32_t cap = dh_link_max_payload(l);
+    uint8_t *in = malloc(cap), *out = malloc(REPLY_MAX);
+    int rc = in && out ? 0 : DH_ENOMEM;
+    while (!rc && !*stop) {
+        dh_frame_hdr h;
+        rc = dh_link_recv(l, &h, in, cap, 100); /* 100 ms: notice *stop */
+        if (rc == DH_ETIMEDOUT) {
+            rc = 0;
+            continue;
+        }
+        if (rc == DH_ECLOSED) {
+            rc = 0;
+            break;
+        }
+        if (rc)
+            break;
+        uint32_t flags = 0;
+        int n = h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING
+                    ? 0
+                    : serve_one(m, &h, in, out, &flags);
+        if (h.flags & DH_F_NOREPLY)
+            continue;
+        if (n < 0) {
+            const char *msg = flags & DH_F_FENCED
+                                  ? "refused: this memory node was replaced by its replica"
+                                  : dh_strerror(DH_EINVAL);
+            rc = dh_rpc_reply(l, &h, DH_F_ERROR | flags, msg, (uint32_t)strlen(msg), 1000);
+        } else {
+            rc = dh_rpc_reply(l, &h, flags, out, (uint32_t)n, 1000);
+        }
+        if (rc || h.opcode == DH_OP_SHUTDOWN)
+            break;
+    }
+    free(in);
+    free(out);
     return rc;
 }

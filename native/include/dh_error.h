@@ -16,6 +16,7 @@ enum dh_err {
     DH_ETOOBIG = -8,   /* payload larger than the frame limit or the buffer */
     DH_ENOSYS = -9,    /* not available on this host */
     DH_EACCES = -10,   /* a protection fault: memory of another compartment */
+    DH_ESTALE = -11,   /* the backup memory node missed acknowledged writes */
 };
 
 const char *dh_strerror(int code);

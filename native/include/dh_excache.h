@@ -26,6 +26,10 @@
 #define DH_HIST_BUCKETS 32 /* log2(ns) buckets of fault service time */
 #define DH_PREFETCH_MAX 16 /* lines one miss may bring in (LegoOS: CONFIG_PCACHE_PREFETCH) */
 
+/* Reply flags of the memory protocol (beside the transport's DH_F_*). */
+#define DH_F_REPLICATED 0x100u /* the store's replica holds every write it acknowledged */
+#define DH_F_FENCED 0x200u     /* refused: the store's replica took over from it */
+
 enum dh_policy { DH_POLICY_FIFO = 0, DH_POLICY_LRU = 1, DH_POLICY_RANDOM = 2 };
 enum dh_fault_mode { DH_FAULT_SIGBUS = 0, DH_FAULT_THREAD = 1 };
 
@@ -44,6 +48,8 @@ typedef struct dh_excache_stats {
     uint64_t failovers;    /* switches from a failed memory node to its backup */
     uint64_t failover_ns;  /* the last one: from the failed request's start to its answer */
     uint64_t resident;     /* lines in use now */
+    uint64_t failovers_refused; /* the backup had missed writes: an error, not old pages */
+    uint64_t backup_in_sync;    /* 1: a backup is set and holds every acknowledged write */
     uint64_t hist[DH_HIST_BUCKETS];
 } dh_excache_stats;
 
@@ -65,8 +71,13 @@ void dh_excache_set_zero_dirty(dh_excache *c, int on);
  * node stops answering. */
 void dh_excache_set_label(dh_excache *c, const char *label);
 /* A backup memory node (the primary replicates every write to it): when a
- * request to the primary fails (it closed, died or timed out), the cache
- * switches to the backup for good and sends the request again. */
+ * request to the primary fails (it closed, died, timed out, or says its
+ * backup took over), the cache switches to the backup for good and sends the
+ * request again: every request may be sent twice (an ALLOC or CLONE carries
+ * a token the store knows it by). It does so only while the primary's last
+ * answer said the backup holds every write it acknowledged
+ * (DH_F_REPLICATED); otherwise the request fails with DH_ESTALE, and a fault
+ * ends the process with that message: never old pages. */
 void dh_excache_set_backup(dh_excache *c, dh_link *backup);
 /* A new region of size bytes, backed by a vRegion on the memory node. */
 int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id);
@@ -109,6 +120,10 @@ typedef struct dh_mstore_stats {
     uint64_t replicated;     /* writes the replica acknowledged before this store answered */
     uint64_t replica_errors; /* the replica failed: from then on this store runs alone */
     uint64_t replicating;    /* 1 while a replica is attached and answering */
+    uint64_t fenced;         /* 1 once its replica took over: it refuses every request */
+    uint64_t backup;         /* 1 while a primary forwards to it and no cache switched to it */
+    uint64_t epoch;          /* bumped when it takes over: older forwards are refused */
+    uint64_t refused_forwards; /* forwards from a primary it took over from */
 } dh_mstore_stats;
 
 int dh_mstore_create(dh_mstore **out);
@@ -116,11 +131,14 @@ void dh_mstore_destroy(dh_mstore *m);
 /* Serves the ExCache protocol on l until *stop, the link closes or SHUTDOWN.
  * Several links may share one store. */
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop);
-/* Every write (ALLOC, FREE, FLUSH, and a MISS_FLUSH's flush) is sent to the
- * replica, another store, and acknowledged by it before this store applies
- * it and answers. If the replica fails, this store goes on alone (degraded,
- * counted in replica_errors) rather than failing its caches. */
-void dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms);
+/* Every write (ALLOC, FREE, CLONE, FLUSH, and a MISS_FLUSH's flush) is sent
+ * to the replica, another store, and acknowledged by it before this store
+ * answers; each answer then carries DH_F_REPLICATED. If the replica fails,
+ * this store goes on alone (counted in replica_errors; its answers no longer
+ * say REPLICATED, so caches do not fail over to a replica that missed
+ * writes). Both stores must be empty (DH_EINVAL otherwise): the replica is
+ * asked, over the link, to serve as one. */
+int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms);
 void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s);
 
 /* Reads (or writes) one byte of each of npages pages from addr, timing each
