@@ -107,6 +107,28 @@ static int on_mnode(struct region *r, uint64_t idx)
     return r->on_mnode[idx / 8] >> (idx % 8) & 1;
 }
 
+uint8_t *ex_was_dirty(struct region *r) { return r->on_mnode + (r->size / DH_PAGE + 7) / 8; }
+
+/* A page written back now: on the mnode, and written in its last stay. */
+static void mark_written_back(struct region *r, uint64_t idx)
+{
+    r->on_mnode[idx / 8] |= (uint8_t)(1u << (idx % 8));
+    ex_was_dirty(r)[idx / 8] |= (uint8_t)(1u << (idx % 8));
+}
+
+/* Whether a page comes back writable and dirty: it was written in its last
+ * stay in the cache, so it is likely written again (redis's LRU clock,
+ * CPython's refcounts, a match finder's tables), and its write-protect
+ * fault would only cost another round through the handler. */
+static int predicted_dirty(dh_excache *c, struct region *r, uint64_t idx)
+{
+    if (!c->predict_writes || !(ex_was_dirty(r)[idx / 8] >> (idx % 8) & 1))
+        return 0;
+    /* One in eight comes in clean anyway: a page that stopped being written
+     * is then evicted clean, which forgets the prediction. */
+    return ++c->predict_tick % 8 != 0;
+}
+
 /* Fetches n pages from idx into c->page, carrying a dirty victim (in c->req)
  * along. */
 static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
@@ -235,7 +257,10 @@ static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
 {
     uint32_t n = 1;
     uint64_t pages = r->size / DH_PAGE;
-    for (; n < c->prefetch && idx + n < pages && on_mnode(r, idx + n); n++) {
+    int dirty = predicted_dirty(c, r, idx); /* one UFFDIO_COPY: one mode for the window */
+    for (; n < c->prefetch && idx + n < pages && on_mnode(r, idx + n) &&
+           predicted_dirty(c, r, idx + n) == dirty;
+         n++) {
         uintptr_t q = (uintptr_t)r->base + (idx + n) * DH_PAGE;
         struct line *set = ex_set_of(c, q);
         if (ex_resident_line(c, set, q))
@@ -252,6 +277,10 @@ static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
  * in one madvise. */
 static void drop(dh_excache *c, struct line *v, uintptr_t *run, uint64_t *len)
 {
+    if (!v->dirty) { /* not written in this stay: no longer expect writes */
+        uint64_t i = ex_page_index(v->r, v->page);
+        ex_was_dirty(v->r)[i / 8] &= (uint8_t)~(1u << (i % 8));
+    }
     c->st.resident--;
     v->r->resident--;
     v->r->dirty -= v->dirty;
@@ -332,7 +361,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     if (dirty_victim) {
         struct region *vr = dirty_victim->r;
         uint64_t vi = ex_page_index(vr, v->page);
-        vr->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
+        mark_written_back(vr, vi);
     }
     c->pf[0] = v;
     uintptr_t run = 0;
@@ -348,10 +377,10 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     }
     if (len)
         madvise((void *)run, len, MADV_DONTNEED);
-    int dirty = fresh && c->zero_dirty;
+    int dirty = fresh ? c->predict_writes : predicted_dirty(c, r, idx);
     if ((rc = install(c, page, n, dirty)))
         goto out;
-    r->dirty += (uint64_t)dirty;
+    r->dirty += (uint64_t)dirty * n;
     for (uint32_t i = 0; i < n; i++) {
         struct line *l = c->pf[i];
         l->page = page + (uintptr_t)i * DH_PAGE;
@@ -503,10 +532,10 @@ int dh_excache_set_prefetch(dh_excache *c, uint32_t n)
     return 0;
 }
 
-void dh_excache_set_zero_dirty(dh_excache *c, int on)
+void dh_excache_set_predict_writes(dh_excache *c, int on)
 {
     ex_lock(c);
-    c->zero_dirty = on;
+    c->predict_writes = on;
     ex_unlock(c);
 }
 
@@ -542,7 +571,7 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
             return rc;
     }
     uint64_t npages = size / DH_PAGE;
-    uint8_t *bits = calloc((npages + 7) / 8, 1);
+    uint8_t *bits = calloc((npages + 7) / 8 * 2, 1); /* on_mnode, then was_dirty */
     void *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     void *local = c->link ? NULL
@@ -616,7 +645,7 @@ int ex_write_back(dh_excache *c, struct line *l)
     if ((rc = flush_one(c, l)))
         return rc;
     uint64_t vi = ex_page_index(l->r, l->page);
-    l->r->on_mnode[vi / 8] |= (uint8_t)(1u << (vi % 8));
+    mark_written_back(l->r, vi);
     l->dirty = 0;
     l->r->dirty--;
     c->st.dirty_flushes++;

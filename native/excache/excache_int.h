@@ -36,7 +36,8 @@ struct dh_excache {
     int timeout_ms;
     uint32_t nsets, ways;
     uint32_t prefetch; /* lines per remote miss, >= 1 */
-    int zero_dirty;    /* install zero-filled pages writable, as dirty lines */
+    int predict_writes; /* install pages likely written at once writable, as dirty lines */
+    uint32_t predict_tick;
     char label[48];    /* the memory node's name, for the fatal message */
     struct line *lines;
     struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
@@ -69,5 +70,7 @@ int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want);
 struct line *ex_set_of(dh_excache *c, uintptr_t page);
 struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page);
 uint64_t ex_page_index(struct region *r, uintptr_t page);
+/* A bit per page after on_mnode's: dirty when it was last written back. */
+uint8_t *ex_was_dirty(struct region *r);
 
 #endif

@@ -76,8 +76,10 @@ int dh_excache_discard(dh_excache *c, void *addr, uint64_t len, int zap)
         return DH_EINVAL;
     }
     each_line(c, lo, hi, drop_line);
-    for (uint64_t i = ex_page_index(r, lo); i < ex_page_index(r, hi); i++)
+    for (uint64_t i = ex_page_index(r, lo); i < ex_page_index(r, hi); i++) {
         r->on_mnode[i / 8] &= (uint8_t)~(1u << (i % 8));
+        ex_was_dirty(r)[i / 8] &= (uint8_t)~(1u << (i % 8));
+    }
     /* Under the lock: a fault on this range must not install a page
      * between the bookkeeping and the unmapping. */
     int rc = zap && madvise((void *)lo, hi - lo, MADV_DONTNEED) ? DH_EIO : 0;

@@ -63,10 +63,11 @@ void dh_excache_destroy(dh_excache *c);
  * in the region, on the memory node, not resident, and whose victims are
  * clean (a prefetch never costs a write-back). 1 (the default): none. */
 int dh_excache_set_prefetch(dh_excache *c, uint32_t n);
-/* on: a page never written back is installed writable and counted dirty,
- * saving the write-protect fault its first write would take (a program's
- * fresh memory is written at once); off (the default): installed clean. */
-void dh_excache_set_zero_dirty(dh_excache *c, int on);
+/* on: a page never written back (fresh memory, written at once) and a page
+ * that was dirty when it was last evicted are installed writable and counted
+ * dirty, saving the write-protect fault their first write would take; the
+ * rest come in clean as usual. off (the default): every page comes in clean. */
+void dh_excache_set_predict_writes(dh_excache *c, int on);
 /* The memory node's name, for the message a process dies with when that
  * node stops answering. */
 void dh_excache_set_label(dh_excache *c, const char *label);

@@ -125,7 +125,7 @@ static void start(void)
     uint64_t sets = cap / DH_PAGE / ways, pf = env_u64("DH_PREFETCH", 8);
     pf = pf < 1 ? 1 : pf > DH_PREFETCH_MAX ? DH_PREFETCH_MAX : pf;
     dh_excache_set_prefetch(G.cache, (uint32_t)(pf < sets ? pf : sets));
-    dh_excache_set_zero_dirty(G.cache, 1);
+    dh_excache_set_predict_writes(G.cache, 1);
     dh_excache_set_label(G.cache, G.channel.label);
     G.size = env_u64("DH_ARENA_BYTES", (uint64_t)32 << 30) & ~(uint64_t)(DH_PAGE - 1);
     void *base;
