@@ -32,7 +32,7 @@ ALLOC = ["malloc", "calloc", "free", "aligned_alloc"]
 INTERPOSER = Extension(
     "harness._native.dh_interpose",
     [str(NATIVE / "error.c"),
-     *(str(NATIVE / "transport" / f"{m}.c") for m in ("frame", "link", "shm", "stream")),
+     *(str(NATIVE / "transport" / f"{m}.c") for m in ("crc32c", "frame", "link", "shm", "stream")),
      *sources("excache"), *sources("interpose")],
     include_dirs=[*CORE[1]["include_dirs"], str(NATIVE / "interpose")],
     define_macros=[*((n, f"dh_sys_{n}") for n in RAW), *((n, f"dh_raw_{n}") for n in ALLOC)],

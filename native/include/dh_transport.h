@@ -60,8 +60,9 @@ typedef struct dh_frame_hdr {
     uint32_t checksum;
 } dh_frame_hdr;
 
-/* CRC32C (Castagnoli), incremental: pass 0 to start. Hardware where the CPU
- * has SSE4.2, a table otherwise. */
+/* CRC32C (Castagnoli), incremental: pass 0 to start. Three interleaved
+ * streams of the SSE4.2 crc32 instruction joined by PCLMULQDQ where the CPU
+ * has both, one stream with SSE4.2 only, a table otherwise; same values. */
 uint32_t dh_crc32c(uint32_t crc, const void *buf, size_t n);
 
 int dh_op_known(uint16_t opcode);

@@ -1,73 +1,7 @@
-/* Frame codec and CRC32C. */
-#include <pthread.h>
+/* Frame codec. Its CRC32C, dh_crc32c, is in crc32c.c. */
 #include <string.h>
 
 #include "link.h"
-
-static uint32_t crc_table[8][256];
-static int crc_hw;
-static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
-
-static void crc_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-        crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^
-                              crc_table[0][crc_table[t - 1][i] & 0xff];
-    __builtin_cpu_init();
-    crc_hw = __builtin_cpu_supports("sse4.2");
-}
-
-__attribute__((target("sse4.2"))) static uint32_t crc_sse42(uint32_t c,
-                                                            const uint8_t *p,
-                                                            size_t n)
-{
-    uint64_t c64 = c;
-    while (n >= 8) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        c64 = __builtin_ia32_crc32di(c64, v);
-        p += 8;
-        n -= 8;
-    }
-    c = (uint32_t)c64;
-    while (n--)
-        c = __builtin_ia32_crc32qi(c, *p++);
-    return c;
-}
-
-static uint32_t crc_soft(uint32_t c, const uint8_t *p, size_t n)
-{
-    while (n >= 8) {
-        uint32_t lo, hi;
-        memcpy(&lo, p, 4);
-        memcpy(&hi, p + 4, 4);
-        lo ^= c;
-        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
-            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
-            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
-            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
-        p += 8;
-        n -= 8;
-    }
-    while (n--)
-        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
-    return c;
-}
-
-uint32_t dh_crc32c(uint32_t crc, const void *buf, size_t n)
-{
-    pthread_once(&crc_once, crc_init);
-    uint32_t c = ~crc;
-    c = crc_hw ? crc_sse42(c, buf, n) : crc_soft(c, buf, n);
-    return ~c;
-}
 
 int dh_op_known(uint16_t op)
 {
