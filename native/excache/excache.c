@@ -59,27 +59,44 @@ struct region *ex_find(dh_excache *c, uintptr_t a)
     return NULL;
 }
 
+/* Not ours: whoever was there before gets it (Python's faulthandler, say),
+ * or the default action. A fault's retried access raises it again, then
+ * with the default action; a signal that will not come again (sent by a
+ * process, or a memory error reported ahead of any access) is raised anew,
+ * to be taken when this handler returns. */
+static void pass_on(int sig, siginfo_t *si, void *uc)
+{
+    if (previous.sa_flags & SA_SIGINFO) {
+        previous.sa_sigaction(sig, si, uc);
+    } else if (previous.sa_handler != SIG_IGN && previous.sa_handler != SIG_DFL) {
+        previous.sa_handler(sig);
+    } else {
+        sigaction(SIGBUS, &previous, NULL);
+        if (previous.sa_handler == SIG_DFL && (si->si_code <= 0 || si->si_code == BUS_MCEERR_AO))
+            raise(sig);
+    }
+}
+
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
+    int saved = errno; /* the interrupted code's; the system calls below change it */
+    /* userfaultfd's SIGBUS says BUS_ADRERR. A hardware memory error
+     * (BUS_MCEERR_AR/AO) on a region page is no page to fetch: served as one,
+     * the access would fault again forever. */
     uintptr_t a = (uintptr_t)si->si_addr;
-    for (int i = 0; i < MAX_CACHES; i++) {
+    for (int i = 0; i < MAX_CACHES && si->si_code == BUS_ADRERR; i++) {
         dh_excache *c = atomic_load(&caches[i]);
         struct region *r;
         if (c && c->mode == DH_FAULT_SIGBUS && (r = ex_find(c, a))) {
             int rc = serve_fault(c, r, a, -1);
             if (rc)
                 ex_fatal(c, dh_strerror(rc));
+            errno = saved;
             return;
         }
     }
-    /* Not ours: hand over to whoever was there before (Python's
-     * faulthandler, or the default action when the access is retried). */
-    if (previous.sa_flags & SA_SIGINFO)
-        previous.sa_sigaction(sig, si, uc);
-    else if (previous.sa_handler != SIG_IGN && previous.sa_handler != SIG_DFL)
-        previous.sa_handler(sig);
-    else
-        sigaction(SIGBUS, &previous, NULL);
+    pass_on(sig, si, uc);
+    errno = saved;
 }
 
 static void install_hook(void)
@@ -319,6 +336,12 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
             hit->r->dirty += !hit->dirty;
             hit->dirty = 1;
             c->st.wp_faults++;
+            rc = ex_protect(c, page, 0);
+        } else if (wp == -1) {
+            /* A fault on a dirty line: still write-protected (a write-back
+             * that failed left it so) or made writable by another thread
+             * meanwhile. A dirty line is writable: without this the write
+             * would fault again forever. */
             rc = ex_protect(c, page, 0);
         } else if (c->mode == DH_FAULT_THREAD) { /* a stale message: just wake */
             struct uffdio_range rg = {.start = page, .len = DH_PAGE};
