@@ -59,6 +59,9 @@ struct region *ex_find(dh_excache *c, uintptr_t a)
     return NULL;
 }
 
+/* serve_fault: the region was freed after the lockless lookup found it. */
+#define EX_GONE 1
+
 /* Not ours: whoever was there before gets it (Python's faulthandler, say),
  * or the default action. A fault's retried access raises it again, then
  * with the default action; a signal that will not come again (sent by a
@@ -89,8 +92,10 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
         struct region *r;
         if (c && c->mode == DH_FAULT_SIGBUS && (r = ex_find(c, a))) {
             int rc = serve_fault(c, r, a, -1);
-            if (rc)
+            if (rc < 0)
                 ex_fatal(c, dh_strerror(rc));
+            if (rc == EX_GONE)
+                break; /* freed meanwhile: not ours now */
             errno = saved;
             return;
         }
@@ -320,10 +325,23 @@ static void record(dh_excache *c, uint64_t t0)
 
 /* wp: 1 a write-protect fault, 0 a missing page, -1 unknown (SIGBUS says
  * neither): a resident page means a write to a clean line. */
+static int in_region(const struct region *r, uintptr_t a)
+{
+    return r->used && a >= (uintptr_t)r->base && a - (uintptr_t)r->base < r->size;
+}
+
 static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
 {
     uintptr_t page = addr & ~(uintptr_t)(DH_PAGE - 1);
     ex_lock(c);
+    /* r was found without the lock: dh_excache_free may have taken it since
+     * (it marks it unused under the lock before it unmaps it). Then there is
+     * nothing to serve; a handler thread's faulting thread is woken when
+     * free unregisters the range. */
+    if (!in_region(r, addr) && !(r = ex_find(c, addr))) {
+        ex_unlock(c);
+        return c->mode == DH_FAULT_SIGBUS ? EX_GONE : 0;
+    }
     uint64_t t0 = now_ns();
     struct line *set = ex_set_of(c, page);
     struct line *hit = ex_resident_line(c, set, page);
@@ -567,96 +585,6 @@ void dh_excache_set_label(dh_excache *c, const char *label)
     ex_lock(c);
     snprintf(c->label, sizeof c->label, "%s", label);
     ex_unlock(c);
-}
-
-int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region_id)
-{
-    if (!size || size % DH_PAGE)
-        return DH_EINVAL;
-    struct region *r = NULL;
-    for (int i = 0; i < DH_EXCACHE_MAX_REGIONS && !r; i++)
-        if (!c->regions[i].used && !c->regions[i].base)
-            r = &c->regions[i];
-    if (!r)
-        return DH_ENOMEM;
-    uint32_t id = (uint32_t)(r - c->regions) + 1;
-    if (c->link) { /* a vRegion on the memory node */
-        ex_lock(c);
-        put64(c->req, size);
-        uint32_t got = 0, flags = 0;
-        int rc = ex_call(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
-        if (!rc && ((flags & DH_F_ERROR) || got != 4))
-            rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
-        if (!rc)
-            memcpy(&id, c->page, 4);
-        ex_unlock(c);
-        if (rc)
-            return rc;
-    }
-    uint64_t npages = size / DH_PAGE;
-    uint8_t *bits = calloc((npages + 7) / 8 * 2, 1); /* on_mnode, then was_dirty */
-    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    void *local = c->link ? NULL
-                          : mmap(NULL, size, PROT_READ | PROT_WRITE,
-                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (!bits || base == MAP_FAILED || local == MAP_FAILED) {
-        free(bits);
-        if (base != MAP_FAILED)
-            munmap(base, size);
-        if (local && local != MAP_FAILED)
-            munmap(local, size);
-        return DH_ENOMEM;
-    }
-    int rc = ex_register(c, base, size);
-    if (rc) {
-        free(bits);
-        munmap(base, size);
-        if (local)
-            munmap(local, size);
-        return rc;
-    }
-    ex_lock(c);
-    r->base = base;
-    r->size = size;
-    r->id = id;
-    r->on_mnode = bits;
-    r->local = local;
-    r->used = 1;
-    ex_unlock(c);
-    *addr = base;
-    *region_id = id;
-    return 0;
-}
-
-int dh_excache_free(dh_excache *c, void *addr)
-{
-    ex_lock(c);
-    struct region *r = ex_find(c, (uintptr_t)addr);
-    if (!r || r->base != addr) {
-        ex_unlock(c);
-        return DH_EINVAL;
-    }
-    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways; i++)
-        if (c->lines[i].r == r && c->lines[i].page) {
-            c->lines[i].page = 0;
-            c->st.resident--;
-        }
-    r->used = 0;
-    int rc = 0;
-    if (c->link) {
-        put32(c->req, r->id);
-        rc = ex_rpc(c, DH_OP_P2M_FREE, 4, 0);
-    }
-    ex_unlock(c);
-    struct uffdio_range rg = {.start = (uintptr_t)r->base, .len = r->size};
-    ioctl(c->uffd, UFFDIO_UNREGISTER, &rg);
-    munmap(r->base, r->size);
-    if (r->local)
-        munmap(r->local, r->size);
-    free(r->on_mnode);
-    memset(r, 0, sizeof *r);
-    return rc;
 }
 
 int ex_write_back(dh_excache *c, struct line *l)

@@ -12,6 +12,7 @@ struct region {
     uint64_t size;
     uint32_t id;
     int used;
+    int busy;          /* an alloc or a free is at work on it: no other alloc may take it */
     uint8_t *on_mnode; /* bit per page: written back at least once */
     uint64_t resident, dirty; /* its lines in the cache now */
     uint8_t *local;    /* the local page store (no link: the floor) */

@@ -234,3 +234,100 @@ def test_the_kernel_reads_evicted_pages_in_thread_mode_only(tmp_path, fault_mode
     del mv
     r.free()
     link.close()
+
+
+# ---- item 8: the cache's life cycle -------------------------------------------------
+
+
+def test_regions_allocated_from_several_threads_at_once_stay_apart():
+    """alloc releases the GIL; its slot used to be picked without the lock,
+    so two threads could take the same one."""
+    out = ok("""
+        link, server, store = served("m")
+        cache = ExCache(link, 64 * PAGE, ways=4)
+        errors = []
+
+        def worker(k):
+            try:
+                for i in range(40):
+                    r = cache.alloc(2 * PAGE)
+                    mv = memoryview(r)
+                    mv[0], mv[PAGE] = k, i
+                    assert (mv[0], mv[PAGE]) == (k, i), "another thread's region"
+                    del mv
+                    r.free()
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        print(errors[:1] or "ok", store.stats()["regions"])
+    """)
+    assert out == "ok 0"
+
+
+def test_a_failed_alloc_gives_its_vregion_back():
+    """The vRegion is made on the memory node first; when the local mapping
+    then fails, it must be freed there too, not leak."""
+    out = ok("""
+        import resource
+        link, server, store = served("m")
+        cache = ExCache(link, 16 * PAGE, ways=4)
+        size = 4 << 30
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        # Room for the store's mapping (this process serves it) but not the cache's.
+        resource.setrlimit(resource.RLIMIT_AS, (vm + size + size // 2, hard))
+        try:
+            cache.alloc(size)
+            print("allocated")
+        except MemoryError:
+            print("refused")
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        print("regions on the store:", store.stats()["regions"])
+    """)
+    assert out.splitlines() == ["refused", "regions on the store: 0"]
+
+
+def test_a_free_while_a_fault_on_the_region_waits_is_safe():
+    """The handler thread finds the region, then waits for the lock (a flush
+    holds it); free takes the lock first and unmaps the region. The fault
+    must see that it is gone, not fill a page of a freed region (which
+    ended the process). The kernel's access (write(2)) then gets a plain
+    page or EFAULT."""
+    out = ok("""
+        link, server, store = served("m")
+        cache = ExCache(link, 16 * PAGE, ways=4, fault_mode="thread")
+        q = cache.alloc(16 * PAGE)
+        mvq = memoryview(q)
+        fd = os.open(f"{d}/sink", os.O_WRONLY | os.O_CREAT)
+        results = []
+
+        def write(addr):
+            try:
+                results.append(os.write(fd, (ctypes.c_char * PAGE).from_address(addr)))
+            except OSError as exc:
+                results.append(exc.errno)
+
+        for rnd in range(8):
+            r = cache.alloc(4 * PAGE)  # never touched: its pages are missing
+            mvq[0], mvq[PAGE] = rnd + 1, rnd + 1  # two dirty lines
+            server.set_model(100_000_000, 0)  # each answer takes 100 ms
+            flusher = threading.Thread(target=cache.flush)
+            flusher.start()  # holds the lock for 200 ms
+            time.sleep(0.03)
+            writer = threading.Thread(target=write, args=(r.address,))
+            writer.start()  # the handler thread finds r, then waits for the lock
+            time.sleep(0.03)
+            r.free()  # waits for the lock too
+            flusher.join()
+            writer.join()
+            server.set_model(0, 0)
+        print("ok", sorted(set(results)))
+    """)
+    assert out.startswith("ok"), out
