@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.nodes.cluster import open_cluster, run_root
+from harness.nodes.cluster import open_cluster
+from harness.paths import run_root
 
 WORKLOAD = """
 import json, time

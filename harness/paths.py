@@ -84,3 +84,14 @@ def _check_private(d: Path, path: Path) -> None:
         if d.parent == d or (d != path and st.st_uid == 0 and me != 0):
             return  # the root, or root's own directory: trusted from here up
         d = d.parent
+
+
+def run_root() -> Path:
+    """Where clusters keep their run directories (logs, state, sockets):
+    made, or checked, private to this user (paths.private_dir)."""
+    env = os.environ.get("HARNESS_RUN_DIR")
+    if env:
+        return private_dir(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return private_dir(Path(xdg) / "disagg-harness" if xdg
+                       else Path(f"/tmp/disagg-harness-{os.getuid()}"))

@@ -30,9 +30,9 @@ from pathlib import Path
 from harness import images
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError
-from harness.nodes.cluster import run_root
 from harness.nodes.runners import VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.paths import run_root
 from harness.topology import Node
 from harness.vm import accel
 from harness.vm.machine import READY_RE, VM

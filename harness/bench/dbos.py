@@ -224,7 +224,7 @@ def run_here(workdir: Path, n: int = 200, progress: Progress | None = None) -> R
 
 def run(placement: str = "process", n: int = 200, progress: Progress | None = None) -> Report:
     if placement == "process":
-        from harness.nodes.cluster import run_root
+        from harness.paths import run_root
 
         return run_here(run_root() / "bench-dbos", n, progress)
     import io

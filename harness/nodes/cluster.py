@@ -14,38 +14,25 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, prefetch_for
-from harness._native.transport import Link, Op, create_shm_file, reset_shm_file
+from harness._native.excache import DEFAULT_PREFETCH, ExCache, Region
+from harness._native.transport import Link, Op, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
-from harness.nodes.broker import Channel, Process
+from harness.nodes.links import link_ends
+from harness.nodes.memory import DEFAULT_CACHE, Memory
 from harness.nodes.runners import ProcessRunner, VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
-from harness.paths import private_dir, shm_root
-from harness.topology import LinkModel, Node, Topology, load, parse_size
-from harness.vm.streams import chardevs, port_name
+from harness.paths import private_dir, run_root, shm_root
+from harness.topology import Node, Topology, load, parse_size
 
 Progress = Callable[[str], None]
-DEFAULT_CACHE = 16 << 20
 _serial = itertools.count()
-
-
-def run_root() -> Path:
-    """Where clusters keep their run directories (logs, state, sockets):
-    made, or checked, private to this user (paths.private_dir)."""
-    env = os.environ.get("HARNESS_RUN_DIR")
-    if env:
-        return private_dir(env)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return private_dir(Path(xdg) / "disagg-harness" if xdg
-                       else Path(f"/tmp/disagg-harness-{os.getuid()}"))
 
 
 @dataclass
@@ -96,16 +83,12 @@ class Cluster:
                     "a virtio-serial stream); place both ends in VMs or both as processes")
         self.topology = topology
         self.deterministic = deterministic
-        self.cache_bytes = parse_size(cache) if cache is not None else DEFAULT_CACHE
-        self.cache_options = {"ways": ways, "policy": policy, "fault_mode": fault_mode,
-                              "prefetch": prefetch}
+        self.memory = Memory(self, parse_size(cache) if cache is not None else DEFAULT_CACHE,
+                             ways, policy, fault_mode, prefetch)
         # Between VMs, channels to the mnode for workloads in the pnode guest:
         # one per process that runs on remote memory (ivshmem devices are fixed
         # when the guest starts).
         self.memory_channels = memory_channels
-        self._channel_serial = itertools.count()
-        self._excache: ExCache | None = None
-        self._regions: list[Region] = []
         # A private run directory is removed after a clean stop; a given one is kept.
         self._private = run_dir is None
         self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
@@ -113,57 +96,15 @@ class Cluster:
         # Disks outlive a node's restart; a private cluster keeps them in its run dir.
         self.disk_dir = disk_dir or self.run_dir
         self.nodes: dict[str, NodeHandle] = {}
-        self.failovers: list[dict] = []  # the ExCache's switches to a backup mnode
         self.secret = secrets.token_hex(32)  # peers on tcp links prove they know it
         self.started_at: float | None = None
-        self._stopped = False
+        self.stopped = False
 
     @property
     def name(self) -> str:
         return self.topology.name
 
     # ---- start -----------------------------------------------------------
-
-    def _link_ends(self) -> tuple[dict[str, list[LinkEnd]], list[int]]:
-        """Creates every inter-node link; returns each node's ends and the fds
-        the controller must close once the agents have inherited them."""
-        ends: dict[str, list[LinkEnd]] = {n: [] for n in self.nodes}
-        fds: list[int] = []
-        role = {n.name: n.role for n in self.topology.nodes}
-        placement = {n.name: n.placement for n in self.topology.nodes}
-        for k in self.topology.links:
-            model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
-            auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
-            cl = {**model, "peer_role": role[k.server], **auth}
-            sv = {**model, "peer_role": role[k.client], **auth}
-            if k.kind == "shm":
-                # Between VMs the same file backs an ivshmem device in each guest.
-                kind = "ivshmem" if placement[k.client] == "vm" else "shm"
-                channels = [("", k.name)]
-                if kind == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
-                    channels += [("excache", f"{k.name}.excache{i or ''}")  # for workloads
-                                 for i in range(self.memory_channels)]
-                for service, fname in channels:
-                    path = str(self.shm_dir / f"{fname}.shm")
-                    create_shm_file(path, k.size)
-                    ends[k.client].append(LinkEnd(k.server, kind, False, path=path, side=0,
-                                                  service=service, **cl))
-                    ends[k.server].append(LinkEnd(k.client, kind, True, path=path, side=1,
-                                                  service=service, **sv))
-                continue
-            if placement[k.client] == "vm":  # both are (the constructor checked)
-                server, client = chardevs(k.kind, k.name, self.run_dir)
-                dev = f"/dev/virtio-ports/{port_name(k.name)}"
-                ends[k.client].append(LinkEnd(k.server, "dev", False, path=dev, chardev=client,
-                                              **cl))
-                ends[k.server].append(LinkEnd(k.client, "dev", True, path=dev, chardev=server,
-                                              **sv))
-                continue
-            a, b = _socket_pair(k.kind)
-            fds += [a.detach(), b.detach()]
-            ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
-            ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))
-        return ends, fds
 
     def _runners(self, say: Progress) -> None:
         vm_nodes = [n for n in self.topology.nodes if n.placement == "vm"]
@@ -188,7 +129,8 @@ class Cluster:
         self.started_at = time.time()
         try:
             self._runners(say)
-            ends, fds = self._link_ends()
+            ends, fds = link_ends(self.topology, self.shm_dir, self.run_dir,
+                                  self.memory_channels)
             try:
                 # A node that calls over a stream between VMs starts after the
                 # servers: its QEMU joins the sockets theirs listen on.
@@ -253,7 +195,7 @@ class Cluster:
 
     def _report_nodes(self) -> None:
         """Cluster state goes into the snode's DBOS tables."""
-        if self._snode() is None:
+        if self.snode() is None:
             return
         for h in self.nodes.values():
             self.dbos.state.report_node(h.node.name, h.node.role, h.node.nid,
@@ -261,13 +203,13 @@ class Cluster:
 
     # ---- use -------------------------------------------------------------
 
-    def _snode(self) -> str | None:
+    def snode(self) -> str | None:
         return next((n.name for n in self.topology.nodes if n.role == "snode"), None)
 
     @property
     def dbos(self) -> RemoteDBOS:
         """The DBOS services of the cluster's snode (scheduler, IPC, files, …)."""
-        snode = self._snode()
+        snode = self.snode()
         if snode is None:
             raise NotSupported(f"{self.name} has no snode, so no DBOS tables")
         return RemoteDBOS(lambda p: self.call(snode, Op.SQL, p, timeout=60.0))
@@ -331,12 +273,6 @@ class Cluster:
         return ExecResult(r["returncode"], base64.b64decode(r["stdout"]),
                           base64.b64decode(r["stderr"]), r["truncated"])
 
-    def free(self, region: Region) -> None:
-        """Gives a region's memory back (its memoryviews must be released)."""
-        region.free()
-        if region in self._regions:
-            self._regions.remove(region)
-
     def stats(self) -> dict:
         """Each node's STATS, and "excache": this process's cache counters. The
         regions' page counts also go to the snode's `pages` table."""
@@ -346,131 +282,31 @@ class Cluster:
                 out[name] = json.loads(self.call(name, Op.STATS))
             except HarnessError as exc:  # a node that is down has no counters
                 out[name] = {"state": h.state, "error": str(exc)}
-        if self._excache is not None:
-            out["excache"] = self._excache.stats()
-            if self._snode() is not None:
-                for r in self._regions:
-                    if r.address:
-                        s = r.stats()
-                        self.dbos.state.report_pages(r.id, "pnode0", s["resident"], s["dirty"])
+        cache = self.memory.stats()
+        if cache is not None:
+            out["excache"] = cache
         return out
+
+    # ---- memory (memory.py) -----------------------------------------------------
 
     @property
     def excache(self) -> ExCache:
-        """This process's ExCache over the first memory node (made on first use):
-        the caller plays the processor node's workload."""
-        if self._excache is None:
-            self._excache = self._attach_excache()
-        return self._excache
+        """This process's ExCache over the first mnode (made on first use)."""
+        return self.memory.excache
 
-    def _attach_excache(self) -> ExCache:
-        primary = self._first_mnode()
-        if primary.placement != "process":
-            raise NotSupported("alloc() from the host needs the mnode placed as a process; "
-                               "with VMs, run the workload on the pnode with exec()")
-        link = self._memory_channel(primary.name)
-        ways = min(self.cache_options["ways"], max(1, self.cache_bytes // PAGE))
-        capacity = self.cache_bytes - self.cache_bytes % (ways * PAGE)
-        cache = ExCache(link, capacity, ways, self.cache_options["policy"],
-                        self.cache_options["fault_mode"],
-                        prefetch=prefetch_for(capacity, ways, self.cache_options["prefetch"]))
-        backup = self._backup_of(primary.name)
-        if backup is not None:
-            # The primary forwards every write to the backup before it answers;
-            # the cache fails over only while the primary says the backup is
-            # in sync. The backup's side of that channel is an ordinary
-            # excache channel: forwards are told apart by their opcode.
-            path = str(self.shm_dir / f"replica-{primary.name}-{backup}.shm")
-            create_shm_file(path, 1 << 22)
-            self.call(backup, Op.ATTACH, json.dumps(
-                {"service": "excache", "path": path, "side": 1}).encode())
-            self.call(primary.name, Op.ATTACH, json.dumps(
-                {"service": "replica", "path": path, "side": 0}).encode())
-            cache.set_backup(self._memory_channel(backup))
-            threading.Thread(target=self._watch_failover, args=(cache, primary.name, backup),
-                             name="failover-watch", daemon=True).start()
-        return cache
-
-    def _backup_of(self, mnode: str) -> str | None:
-        """The mnode that `mnode` links to (the topology's replica), if any."""
-        role = {n.name: n.role for n in self.topology.nodes}
-        return next((k.server for k in self.topology.links
-                     if k.client == mnode and role[k.server] == "mnode"), None)
-
-    def memory_channel_file(self, mnode: str, name: str) -> tuple[str, LinkModel | None]:
-        """A new shm channel file that mnode's store serves (ATTACH), for this
-        process or a program's; its link model is the topology's link to mnode."""
-        k = next((k for k in self.topology.links if mnode in (k.client, k.server)), None)
-        model = k.model if k is not None and k.model.active else None
-        path = str(self.shm_dir / f"{name}.shm")
-        create_shm_file(path, 1 << 22)
-        req: dict = {"service": "excache", "path": path, "side": 1}
-        if model is not None:
-            req.update(latency_ns=model.latency_ns, bytes_per_sec=model.bytes_per_sec)
-        self.call(mnode, Op.ATTACH, json.dumps(req).encode())
-        return path, model
-
-    def _memory_channel(self, mnode: str) -> Link:
-        """A new channel from this process to mnode's store."""
-        path, model = self.memory_channel_file(mnode, f"excache-{mnode}")
-        link = Link.shm_open(path, 0, name=f"excache-{mnode}")
-        if model is not None:
-            link.set_model(model.latency_ns, model.bytes_per_sec)
-        return link
-
-    def program_channel(self, proc: Process) -> Channel:
-        """A channel to the first mnode for one process of a program on
-        remote memory (the broker's source, with placement "process")."""
-        mnode = self._first_mnode().name
-        path, model = self.memory_channel_file(
-            mnode, f"program-{proc.pid}-{next(self._channel_serial)}")
-        return Channel("shm", path, 0, mnode, model.latency_ns if model else 0,
-                       model.bytes_per_sec if model else 0)
-
-    def _first_mnode(self) -> Node:
-        mnodes = [n for n in self.topology.nodes if n.role == "mnode"]
-        if not mnodes:
-            raise NotSupported(f"{self.name} has no mnode to hold disaggregated memory")
-        return mnodes[0]
-
-    def _watch_failover(self, cache: ExCache, primary: str, backup: str) -> None:
-        """Logs the cache's failover in the snode's events table (the fault
-        handler that performs it cannot: it runs in a signal handler), and
-        the moment the backup fell behind (the primary lost it and went on
-        alone: from then on the cache refuses to fail over to it)."""
-        def event(kind: str, detail: str) -> None:
-            if self._snode() is not None:
-                self.sql("INSERT INTO events (time, node, kind, detail) VALUES (?,?,?,?)",
-                         (time.time(), "pnode0", kind, detail), write=True)
-
-        behind = False
-        while not self._stopped and self._excache in (None, cache):  # None: being made
-            s = cache.stats()
-            if s["failovers"]:
-                self.failovers.append({"from": primary, "to": backup,
-                                       "seconds": s["failover_ns"] / 1e9})
-                event("failover", f"excache: {primary} -> {backup} in "
-                                  f"{s['failover_ns'] / 1e6:.1f} ms")
-                return
-            if not s["backup_in_sync"] and not behind:
-                behind = True
-                event("replica_behind",
-                      f"excache: {backup} missed writes {primary} acknowledged; "
-                      "no failover to it")
-            time.sleep(0.05)
+    @property
+    def failovers(self) -> list[dict]:
+        return self.memory.failovers
 
     def alloc(self, nbytes: int) -> Region:
         """Disaggregated memory: pages live on the mnode, a cache of
         `cache` bytes in this process, filled by page faults. Writable buffer
         protocol (memoryview, numpy.frombuffer)."""
-        if nbytes <= 0:
-            raise ValueError(f"alloc needs a positive size, got {nbytes}")
-        region = self.excache.alloc(-(-nbytes // PAGE) * PAGE)
-        self._regions.append(region)
-        if self._snode() is not None:
-            mnode = next(n.name for n in self.topology.nodes if n.role == "mnode")
-            self.dbos.state.report_region(region.id, mnode, region.size, owner="pnode0")
-        return region
+        return self.memory.alloc(nbytes)
+
+    def free(self, region: Region) -> None:
+        """Gives a region's memory back (its memoryviews must be released)."""
+        self.memory.free(region)
 
     FAULTS = ("kill", "pause", "resume", "restart")
 
@@ -507,17 +343,10 @@ class Cluster:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Asks every node to shut down, then terminates and kills stragglers."""
-        if self._stopped:
+        if self.stopped:
             return
-        self._stopped = True
-        # The cache first: its regions' memory lives on the nodes about to stop.
-        for r in self._regions:
-            try:
-                r.free()
-            except (BufferError, HarnessError):
-                pass  # still in use by the caller: the mapping dies with the cache
-        self._regions.clear()
-        self._excache = None
+        self.stopped = True
+        self.memory.close()
         for h in self.nodes.values():
             if h.runner.alive and h.state == "ready":
                 try:
@@ -541,19 +370,6 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
-    """A connected pair of the given kind; tcp stays on loopback."""
-    if kind == "unix":
-        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname(), timeout=5.0)
-        srv.settimeout(5.0)
-        b, _ = srv.accept()
-    a.settimeout(None)
-    b.settimeout(None)
-    return a, b
 
 
 def open_cluster(topology: str | Path | Topology = "lego3", placement: str | None = None,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from harness._native.transport import Link, Op
 from harness.errors import ClusterError, HarnessError, TransportError
-from harness.nodes.cluster import Cluster, run_root
+from harness.nodes.cluster import Cluster
+from harness.paths import run_root
 
 log = logging.getLogger("harness.control")
 

@@ -279,7 +279,7 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
     if pnode is None:
         raise NotSupported(f"{cluster.name} has no pnode to run programs on")
     if pnode.placement == "process":
-        broker = (Broker(cluster.run_dir / "broker.sock", cluster.program_channel)
+        broker = (Broker(cluster.run_dir / "broker.sock", cluster.memory.program_channel)
                   if memory == "remote" else None)
         try:
             res = launch(argv, opts, broker)
@@ -310,7 +310,7 @@ def record(cluster, pnode: str, argv: list[str], res: ProgramResult) -> int:
     """The run in DBOS: a task, each process's region in `regions` (owned by
     the task) and its cached lines in `pages`, and an event. Returns the task."""
     s = res.stats
-    mnode = cluster._first_mnode().name
+    mnode = cluster.memory.first_mnode().name
     now = time.time()
     [[task]] = cluster.sql(
         "INSERT INTO tasks (state, worker_id, command, result, created, started, finished) "

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from harness import images
-from harness.nodes.cluster import run_root
-from harness.paths import data_dir
+from harness.paths import data_dir, run_root
 from harness.topology import ROLES
 from harness.vm import accel
 from harness.vm.disk import ensure_ext4

@@ -74,7 +74,7 @@ def test_run_root_refuses_a_shared_directory(tmp_path, monkeypatch):
     bad.chmod(0o777)
     monkeypatch.setenv("HARNESS_RUN_DIR", str(bad))
     with pytest.raises(HarnessError, match="writable by group or others"):
-        cluster_mod.run_root()
+        paths.run_root()
 
 
 def test_a_cluster_refuses_a_hostile_shm_directory(tmp_path, monkeypatch):

@@ -1,0 +1,70 @@
+"""The links between a cluster's nodes, made before the nodes start: shm
+channel files (ivshmem devices between VMs, with a pnode guest's memory
+channels to its mnode), virtio-serial streams between VMs, and socket pairs
+between host processes."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from harness._native.transport import create_shm_file
+from harness.nodes.spec import LinkEnd
+from harness.topology import Topology
+from harness.vm.streams import chardevs, port_name
+
+
+def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels: int
+              ) -> tuple[dict[str, list[LinkEnd]], list[int]]:
+    """Creates every inter-node link; returns each node's ends and the fds
+    the controller must close once the agents have inherited them."""
+    ends: dict[str, list[LinkEnd]] = {n.name: [] for n in topology.nodes}
+    fds: list[int] = []
+    role = {n.name: n.role for n in topology.nodes}
+    placement = {n.name: n.placement for n in topology.nodes}
+    for k in topology.links:
+        model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
+        auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
+        cl = {**model, "peer_role": role[k.server], **auth}
+        sv = {**model, "peer_role": role[k.client], **auth}
+        if k.kind == "shm":
+            # Between VMs the same file backs an ivshmem device in each guest.
+            kind = "ivshmem" if placement[k.client] == "vm" else "shm"
+            channels = [("", k.name)]
+            if kind == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
+                channels += [("excache", f"{k.name}.excache{i or ''}")  # for workloads
+                             for i in range(memory_channels)]
+            for service, fname in channels:
+                path = str(shm_dir / f"{fname}.shm")
+                create_shm_file(path, k.size)
+                ends[k.client].append(LinkEnd(k.server, kind, False, path=path, side=0,
+                                              service=service, **cl))
+                ends[k.server].append(LinkEnd(k.client, kind, True, path=path, side=1,
+                                              service=service, **sv))
+            continue
+        if placement[k.client] == "vm":  # both are (the constructor checked)
+            server, client = chardevs(k.kind, k.name, run_dir)
+            dev = f"/dev/virtio-ports/{port_name(k.name)}"
+            ends[k.client].append(LinkEnd(k.server, "dev", False, path=dev, chardev=client,
+                                          **cl))
+            ends[k.server].append(LinkEnd(k.client, "dev", True, path=dev, chardev=server,
+                                          **sv))
+            continue
+        a, b = socket_pair(k.kind)
+        fds += [a.detach(), b.detach()]
+        ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
+        ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))
+    return ends, fds
+
+
+def socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of the given kind; tcp stays on loopback."""
+    if kind == "unix":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname(), timeout=5.0)
+        srv.settimeout(5.0)
+        b, _ = srv.accept()
+    a.settimeout(None)
+    b.settimeout(None)
+    return a, b
