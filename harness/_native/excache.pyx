@@ -43,7 +43,13 @@ def prefetch_for(uint64_t capacity, uint32_t ways, uint32_t want=DEFAULT_PREFETC
 
 cdef class ExCache:
     """A set-associative cache of 4 KiB lines over userfaultfd regions whose
-    pages live on a memory node (link=None: a local store, the benchmark's floor)."""
+    pages live on a memory node (link=None: a local store, the benchmark's floor).
+
+    fault_mode "sigbus": the faulting thread serves its own miss in a signal
+    handler. The kernel's own accesses to pages not in the cache then fail
+    with EFAULT (os.write(fd, region), socket.send(region), readinto): use
+    fault_mode="thread" (a handler thread serves faults) for memory the
+    kernel reads or writes."""
 
     cdef dh_excache *_c
     cdef list _links  # every link handed to C: it may use any of them until destroy

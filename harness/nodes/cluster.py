@@ -375,13 +375,22 @@ class Cluster:
 def open_cluster(topology: str | Path | Topology = "lego3", placement: str | None = None,
                  cache: str | int | None = None, run_dir: Path | None = None,
                  timeout: float = 30.0, progress: Progress | None = None,
-                 prefetch: int = DEFAULT_PREFETCH, memory_channels: int = 1) -> Cluster:
+                 prefetch: int = DEFAULT_PREFETCH, memory_channels: int = 1,
+                 fault_mode: str = "sigbus") -> Cluster:
     """Starts a cluster and returns it; use it in a `with` block. `cache` and
     `prefetch` (lines a miss brings in, LegoOS's pcache prefetch) shape the
     ExCache behind alloc(); `memory_channels` is how many processes of programs
-    in a pnode guest can be on remote memory at once (see run_program)."""
+    in a pnode guest can be on remote memory at once (see run_program).
+
+    `fault_mode` is how alloc()'s pages come in: "sigbus" (the faulting
+    thread serves its own miss in a signal handler; the fastest) or "thread"
+    (a handler thread). In "sigbus" mode the kernel's own accesses to pages
+    not in the cache fail with EFAULT: os.write(fd, region),
+    socket.send(region), f.readinto(region). Use fault_mode="thread" for
+    memory the kernel reads or writes."""
     topo = topology if isinstance(topology, Topology) else load(topology)
     if placement is not None:
         topo = topo.with_placement(placement)
     return Cluster(topo, run_dir=run_dir, cache=cache, prefetch=prefetch,
+                   fault_mode=fault_mode,
                    memory_channels=memory_channels).start(timeout, progress)

@@ -212,7 +212,7 @@ def test_the_kernel_reads_evicted_pages_in_thread_mode_only(tmp_path, fault_mode
     """write(fd, region): the kernel's copy faults on pages that are not in
     the cache. A handler thread serves those like any other; SIGBUS mode
     cannot (the kernel gets EFAULT), as the docs say."""
-    link, server, _ = _served(tmp_path, "m")
+    link, _, _ = _served(tmp_path, "m")
     cache = ExCache(link, 16 * PAGE, ways=4, fault_mode=fault_mode)
     r = cache.alloc(64 * PAGE)
     mv = memoryview(r)
@@ -234,6 +234,24 @@ def test_the_kernel_reads_evicted_pages_in_thread_mode_only(tmp_path, fault_mode
     del mv
     r.free()
     link.close()
+
+
+def test_open_cluster_takes_the_advice(tmp_path):
+    """open_cluster(fault_mode="thread"): the kernel reads c.alloc's evicted pages."""
+    from harness.nodes.cluster import open_cluster
+
+    with open_cluster("lego3", cache=16 * PAGE, fault_mode="thread") as c:
+        r = c.alloc(64 * PAGE)
+        mv = memoryview(r)
+        want = bytes(range(256)) * (64 * PAGE // 256)
+        mv[:] = want
+        c.excache.flush()
+        assert c.stats()["excache"]["fault_mode"] == "thread"
+        with open(tmp_path / "copy", "wb") as f:
+            f.write(mv)
+        assert (tmp_path / "copy").read_bytes() == want
+        del mv
+        c.free(r)
 
 
 # ---- item 8: the cache's life cycle -------------------------------------------------
