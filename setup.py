@@ -6,6 +6,7 @@ from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 NATIVE = Path("native")
 CORE_FLAGS = ["-std=c11", "-D_GNU_SOURCE", "-O2", "-g", "-Wall", "-Wextra",
@@ -40,6 +41,21 @@ INTERPOSER = Extension(
     extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
 
 
+class BuildExt(build_ext):
+    """The interposer compiles the core's sources with other macros: its
+    objects go to a directory of their own, or a later build_clib would
+    archive them into libdh.a (they name the interposer's raw functions)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext is not INTERPOSER:
+            return super().build_extension(ext)
+        temp, self.build_temp = self.build_temp, str(Path(self.build_temp) / "interpose")
+        try:
+            return super().build_extension(ext)
+        finally:
+            self.build_temp = temp
+
+
 def ext(name: str) -> Extension:
     return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx"],
                      include_dirs=[str(NATIVE / "include")],
@@ -49,6 +65,7 @@ def ext(name: str) -> Extension:
 
 setup(
     libraries=[CORE],
+    cmdclass={"build_ext": BuildExt},
     ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
                             compiler_directives={"language_level": "3"}), INTERPOSER],
 )

@@ -44,8 +44,20 @@ void ex_fatal(dh_excache *c, const char *why)
     /* No page to give the faulting code: ending the process is the only
      * answer that is neither a hang nor silently wrong data. */
     say("disagg-harness ExCache: cannot serve a page fault: ", why);
-    say("; the memory node ", c->label[0] ? c->label : "(unnamed)");
-    say(" is gone or not answering. Aborting.\n", "");
+    if (c->why) { /* a local system call failed, not the memory node */
+        char num[24], *p = num + sizeof num - 1;
+        int e = c->why_errno;
+        *p = 0;
+        do
+            *--p = (char)('0' + e % 10);
+        while ((e /= 10) && p > num);
+        say(" (errno ", p);
+        say("); a local failure, the memory node ", c->label[0] ? c->label : "(unnamed)");
+        say(" was answering. Aborting.\n", "");
+    } else {
+        say("; the memory node ", c->label[0] ? c->label : "(unnamed)");
+        say(" is gone or not answering. Aborting.\n", "");
+    }
     abort();
 }
 
@@ -131,11 +143,19 @@ static int on_mnode(struct region *r, uint64_t idx)
 
 uint8_t *ex_was_dirty(struct region *r) { return r->on_mnode + (r->size / DH_PAGE + 7) / 8; }
 
-/* A page written back now: on the mnode, and written in its last stay. */
-static void mark_written_back(struct region *r, uint64_t idx)
+/* A page written back now is on the mnode. Whether writes are expected when
+ * it comes back is learnt only from writes the cache saw (a write-protect
+ * fault), or kept for a page that was predicted: a fresh page counted dirty
+ * by assumption teaches nothing (numpy's inputs are written once, at their
+ * creation, and only read after). */
+static void mark_written_back(struct region *r, uint64_t idx, const struct line *l)
 {
     r->on_mnode[idx / 8] |= (uint8_t)(1u << (idx % 8));
-    ex_was_dirty(r)[idx / 8] |= (uint8_t)(1u << (idx % 8));
+    uint8_t *w = &ex_was_dirty(r)[idx / 8], bit = (uint8_t)(1u << (idx % 8));
+    if (l->assumed == ASSUMED_FRESH)
+        *w &= (uint8_t)~bit;
+    else
+        *w |= bit;
 }
 
 /* Whether a page comes back writable and dirty: it was written in its last
@@ -201,17 +221,40 @@ int ex_protect(dh_excache *c, uintptr_t page, int on)
         .range = {.start = page, .len = DH_PAGE},
         .mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
     };
-    return ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp) ? DH_EIO : 0;
+    if (ioctl(c->uffd, UFFDIO_WRITEPROTECT, &wp)) {
+        c->why = on ? "UFFDIO_WRITEPROTECT (protecting a line) failed"
+                    : "UFFDIO_WRITEPROTECT (unprotecting a line) failed";
+        c->why_errno = errno;
+        return DH_EIO;
+    }
+    return 0;
 }
 
-static int install(dh_excache *c, uintptr_t page, uint32_t n, int writable)
+static int copy_in(dh_excache *c, uintptr_t page, const uint8_t *src, uint64_t len,
+                   int writable)
 {
     struct uffdio_copy cp = {
-        .dst = page, .src = (uintptr_t)c->page, .len = (uint64_t)n * DH_PAGE,
+        .dst = page, .src = (uintptr_t)src, .len = len,
         .mode = writable ? 0 : UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
     };
-    if (ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST)
+    return ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST ? errno : 0;
+}
+
+/* One UFFDIO_COPY for the window; page by page when that fails, since a
+ * window may cross from one mapping to the next (mprotect and madvise split
+ * a region's mappings) and one copy may not. */
+static int install(dh_excache *c, uintptr_t page, uint32_t n, int writable)
+{
+    int e = copy_in(c, page, c->page, (uint64_t)n * DH_PAGE, writable);
+    for (uint32_t i = 0; e && n > 1 && i < n; i++)
+        if ((e = copy_in(c, page + (uintptr_t)i * DH_PAGE, c->page + (size_t)i * DH_PAGE,
+                         DH_PAGE, writable)))
+            break;
+    if (e) {
+        c->why = "UFFDIO_COPY (installing a page) failed";
+        c->why_errno = e;
         return DH_EIO;
+    }
     return 0;
 }
 
@@ -353,6 +396,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         if (wp == 1 || (wp == -1 && !hit->dirty)) {
             hit->r->dirty += !hit->dirty;
             hit->dirty = 1;
+            hit->assumed = SEEN;
             c->st.wp_faults++;
             rc = ex_protect(c, page, 0);
         } else if (wp == -1) {
@@ -402,7 +446,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     if (dirty_victim) {
         struct region *vr = dirty_victim->r;
         uint64_t vi = ex_page_index(vr, v->page);
-        mark_written_back(vr, vi);
+        mark_written_back(vr, vi, dirty_victim);
     }
     c->pf[0] = v;
     uintptr_t run = 0;
@@ -427,6 +471,7 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         l->page = page + (uintptr_t)i * DH_PAGE;
         l->r = r;
         l->dirty = (uint8_t)dirty;
+        l->assumed = !dirty ? SEEN : fresh ? ASSUMED_FRESH : ASSUMED_PREDICTED;
         l->filled = l->touched = ++c->clock;
     }
     c->st.prefetched += n - 1;
@@ -469,8 +514,9 @@ static void *handler(void *arg)
             uintptr_t a = msgs[i].arg.pagefault.address;
             struct region *r = ex_find(c, a);
             int wp = (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
-            if (r && serve_fault(c, r, a, wp))
-                ex_fatal(c, "the handler thread could not fetch a page");
+            int rc = r ? serve_fault(c, r, a, wp) : 0;
+            if (rc)
+                ex_fatal(c, c->why ? c->why : dh_strerror(rc));
         }
         busy_until = dh_now_ns() + spin;
     }
@@ -596,8 +642,9 @@ int ex_write_back(dh_excache *c, struct line *l)
     if ((rc = flush_one(c, l)))
         return rc;
     uint64_t vi = ex_page_index(l->r, l->page);
-    mark_written_back(l->r, vi);
+    mark_written_back(l->r, vi, l);
     l->dirty = 0;
+    l->assumed = SEEN;
     l->r->dirty--;
     c->st.dirty_flushes++;
     return 0;

@@ -19,10 +19,13 @@ struct region {
     uint32_t clone_id; /* its copy on the memory node, made for a forked child */
 };
 
+enum { SEEN = 0, ASSUMED_FRESH = 1, ASSUMED_PREDICTED = 2 };
+
 struct line {
     uintptr_t page; /* 0: empty */
     struct region *r;
     uint8_t dirty;
+    uint8_t assumed; /* dirty by assumption, not a seen write: ASSUMED_FRESH or _PREDICTED */
     uint64_t filled, touched; /* fifo and lru stamps */
 };
 
@@ -40,6 +43,8 @@ struct dh_excache {
     int predict_writes; /* install pages likely written at once writable, as dirty lines */
     uint32_t predict_tick;
     char label[48];    /* the memory node's name, for the fatal message */
+    const char *why;   /* the local call that failed (for the fatal message), or NULL */
+    int why_errno;
     struct line *lines;
     struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
     struct region regions[DH_EXCACHE_MAX_REGIONS];

@@ -238,6 +238,8 @@ EXPORT int madvise(void *addr, size_t len, int advice)
     case MADV_FREE:
     case MADV_REMOVE:
         return dh_excache_discard(G.cache, addr, len, 1) ? (errno = EINVAL, -1) : 0;
+    case MADV_HUGEPAGE: /* the cache installs 4 KiB pages; a split mapping buys nothing */
+    case MADV_NOHUGEPAGE:
     case MADV_DONTFORK: /* a forked child gets its own copy of the arena */
     case MADV_DOFORK:
     case MADV_WIPEONFORK:
