@@ -75,6 +75,19 @@ def test_python_gives_the_same_answer_on_remote_memory(cluster, code):
     assert remote.stats["peak_remote_bytes"] > CACHE
 
 
+def test_numpy_on_remote_memory(cluster):
+    """numpy advises MADV_HUGEPAGE on its big arrays, which splits the arena's
+    mappings: prefetch windows that cross the splits must still install."""
+    code = ("import numpy as np, zlib\n"
+            "a = np.arange(1024 * 1024, dtype=np.float64).reshape(1024, 1024) % 7\n"
+            "c = a @ (a.T % 5)\nprint(int(c.sum()), zlib.crc32(c.tobytes()))")
+    local, remote = both(cluster, [sys.executable, "-c", code],
+                         env={"OPENBLAS_NUM_THREADS": "1"})
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    assert remote.stats["excache"]["prefetched"] > 0
+
+
 def test_threads_get_their_stacks_from_remote_memory(cluster):
     r = run_program(cluster, [sys.executable, "-c", THREADS], memory="remote", cache=CACHE)
     [proc] = r.stats["processes"]
