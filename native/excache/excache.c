@@ -58,6 +58,11 @@ void ex_fatal(dh_excache *c, const char *why)
         say("; the memory node ", c->label[0] ? c->label : "(unnamed)");
         say(" is gone or not answering. Aborting.\n", "");
     }
+    /* The default action, not the program's handler: one run here (Python's
+     * faulthandler dumping its threads) would wait for pages only this
+     * thread could bring in. */
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigaction(SIGABRT, &dfl, NULL);
     abort();
 }
 
@@ -162,13 +167,16 @@ static void mark_written_back(struct region *r, uint64_t idx, const struct line 
  * stay in the cache, so it is likely written again (redis's LRU clock,
  * CPython's refcounts, a match finder's tables), and its write-protect
  * fault would only cost another round through the handler. */
+static int expects_writes(dh_excache *c, struct region *r, uint64_t idx)
+{
+    return c->predict_writes && (ex_was_dirty(r)[idx / 8] >> (idx % 8) & 1);
+}
+
+/* The prediction for a miss: one in eight comes in clean anyway, so a page
+ * that stopped being written is evicted clean, which forgets it. */
 static int predicted_dirty(dh_excache *c, struct region *r, uint64_t idx)
 {
-    if (!c->predict_writes || !(ex_was_dirty(r)[idx / 8] >> (idx % 8) & 1))
-        return 0;
-    /* One in eight comes in clean anyway: a page that stopped being written
-     * is then evicted clean, which forgets the prediction. */
-    return ++c->predict_tick % 8 != 0;
+    return expects_writes(c, r, idx) && ++c->predict_tick % 8 != 0;
 }
 
 /* Fetches n pages from idx into c->page, carrying a dirty victim (in c->req)
@@ -196,6 +204,21 @@ static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
     put32(c->req + 4, n);
     put64(c->req + 8, idx);
     return ex_rpc(c, DH_OP_P2M_PCACHE_MISS, 16, n * DH_PAGE);
+}
+
+/* While a fork is under way, a page written back also goes to the region's
+ * copy (made when the fork began): the child's memory is the parent's as
+ * it is at the fork, written back or not. The page is still mapped (and
+ * write-protected) here. */
+static int mirror(dh_excache *c, struct region *r, uint64_t idx, uintptr_t page)
+{
+    if (!c->mirroring || !c->link)
+        return 0;
+    put32(c->req, r->clone_id);
+    put32(c->req + 4, 0);
+    put64(c->req + 8, idx);
+    memcpy(c->req + 16, (void *)page, DH_PAGE);
+    return ex_rpc(c, DH_OP_P2M_PCACHE_FLUSH, 16 + DH_PAGE, 0);
 }
 
 /* Writes back the page whose data is at c->req + 24. */
@@ -230,6 +253,8 @@ int ex_protect(dh_excache *c, uintptr_t page, int on)
     return 0;
 }
 
+/* Copies len bytes in; 0, or the errno. A page that is already there
+ * (EEXIST) counts as installed only when the copy was of that page alone. */
 static int copy_in(dh_excache *c, uintptr_t page, const uint8_t *src, uint64_t len,
                    int writable)
 {
@@ -237,19 +262,23 @@ static int copy_in(dh_excache *c, uintptr_t page, const uint8_t *src, uint64_t l
         .dst = page, .src = (uintptr_t)src, .len = len,
         .mode = writable ? 0 : UFFDIO_COPY_MODE_WP, /* clean until the first write faults */
     };
-    return ioctl(c->uffd, UFFDIO_COPY, &cp) && errno != EEXIST ? errno : 0;
+    if (!ioctl(c->uffd, UFFDIO_COPY, &cp))
+        return 0;
+    return errno == EEXIST && len == DH_PAGE ? 0 : errno;
 }
 
-/* One UFFDIO_COPY for the window; page by page when that fails, since a
- * window may cross from one mapping to the next (mprotect and madvise split
- * a region's mappings) and one copy may not. */
+/* One UFFDIO_COPY for the window; page by page when that does not install
+ * all of it, since a window may cross from one mapping to the next
+ * (mprotect and madvise split a region's mappings) and one copy may not. */
 static int install(dh_excache *c, uintptr_t page, uint32_t n, int writable)
 {
     int e = copy_in(c, page, c->page, (uint64_t)n * DH_PAGE, writable);
-    for (uint32_t i = 0; e && n > 1 && i < n; i++)
-        if ((e = copy_in(c, page + (uintptr_t)i * DH_PAGE, c->page + (size_t)i * DH_PAGE,
-                         DH_PAGE, writable)))
-            break;
+    if (e && n > 1) {
+        e = 0;
+        for (uint32_t i = 0; i < n && !e; i++)
+            e = copy_in(c, page + (uintptr_t)i * DH_PAGE, c->page + (size_t)i * DH_PAGE,
+                        DH_PAGE, writable);
+    }
     if (e) {
         c->why = "UFFDIO_COPY (installing a page) failed";
         c->why_errno = e;
@@ -322,9 +351,9 @@ static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
 {
     uint32_t n = 1;
     uint64_t pages = r->size / DH_PAGE;
-    int dirty = predicted_dirty(c, r, idx); /* one UFFDIO_COPY: one mode for the window */
+    int dirty = expects_writes(c, r, idx); /* one UFFDIO_COPY: one mode for the window */
     for (; n < c->prefetch && idx + n < pages && on_mnode(r, idx + n) &&
-           predicted_dirty(c, r, idx + n) == dirty;
+           expects_writes(c, r, idx + n) == dirty;
          n++) {
         uintptr_t q = (uintptr_t)r->base + (idx + n) * DH_PAGE;
         struct line *set = ex_set_of(c, q);
@@ -447,6 +476,8 @@ static int serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
         struct region *vr = dirty_victim->r;
         uint64_t vi = ex_page_index(vr, v->page);
         mark_written_back(vr, vi, dirty_victim);
+        if ((rc = mirror(c, vr, vi, v->page)))
+            goto out;
     }
     c->pf[0] = v;
     uintptr_t run = 0;
@@ -495,6 +526,11 @@ out:
 static void *handler(void *arg)
 {
     dh_excache *c = arg;
+    /* The program's signals are not this thread's: a handler run here could
+     * fault on memory only this thread can bring in. */
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     struct uffd_msg msgs[16];
     uint64_t busy_until = 0, spin = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? HANDLER_SPIN_NS : 0;
     while (!atomic_load(&c->stop)) {
@@ -523,9 +559,20 @@ static void *handler(void *arg)
     return NULL;
 }
 
+int dh_fd_high(int fd)
+{
+    if (fd < 0 || fd >= DH_FD_HIGH)
+        return fd;
+    int hi = fcntl(fd, F_DUPFD_CLOEXEC, DH_FD_HIGH);
+    if (hi < 0)
+        return fd; /* a low limit on open files: keep the one we have */
+    close(fd);
+    return hi;
+}
+
 int ex_open_uffd(dh_excache *c)
 {
-    c->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    c->uffd = dh_fd_high((int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
     if (c->uffd < 0)
         return errno == ENOSYS ? DH_ENOSYS : DH_EIO;
     struct uffdio_api api = {
@@ -643,6 +690,8 @@ int ex_write_back(dh_excache *c, struct line *l)
         return rc;
     uint64_t vi = ex_page_index(l->r, l->page);
     mark_written_back(l->r, vi, l);
+    if ((rc = mirror(c, l->r, vi, l->page)))
+        return rc;
     l->dirty = 0;
     l->assumed = SEEN;
     l->r->dirty--;

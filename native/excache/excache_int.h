@@ -42,6 +42,7 @@ struct dh_excache {
     uint32_t prefetch; /* lines per remote miss, >= 1 */
     int predict_writes; /* install pages likely written at once writable, as dirty lines */
     uint32_t predict_tick;
+    int mirroring;        /* a fork is under way: write-backs also go to the copies */
     char label[48];    /* the memory node's name, for the fatal message */
     const char *why;   /* the local call that failed (for the fatal message), or NULL */
     int why_errno;

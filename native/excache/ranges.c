@@ -101,13 +101,13 @@ int dh_excache_evict_range(dh_excache *c, void *addr, uint64_t len)
 
 int dh_excache_fork_prepare(dh_excache *c)
 {
+    /* The child's memory is the parent's at the fork: its resident pages
+     * come with it, and the rest it fetches from a copy of each region,
+     * which from now until the fork is done gets every write-back too. The
+     * lock is not held across the fork: glibc's own fork path writes to
+     * heap pages, whose faults the handler must be able to serve. */
     ex_lock(c);
     int rc = 0;
-    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways && !rc; i++)
-        if (c->lines[i].page && c->lines[i].dirty)
-            rc = ex_write_back(c, &c->lines[i]);
-    /* The child's pages as they are now: a copy of each region that the
-     * parent's later write-backs do not touch. */
     for (int i = 0; i < DH_EXCACHE_MAX_REGIONS && !rc && c->link; i++) {
         struct region *r = &c->regions[i];
         if (!r->used)
@@ -116,21 +116,28 @@ int dh_excache_fork_prepare(dh_excache *c)
         if (!(rc = ex_rpc(c, DH_OP_P2M_CLONE, 4, 4)))
             memcpy(&r->clone_id, c->page, 4);
     }
-    if (rc)
-        ex_unlock(c);
+    c->mirroring = !rc;
+    ex_unlock(c);
     return rc;
 }
 
-void dh_excache_fork_parent(dh_excache *c) { ex_unlock(c); }
+void dh_excache_fork_parent(dh_excache *c)
+{
+    ex_lock(c);
+    c->mirroring = 0;
+    ex_unlock(c);
+}
 
 int dh_excache_fork_child(dh_excache *c, dh_link *link)
 {
     /* The parent's userfaultfd and handler thread are the parent's; fork
      * without UFFD_FEATURE_EVENT_FORK left these mappings unregistered. */
+    ex_lock(c);
     close(c->uffd);
     c->thread_running = 0;
     c->link = link;
     c->backup = NULL;
+    c->mirroring = 0;
     int rc = ex_open_uffd(c);
     for (int i = 0; i < DH_EXCACHE_MAX_REGIONS && !rc; i++) {
         struct region *r = &c->regions[i];
@@ -139,11 +146,18 @@ int dh_excache_fork_child(dh_excache *c, dh_link *link)
         r->id = r->clone_id;
         rc = ex_register(c, r->base, r->size);
     }
-    /* Every inherited line is clean (prepare wrote them back): protect
-     * them again, so the child's first write to each is seen. */
-    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways && !rc; i++)
-        if (c->lines[i].page)
-            rc = ex_protect(c, c->lines[i].page, 1);
+    /* Every inherited line holds the page as it was at the fork, which the
+     * copy may not have (a write just before the fork): dirty, so it is
+     * written back to the copy when evicted. (The kernel dropped the
+     * write protection in the child anyway.) */
+    for (uint64_t i = 0; i < (uint64_t)c->nsets * c->ways; i++) {
+        struct line *l = &c->lines[i];
+        if (l->page && !l->dirty) {
+            l->dirty = 1;
+            l->assumed = SEEN;
+            l->r->dirty++;
+        }
+    }
     if (!rc && c->mode == DH_FAULT_THREAD)
         rc = ex_start_handler(c);
     ex_unlock(c);
@@ -157,4 +171,25 @@ uint32_t dh_excache_region_id(dh_excache *c, void *addr)
     uint32_t id = r ? r->id : 0;
     ex_unlock(c);
     return id;
+}
+
+uint64_t dh_excache_untracked(dh_excache *c, void *addr, uint64_t len)
+{
+    enum { CHUNK = 1u << 28 };
+    static unsigned char vec[CHUNK / DH_PAGE]; /* under the lock */
+    uint64_t n = 0;
+    ex_lock(c);
+    for (uint64_t off = 0; off < len; off += CHUNK) {
+        uint64_t part = len - off < CHUNK ? len - off : CHUNK;
+        uintptr_t base = (uintptr_t)addr + off;
+        if (mincore((void *)base, part, vec))
+            continue;
+        for (uint64_t p = 0; p < part / DH_PAGE; p++) {
+            uintptr_t page = base + p * DH_PAGE;
+            if ((vec[p] & 1) && !ex_resident_line(c, ex_set_of(c, page), page))
+                n++;
+        }
+    }
+    ex_unlock(c);
+    return n;
 }

@@ -91,14 +91,18 @@ int dh_excache_discard(dh_excache *c, void *addr, uint64_t len, int zap);
 /* Writes back the dirty lines of the range and drops all its lines, so its
  * pages live only on the memory node (before mprotect takes access away). */
 int dh_excache_evict_range(dh_excache *c, void *addr, uint64_t len);
-/* fork(): prepare (in the parent, before) takes the lock, writes every
- * dirty line back and copies each region on the memory node; parent (after,
- * in the parent) releases it; child (in the child) gives the cache its own
- * userfaultfd and link, registers the regions again, write-protects the
- * lines it inherited and switches to the copies. */
+/* fork(): prepare (in the parent, before) copies each region on the memory
+ * node and mirrors every later write-back to the copies; parent (after, in
+ * the parent) stops the mirroring; child (in the child) gives the cache its
+ * own userfaultfd and link, registers the regions again, keeps the lines it
+ * inherited as dirty and switches to the copies. */
 int dh_excache_fork_prepare(dh_excache *c);
 void dh_excache_fork_parent(dh_excache *c);
 int dh_excache_fork_child(dh_excache *c, dh_link *link);
+/* Pages of [addr, addr+len) present in memory but not in the cache: in a
+ * forked child, pages touched before its cache was ready (they read as
+ * zero, not as the parent's). */
+uint64_t dh_excache_untracked(dh_excache *c, void *addr, uint64_t len);
 /* Writes every dirty line back (and keeps it, now clean). */
 int dh_excache_flush(dh_excache *c);
 void dh_excache_get_stats(dh_excache *c, dh_excache_stats *s);
@@ -141,6 +145,13 @@ int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop);
  * asked, over the link, to serve as one. */
 int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms);
 void dh_mstore_get_stats(dh_mstore *m, dh_mstore_stats *s);
+
+/* Moves fd to a number at or above DH_FD_HIGH (close-on-exec) and returns
+ * it, or fd when the limit on open files does not allow: a program whose
+ * memory the cache serves keeps its usual descriptors (a script's
+ * `exec 3<file`, a daemon's closefrom) away from the cache's own. */
+#define DH_FD_HIGH 600
+int dh_fd_high(int fd);
 
 /* Reads (or writes) one byte of each of npages pages from addr, timing each
  * access: a benchmark's view of miss and hit latency; samples in ns. */

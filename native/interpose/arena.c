@@ -144,3 +144,15 @@ void dh_arena_give(void *addr, uint64_t len)
 
 uint64_t dh_arena_used(void) { return A.used * DH_PAGE; }
 uint64_t dh_arena_peak(void) { return A.peak * DH_PAGE; }
+
+int dh_arena_free(const void *addr, uint64_t len)
+{
+    uint64_t s = (uint64_t)((const uint8_t *)addr - A.base) / DH_PAGE;
+    uint64_t n = (len + DH_PAGE - 1) / DH_PAGE;
+    int inside = 0;
+    lock();
+    for (uint32_t i = 0; i < A.n && !inside; i++)
+        inside = A.free[i].start <= s && s + n <= A.free[i].start + A.free[i].len;
+    unlock();
+    return inside;
+}

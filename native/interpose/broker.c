@@ -42,7 +42,7 @@ int dh_broker_hello(const char *socket_path, struct dh_channel *ch, char *err, s
         return -1;
     }
     strcpy(sa.sun_path, socket_path);
-    broker_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    broker_fd = dh_fd_high(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (broker_fd < 0 || connect(broker_fd, (struct sockaddr *)&sa, sizeof sa)) {
         snprintf(err, cap, "cannot reach the harness at %s (%s)", socket_path, strerror(errno));
         return -1;

@@ -27,6 +27,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -163,7 +164,7 @@ __attribute__((constructor)) static void init(void) { active(); }
 static int arena_candidate(int flags, int fd)
 {
     return (flags & MAP_ANONYMOUS) && (flags & MAP_TYPE) == MAP_PRIVATE && fd == -1 &&
-           !(flags & (MAP_HUGETLB | MAP_GROWSDOWN));
+           !(flags & (MAP_HUGETLB | MAP_GROWSDOWN | MAP_32BIT));
 }
 
 /* Memory handed back: its contents are gone (the next touch is zero), its
@@ -183,6 +184,11 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
     if (flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) {
         if (!dh_arena_has(addr, len))
             return dh_sys_mmap(addr, len, prot, flags, fd, off);
+        if ((flags & MAP_FIXED_NOREPLACE) && !dh_arena_free(addr, len)) {
+            errno = EEXIST; /* arena pages in use are a mapping that exists */
+            return MAP_FAILED;
+        }
+        flags = (flags & ~MAP_FIXED_NOREPLACE) | MAP_FIXED;
         if (!arena_candidate(flags, fd)) {
             /* A file or shared mapping over arena pages: they leave the
              * arena for good (the cache forgets them; the kernel replaces
@@ -293,6 +299,15 @@ EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
 
 /* ---- thread stacks ------------------------------------------------------ */
 
+/* What glibc writes in a child before the child's cache is ready (it
+ * resets every FILE's lock, and reads the other threads' descriptors at
+ * the top of their stacks) must be resident when the parent forks, or the
+ * child would see zero pages there: bring it in. */
+#define MAX_STACKS 4096
+static struct { uint8_t *top; } stacks[MAX_STACKS];
+static atomic_uint nstacks;
+
+
 struct thread_start {
     void *(*fn)(void *);
     void *arg;
@@ -353,6 +368,8 @@ EXPORT int pthread_create(pthread_t *th, const pthread_attr_t *attr, void *(*fn)
     static create_fn real;
     if (!real)
         real = (create_fn)dlsym(RTLD_NEXT, "pthread_create");
+    /* A stack of the caller's own: glibc reports none as -size (its stack
+     * address is the top, minus the size), so only a nonzero top is one. */
     void *given = NULL;
     size_t given_size = 0;
     if (attr)
@@ -361,7 +378,7 @@ EXPORT int pthread_create(pthread_t *th, const pthread_attr_t *attr, void *(*fn)
     void *stack;
     size_t total;
     struct thread_start *t;
-    if (!active() || given || arena_attr(attr, &a, &stack, &total) ||
+    if (!active() || (uintptr_t)given + given_size != 0 || arena_attr(attr, &a, &stack, &total) ||
         !(t = dh_raw_malloc(sizeof *t)))
         return real(th, attr, fn, arg);
     /* glibc neither frees nor reuses a stack it was given: the stack stays
@@ -375,6 +392,9 @@ EXPORT int pthread_create(pthread_t *th, const pthread_attr_t *attr, void *(*fn)
         munmap(stack, total);
     } else {
         atomic_fetch_add(&G.stacks, 1);
+        unsigned i = atomic_fetch_add(&nstacks, 1);
+        if (i < MAX_STACKS)
+            stacks[i].top = (uint8_t *)stack + total;
     }
     return rc;
 }
@@ -383,10 +403,30 @@ EXPORT int pthread_create(pthread_t *th, const pthread_attr_t *attr, void *(*fn)
 
 static int forking; /* the prepare handler ran (not for a fork before start) */
 
+static void touch(const volatile void *p)
+{
+    if (p && dh_arena_has((const void *)p, 1))
+        (void)*(const volatile uint8_t *)p;
+}
+
+static void bring_in_fork_state(void)
+{
+    FILE **list = dlsym(RTLD_DEFAULT, "_IO_list_all");
+    for (FILE *f = list ? *list : NULL; f; f = f->_chain) {
+        touch(f);
+        touch(f->_lock);
+    }
+    unsigned n = atomic_load(&nstacks);
+    for (unsigned i = 0; i < n && i < MAX_STACKS; i++)
+        for (int k = 1; k <= 3; k++) /* glibc's descriptor and TLS: the top pages */
+            touch(stacks[i].top - (size_t)k * DH_PAGE);
+}
+
 static void on_fork_prepare(void)
 {
     if (atomic_load(&G.state) != ACTIVE || in_self)
         return;
+    bring_in_fork_state();
     int rc = dh_excache_fork_prepare(G.cache);
     if (rc)
         die("fork: cannot copy this process's memory for the child", dh_strerror(rc));
@@ -415,6 +455,9 @@ static void on_fork_child(void)
     int rc = dh_excache_fork_child(G.cache, connect_channel());
     if (rc)
         die("fork: the child cannot serve its own memory", dh_strerror(rc));
+    if (dh_excache_untracked(G.cache, G.base, G.size))
+        die("fork: the child touched remote pages before its cache was ready",
+            "they would read as zero, not as the parent's; stopping it");
     dh_excache_reset_stats(G.cache);
     G.region = dh_excache_region_id(G.cache, G.base);
     in_self = 0;

@@ -29,6 +29,8 @@ void *dh_arena_take(uint64_t len, uint64_t align);
 void dh_arena_give(void *addr, uint64_t len);
 void dh_arena_claim(void *addr, uint64_t len); /* a MAP_FIXED over free pages */
 int dh_arena_has(const void *addr, uint64_t len);
+/* 1 when all of [addr, addr+len) is free (no mapping of the program's). */
+int dh_arena_free(const void *addr, uint64_t len);
 uint64_t dh_arena_used(void);
 uint64_t dh_arena_peak(void);
 

@@ -103,6 +103,39 @@ def test_a_forked_child_has_its_own_cache_and_copy(cluster):
     assert parent["region"] != child["region"]  # the copy made on the mnode at fork
 
 
+FORK_AFTER_NSS = """
+import hashlib, os, pwd, threading
+pwd.getpwuid(0)                              # NSS state in the heap, written by fork itself
+b = bytearray(os.urandom(1 << 20)) * 16
+h = hashlib.sha256(b).hexdigest()
+def fork_and_check(out):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if hashlib.sha256(b).hexdigest() == h else 3)
+    out.append(os.waitpid(pid, 0)[1])
+out = []
+fork_and_check(out)                          # from the main thread
+t = threading.Thread(target=fork_and_check, args=(out,))   # from a thread on a remote stack
+t.start(); t.join()
+print(out)
+"""
+
+
+def test_fork_after_nss_and_from_a_thread(cluster):
+    r = run_program(cluster, [sys.executable, "-c", FORK_AFTER_NSS], memory="remote",
+                    cache=CACHE, timeout=120)
+    assert (r.returncode, r.stdout) == (0, b"[0, 0]\n"), r.stderr
+
+
+def test_a_program_that_closes_its_low_descriptors_keeps_its_memory(cluster):
+    code = ("import os, hashlib\nos.closerange(3, 64)\n"
+            "b = bytearray(os.urandom(1 << 20)) * 32\n"
+            "print(hashlib.sha256(b).hexdigest() == hashlib.sha256(bytes(b)).hexdigest())")
+    r = run_program(cluster, [sys.executable, "-c", code], memory="remote", cache=CACHE)
+    assert (r.returncode, r.stdout) == (0, b"True\n"), r.stderr
+    assert r.stats["excache"]["evictions"] > 0
+
+
 def test_exec_keeps_the_interposer(cluster):
     r = run_program(cluster, ["sh", "-c", f"{sys.executable} -c 'print(sum(range(10**6)))'"],
                     memory="remote", cache=CACHE)
