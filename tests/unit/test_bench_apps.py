@@ -5,13 +5,13 @@ for run_program, and its scripts run for real on small inputs. No cluster."""
 import hashlib
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
 
 from harness.bench import apps
 from harness.bench import apps_workloads as aw
 from harness.errors import HarnessError
+from harness.nodes.program import ProgramResult
 
 MiB = 1 << 20
 
@@ -32,17 +32,8 @@ def test_parse_rps_reads_the_summaries_and_skips_progress_lines():
         == {"LPUSH (needed to benchmark LRANGE)": 5000.0}
 
 
-@dataclass
-class Res:
-    returncode: int = 0
-    seconds: float = 1.0
-    stdout: bytes = b""
-    stderr: bytes = b""
-    client_returncode: int | None = None
-    client_seconds: float | None = None
-    client_stdout: bytes = b""
-    client_stderr: bytes = b""
-    stats: dict = field(default_factory=dict)
+def Res(**kw) -> ProgramResult:
+    return ProgramResult(**{"returncode": 0, "seconds": 1.0, "stats": {}, **kw})
 
 
 def test_redis_outcome_times_the_requests_and_fingerprints_the_data():
