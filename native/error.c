@@ -17,6 +17,7 @@ const char *dh_strerror(int code)
     case DH_ESTALE:
         return "the memory node failed and its backup missed acknowledged writes (replication "
                "to it had failed), so failing over would return old pages";
+    case DH_EFENCED: return "refused: this memory node was replaced by its replica";
     default: return "unknown error";
     }
 }

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness._native.excache import DEFAULT_PREFETCH, PREFETCH_MAX
 from harness.errors import HarnessError, NotSupported
 from harness.nodes.broker import Broker, Channel, Process, summarize
 
@@ -63,7 +64,7 @@ class Options:
     memory: str = "local"
     cache: int = 16 << 20
     policy: str = "fifo"
-    prefetch: int = 8
+    prefetch: int = DEFAULT_PREFETCH
     client: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
     timeout: float = 600.0
@@ -76,8 +77,9 @@ class Options:
             raise HarnessError(f"--policy must be fifo, lru or random, got {self.policy!r}")
         if self.cache < 4096:
             raise HarnessError(f"--cache must hold at least one 4 KiB page, got {self.cache}")
-        if not 1 <= self.prefetch <= 16:
-            raise HarnessError(f"--prefetch must be 1 to 16 lines, got {self.prefetch}")
+        if not 1 <= self.prefetch <= PREFETCH_MAX:
+            raise HarnessError(f"--prefetch must be 1 to {PREFETCH_MAX} lines, got "
+                               f"{self.prefetch}")
 
 
 def interposer() -> Path:
@@ -272,8 +274,8 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
     TCP port; when it exits the program gets SIGTERM (a server and its load)."""
     if not argv:
         raise HarnessError("give the program to run")
-    opts = Options(memory, cache, policy, 8 if prefetch is None else prefetch, client,
-                   dict(env or {}), timeout, capture)
+    opts = Options(memory, cache, policy, DEFAULT_PREFETCH if prefetch is None else prefetch,
+                   client, dict(env or {}), timeout, capture)
     opts.check()
     pnode = next((n for n in cluster.topology.nodes if n.role == "pnode"), None)
     if pnode is None:

@@ -435,43 +435,27 @@ int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
     return rc;
 }
 
-/* dh_rpc_serve's loop, with the reply flags the protocol adds. */
+struct serve_ctx {
+    dh_mstore *m;
+    uint8_t out[REPLY_MAX];
+};
+
+static int serve_frame(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply,
+                       uint32_t *flags)
+{
+    struct serve_ctx *sc = ctx;
+    int n = serve_one(sc->m, h, in, sc->out, flags);
+    *reply = sc->out;
+    return n >= 0 ? n : *flags & DH_F_FENCED ? DH_EFENCED : DH_EINVAL;
+}
+
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop)
 {
-    uint32_t cap = dh_link_max_payload(l);
-    uint8_t *in = malloc(cap), *out = malloc(REPLY_MAX);
-    int rc = in && out ? 0 : DH_ENOMEM;
-    while (!rc && !*stop) {
-        dh_frame_hdr h;
-        rc = dh_link_recv(l, &h, in, cap, 100); /* 100 ms: notice *stop */
-        if (rc == DH_ETIMEDOUT) {
-            rc = 0;
-            continue;
-        }
-        if (rc == DH_ECLOSED) {
-            rc = 0;
-            break;
-        }
-        if (rc)
-            break;
-        uint32_t flags = 0;
-        int n = h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING
-                    ? 0
-                    : serve_one(m, &h, in, out, &flags);
-        if (h.flags & DH_F_NOREPLY)
-            continue;
-        if (n < 0) {
-            const char *msg = flags & DH_F_FENCED
-                                  ? "refused: this memory node was replaced by its replica"
-                                  : dh_strerror(DH_EINVAL);
-            rc = dh_rpc_reply(l, &h, DH_F_ERROR | flags, msg, (uint32_t)strlen(msg), 1000);
-        } else {
-            rc = dh_rpc_reply(l, &h, flags, out, (uint32_t)n, 1000);
-        }
-        if (rc || h.opcode == DH_OP_SHUTDOWN)
-            break;
-    }
-    free(in);
-    free(out);
+    struct serve_ctx *sc = malloc(sizeof *sc);
+    if (!sc)
+        return DH_ENOMEM;
+    sc->m = m;
+    int rc = dh_rpc_serve(l, stop, serve_frame, sc);
+    free(sc);
     return rc;
 }

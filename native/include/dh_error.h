@@ -17,6 +17,7 @@ enum dh_err {
     DH_ENOSYS = -9,    /* not available on this host */
     DH_EACCES = -10,   /* a protection fault: memory of another compartment */
     DH_ESTALE = -11,   /* the backup memory node missed acknowledged writes */
+    DH_EFENCED = -12,  /* a memory node whose replica took over refuses requests */
 };
 
 const char *dh_strerror(int code);

@@ -157,9 +157,10 @@ int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
 int dh_rpc_reply(dh_link *l, const dh_frame_hdr *req, uint32_t flags,
                  const void *payload, uint32_t len, int timeout_ms);
 /* A request handler for dh_rpc_serve: sets *reply (and returns its length)
- * or returns a negative dh_ error to answer with an error frame. */
+ * or returns a negative dh_ error to answer with an error frame; either way
+ * it may add protocol flags to the answer in *flags (0 on entry). */
 typedef int (*dh_rpc_handler)(void *ctx, const dh_frame_hdr *h, uint8_t *in,
-                              const uint8_t **reply);
+                              const uint8_t **reply, uint32_t *flags);
 /* Serves requests until *stop, SHUTDOWN (answered, then returns) or the link
  * closes; one-way frames are handled without a reply. Returns 0 on a clean
  * end. */

@@ -219,15 +219,17 @@ int dh_rpc_serve(dh_link *l, volatile int *stop, dh_rpc_handler fn, void *ctx)
         if (rc)
             break;
         const uint8_t *reply = NULL;
-        int n = h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING ? 0
-                                                                     : fn(ctx, &h, buf, &reply);
+        uint32_t flags = 0;
+        int n = h.opcode == DH_OP_SHUTDOWN || h.opcode == DH_OP_PING
+                    ? 0
+                    : fn(ctx, &h, buf, &reply, &flags);
         if (h.flags & DH_F_NOREPLY)
             continue;
         if (n < 0) {
             const char *msg = dh_strerror(n);
-            rc = dh_rpc_reply(l, &h, DH_F_ERROR, msg, (uint32_t)strlen(msg), 1000);
+            rc = dh_rpc_reply(l, &h, DH_F_ERROR | flags, msg, (uint32_t)strlen(msg), 1000);
         } else {
-            rc = dh_rpc_reply(l, &h, 0, reply, (uint32_t)n, 1000);
+            rc = dh_rpc_reply(l, &h, flags, reply, (uint32_t)n, 1000);
         }
         if (rc || h.opcode == DH_OP_SHUTDOWN)
             break;
@@ -236,9 +238,11 @@ int dh_rpc_serve(dh_link *l, volatile int *stop, dh_rpc_handler fn, void *ctx)
     return rc;
 }
 
-static int echo(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply)
+static int echo(void *ctx, const dh_frame_hdr *h, uint8_t *in, const uint8_t **reply,
+                uint32_t *flags)
 {
     (void)ctx;
+    (void)flags;
     *reply = in;
     return h->opcode == DH_OP_ECHO ? (int)h->length : 0;
 }

@@ -8,16 +8,7 @@
 
 #include "interpose.h"
 
-static int passed, failed;
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failed++;                                                        \
-            return;                                                          \
-        }                                                                    \
-    } while (0)
+#include "check.h"
 
 #define PAGES 4096
 static uint8_t *base;

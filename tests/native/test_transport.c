@@ -11,16 +11,7 @@
 #include "crc32c.h"
 #include "dh_transport.h"
 
-static int passed, failed;
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failed++;                                                        \
-            return;                                                          \
-        }                                                                    \
-    } while (0)
+#include "check.h"
 
 static uint32_t rng_state = 12345;
 static uint32_t rnd(void)
