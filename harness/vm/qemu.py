@@ -111,7 +111,10 @@ def command(cfg: MachineConfig) -> list[str]:
     if cfg.deterministic:
         if accel != "tcg":
             raise ValueError("deterministic mode needs TCG (-icount does not work with KVM)")
-        cmd += ["-icount", "shift=0,sleep=off,align=off", "-rtc", "clock=vm"]
+        # sleep=on: an idle guest (waiting on 9p, say) sleeps in real time. With
+        # sleep=off its clock jumped to the next timer instead, often a peer's
+        # timeout, so a wait on a host that was merely slow timed out at once.
+        cmd += ["-icount", "shift=0,sleep=on,align=off", "-rtc", "clock=vm"]
     if cfg.mode == "run":
         cmd += ["-fsdev",
                 "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",

@@ -31,7 +31,7 @@ def test_sandbox_and_read_only_root():
 
 def test_deterministic_mode():
     cmd = command(cfg(deterministic=True))
-    assert cmd[cmd.index("-icount") + 1].startswith("shift=0,sleep=off")
+    assert cmd[cmd.index("-icount") + 1].startswith("shift=0,sleep=on")
     assert "norandmaps" in cmd[cmd.index("-append") + 1]
     with pytest.raises(ValueError, match="TCG"):
         command(MachineConfig(name="t", image=IMAGE, run_dir=Path("/r"), keep=[],

@@ -81,5 +81,11 @@ def test_deterministic_gate_figures_repeat():
                             "-n", "50", "--json"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         runs.append({row["metric"]: row["p50"] for row in json.loads(r.stdout)["rows"]})
+    # Under -icount the cycle rows are instruction counts: they repeat exactly.
+    for metric in ("gate_none", "gate_mpk_light", "gate_mpk_stack"):
+        assert runs[0][metric] == runs[1][metric], metric
+    # The ns rows add two clock_gettime calls per batch of 100, and the vDSO's
+    # cost moves by a few instructions when a second has rolled over since the
+    # last tick (its division is a loop), so they agree to within that.
     for metric in ("gate_none_ns", "gate_mpk_light_ns", "gate_mpk_stack_ns"):
-        assert runs[0][metric] == pytest.approx(runs[1][metric], rel=1e-3), metric
+        assert abs(runs[0][metric] - runs[1][metric]) <= 0.2, metric
