@@ -3,15 +3,15 @@ crossing into an IsolationFault.
 
     [[compartments]]
     name = "app"
-    backend = "mprotect"   # none | mprotect | mpk | vm
+    backend = "mprotect"   # none | mprotect | mpk | rpc
     heap = "1MiB"
     private_stack = false  # mpk only: the callee runs on a stack tagged with its key
 
 The backend is chosen here, not in code. `mpk` needs protection keys
 (pkey_alloc): a PKU CPU or a TCG guest with -cpu max. Where they are
 missing, asking for mpk is an error: the harness never claims mpk where it
-would have fallen back. `vm` puts the compartment in another node (see
-vm_gate): its gate is an RPC, and what crosses it must be picklable."""
+would have fallen back. `rpc` puts the compartment in another node (see
+rpc_gate): its gate is an RPC, and what crosses it must be picklable."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ from typing import Any
 
 from harness._native import pkey
 from harness.errors import HarnessError, IsolationFault, NotSupported, TopologyError
-from harness.isolation.vm_gate import VmCompartment
+from harness.isolation.rpc_gate import RpcCompartment
 from harness.topology import parse_size, read_toml
 
-BACKENDS = ("none", "mprotect", "mpk", "vm")
+BACKENDS = ("none", "mprotect", "mpk", "rpc")
 
 
 def available_backends() -> dict[str, bool]:
     """Which backends really work here."""
-    return {"none": True, "mprotect": True, "mpk": pkey.pkey_available(), "vm": True}
+    return {"none": True, "mprotect": True, "mpk": pkey.pkey_available(), "rpc": True}
 
 
 class Domain:
@@ -37,24 +37,24 @@ class Domain:
 
     def __init__(self, specs: list[dict[str, Any]], source: str = "<config>") -> None:
         have = available_backends()
-        self.compartments: dict[str, pkey.Compartment | VmCompartment] = {}
+        self.compartments: dict[str, pkey.Compartment | RpcCompartment] = {}
         try:
             for s in specs:
                 self.compartments[s["name"]] = self._make(s, have, source)
         except BaseException:
-            self.close()  # no vm compartment's node outlives a failed configuration
+            self.close()  # no rpc compartment's node outlives a failed configuration
             raise
 
     @staticmethod
     def _make(s: dict[str, Any], have: dict[str, bool],
-              source: str) -> pkey.Compartment | VmCompartment:
+              source: str) -> pkey.Compartment | RpcCompartment:
         if not have[s["backend"]]:
             raise NotSupported(
                 f"{source}: compartment {s['name']!r} asks for backend 'mpk', but "
                 "pkey_alloc fails here (this CPU has no PKU); run it in a guest "
                 "(`harness boot`, TCG -cpu max has protection keys) or choose 'mprotect'")
-        if s["backend"] == "vm":
-            return VmCompartment(s["name"], s["heap"])
+        if s["backend"] == "rpc":
+            return RpcCompartment(s["name"], s["heap"])
         stack = 64 << 10 if s.get("private_stack") else 0
         return pkey.Compartment(s["name"], s["backend"], s["heap"], stack)
 
@@ -64,20 +64,20 @@ class Domain:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getitem__(self, name: str) -> pkey.Compartment | VmCompartment:
+    def __getitem__(self, name: str) -> pkey.Compartment | RpcCompartment:
         return self.compartments[name]
 
     def enter(self, name: str) -> None:
         c = self.compartments[name]
-        if isinstance(c, VmCompartment):
-            raise HarnessError(f"compartment {name!r} is a vm compartment: its code runs in "
+        if isinstance(c, RpcCompartment):
+            raise HarnessError(f"compartment {name!r} is an rpc compartment: its code runs in "
                                f"its own node (pid {c.pid}); reach it through call()")
         c.enter()
 
     def call(self, callee: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs fn(*args) inside `callee`, through its gate."""
         c = self.compartments[callee]
-        if isinstance(c, VmCompartment) or not args:
+        if isinstance(c, RpcCompartment) or not args:
             return c.call(fn, *args)
         return c.call(lambda: fn(*args))
 
@@ -85,9 +85,9 @@ class Domain:
         """From inside `current`, touches `target`'s heap; raises
         IsolationFault naming both if the backend stopped it."""
         there = self.compartments[target]
-        if isinstance(there, VmCompartment):
+        if isinstance(there, RpcCompartment):
             raise IsolationFault(
-                f"compartment {current!r} cannot touch the memory of {target!r} (vm): it "
+                f"compartment {current!r} cannot touch the memory of {target!r} (rpc): it "
                 f"lives in another node (pid {there.pid}) and has no address here")
         self.enter(current)
         here = self.compartments[current]
@@ -101,7 +101,7 @@ class Domain:
     def close(self) -> None:
         pkey.leave_all()
         for c in self.compartments.values():
-            if isinstance(c, VmCompartment):
+            if isinstance(c, RpcCompartment):
                 c.close()
 
 
@@ -122,8 +122,10 @@ def parse(data: dict, source: str) -> list[dict[str, Any]]:
             raise TopologyError(f"{where}.name: expected a unique name, got {name!r}")
         backend = c.get("backend", "none")
         if backend not in BACKENDS:
+            renamed = " ('vm' is now 'rpc': a host process behind an RPC gate)" \
+                if backend == "vm" else ""
             raise TopologyError(f"{where}.backend: expected one of {list(BACKENDS)}, "
-                                f"got {backend!r}")
+                                f"got {backend!r}{renamed}")
         try:
             heap = parse_size(c.get("heap", "1MiB"))
         except ValueError:

@@ -3,9 +3,9 @@
 A workload is split into components: an application that serves requests, a
 key-value store holding secret data in its heap, and a logger. Every
 assignment of the store and the logger to a backend this host really has
-(`none`: in the application's compartment; `mprotect`; `mpk`; `vm`: in a
+(`none`: in the application's compartment; `mprotect`; `mpk`; `rpc`: in a
 node of its own) is built, run and measured. Configuration A is safer than B
-when every component is at least as isolated in A (none < mprotect, mpk < vm:
+when every component is at least as isolated in A (none < mprotect, mpk < rpc:
 mprotect and mpk share the address space and are not ranked against each
 other), which orders the configurations only partially. The
 safest configurations whose throughput stays within the budget (a fraction
@@ -15,7 +15,7 @@ of the fastest one) are marked, as a table and a PNG.
     requests = 2000          # per configuration
     value_bytes = 64
     [explore]
-    backends = ["none", "mprotect", "mpk", "vm"]   # those the host lacks are skipped, and said so
+    backends = ["none", "mprotect", "mpk", "rpc"]   # those the host lacks are skipped, and said so
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import TopologyError
-from harness.isolation import vm_gate
+from harness.isolation import rpc_gate
 from harness.isolation.compartments import BACKENDS, Domain, available_backends
 from harness.topology import read_toml
 
 COMPONENTS = ("kv", "log")  # the application is the caller, always compartment "app"
-LEVEL = {"none": 0, "mprotect": 1, "mpk": 1, "vm": 2}
+LEVEL = {"none": 0, "mprotect": 1, "mpk": 1, "rpc": 2}
 SHARED_SPACE = ("mprotect", "mpk")  # mechanisms within the application's address space
 
 
@@ -53,7 +53,7 @@ def safer_or_equal(a: dict[str, str], b: dict[str, str]) -> bool:
     return all(a[c] == b[c] or LEVEL[a[c]] > LEVEL[b[c]] for c in COMPONENTS)
 
 
-# The components' code: module-level, so a vm compartment's node can import it.
+# The components' code: module-level, so an rpc compartment's node can import it.
 def kv_put(heap: memoryview, i: int, value: bytes) -> None:
     off = (i % (len(heap) // len(value))) * len(value)
     heap[off:off + len(value)] = value
@@ -71,14 +71,14 @@ def _run(assignment: dict[str, str], requests: int, value: int) -> float:
     secret = (bytes(range(256)) * (value // 256 + 1))[:value]
     with Domain(specs, "<explore>") as d:
         heaps = {c: memoryview(d[c] if b in SHARED_SPACE else d["app"])
-                 for c, b in assignment.items() if b != "vm"}
+                 for c, b in assignment.items() if b != "rpc"}
 
         def call(component: str, fn, *args) -> None:
             backend = assignment[component]
             if backend == "none":
                 fn(heaps[component], *args)  # same compartment: a plain call
-            elif backend == "vm":
-                d.call(component, vm_gate.on_heap, fn, *args)
+            elif backend == "rpc":
+                d.call(component, rpc_gate.on_heap, fn, *args)
             else:
                 d.call(component, fn, heaps[component], *args)
 
@@ -151,7 +151,7 @@ def plot(outcomes: list[Outcome], path: Path) -> Path:
                    color="tab:red" if o.safest_in_budget else "tab:blue")
         ax.annotate(o.name, (safety, o.requests_per_s), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    ax.set_xlabel("isolation (sum over components: none 0, mprotect/mpk 1, vm 2)")
+    ax.set_xlabel("isolation (sum over components: none 0, mprotect/mpk 1, rpc 2)")
     ax.set_xticks(range(2 * len(COMPONENTS) + 1))
     ax.set_yscale("log")
     ax.set_ylabel("requests per second")
@@ -188,7 +188,7 @@ if __name__ == "__main__":
     import sys
 
     # Through the imported module, so the components' functions are named
-    # harness.isolation.explore.*, which a vm compartment's node can import.
+    # harness.isolation.explore.*, which an rpc compartment's node can import.
     from harness.isolation import explore as this
 
     sys.exit(this.main(sys.argv[1:]))

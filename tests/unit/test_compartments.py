@@ -80,7 +80,7 @@ def test_a_violating_process_dies_of_sigsegv_with_accerr():
 def test_mpk_is_never_claimed_without_protection_keys():
     if pkey.pkey_available():
         pytest.skip("this host has PKU; the guest test covers mpk")
-    assert available_backends() == {"none": True, "mprotect": True, "mpk": False, "vm": True}
+    assert available_backends() == {"none": True, "mprotect": True, "mpk": False, "rpc": True}
     with pytest.raises(NotSupported, match="pkey_alloc fails here"):
         Domain(parse({"compartments": [{"name": "x", "backend": "mpk"}]}, "<test>"))
     with pytest.raises(NotSupported):
@@ -89,6 +89,7 @@ def test_mpk_is_never_claimed_without_protection_keys():
 
 @pytest.mark.parametrize("bad,key", [
     ({"compartments": [{"name": "x", "backend": "sgx"}]}, "backend"),
+    ({"compartments": [{"name": "x", "backend": "vm"}]}, "'vm' is now 'rpc'"),
     ({"compartments": [{"name": "x", "heap": "1000"}]}, "heap"),
     ({"compartments": [{"name": "x", "private_stack": True}]}, "private_stack"),
     ({"compartments": [{"name": "x"}, {"name": "x"}]}, "name"),

@@ -19,26 +19,25 @@ def test_the_safety_order_is_partial():
     assert safer_or_equal(mp, none) and not safer_or_equal(none, mp)
     assert safer_or_equal(both, mp) and not safer_or_equal(mp, both)
     assert not safer_or_equal(mp, mk) and not safer_or_equal(mk, mp)  # incomparable
-    vm = {"kv": "vm", "log": "none"}
-    assert safer_or_equal(vm, mp) and safer_or_equal(vm, mk) and not safer_or_equal(mp, vm)
-    assert not safer_or_equal(vm, both) and not safer_or_equal(both, vm)  # incomparable
+    rpc = {"kv": "rpc", "log": "none"}
+    assert safer_or_equal(rpc, mp) and safer_or_equal(rpc, mk) and not safer_or_equal(mp, rpc)
+    assert not safer_or_equal(rpc, both) and not safer_or_equal(both, rpc)  # incomparable
 
 
 def test_every_supported_configuration_runs_and_the_budget_picks():
     outcomes, notes = explore(requests=200, budget=1e-9)  # everything within budget
     names = {o.name for o in outcomes}
-    assert {"kv=none,log=none", "kv=mprotect,log=mprotect", "kv=vm,log=mprotect",
-            "kv=vm,log=vm"} <= names
+    assert {"kv=none,log=none", "kv=mprotect,log=mprotect", "kv=rpc,log=mprotect",
+            "kv=rpc,log=rpc"} <= names
     assert all(o.requests_per_s > 0 for o in outcomes)
     safest = [o.name for o in outcomes if o.safest_in_budget]
-    assert safest == ["kv=vm,log=vm"]  # a node of its own for each beats everything
+    assert safest == ["kv=rpc,log=rpc"]  # a node of its own for each beats everything
     outcomes, _ = explore(requests=200, backends=("none", "mprotect"), budget=1e-9)
     assert [o.name for o in outcomes if o.safest_in_budget] == ["kv=mprotect,log=mprotect"]
-    fastest = max(outcomes, key=lambda o: o.requests_per_s)
     outcomes, _ = explore(requests=200, budget=1.0)  # only the fastest qualifies
-    assert [o.safest_in_budget for o in outcomes].count(True) == 1
+    fastest = max(outcomes, key=lambda o: o.requests_per_s)  # which one is the machine's say
+    assert [o.name for o in outcomes if o.safest_in_budget] == [fastest.name]
     assert any("budget" in n for n in notes)
-    assert fastest.assignment == {"kv": "none", "log": "none"}
 
 
 def test_cli_json_and_plot(tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 HARNESS = [sys.executable, "-m", "harness.cli"]
 

@@ -1,4 +1,4 @@
-"""The `vm` backend: a compartment whose code and heap live in another node,
+"""The `rpc` backend: a compartment whose code and heap live in another node,
 reached through a gate that is an RPC over the transport (FlexOS's EPT
 backend, in the harness's terms: a separate address space, so there is no
 address the caller could even try to touch).
@@ -9,7 +9,7 @@ function travels by its qualified name and the callee imports it, so only
 code the callee could import runs there. Code running in the callee reaches
 the compartment's heap with `heap()`.
 
-    python -m harness.isolation.vm_gate SHM_PATH HEAP_BYTES PARENT_PID
+    python -m harness.isolation.rpc_gate SHM_PATH HEAP_BYTES PARENT_PID
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _heap: memoryview | None = None
 def heap() -> memoryview:
     """The compartment's heap, for code running inside it (in the callee)."""
     if _heap is None:
-        raise HarnessError("heap() is for code running inside a vm compartment, "
+        raise HarnessError("heap() is for code running inside an rpc compartment, "
                            "called through its gate")
     return _heap
 
@@ -44,20 +44,20 @@ def on_heap(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(heap(), *args)
 
 
-class VmCompartment:
+class RpcCompartment:
     """A compartment in another node. `call(fn, *args)` is its gate."""
 
-    backend = "vm"
+    backend = "rpc"
 
     def __init__(self, name: str, heap_bytes: int, timeout: float = 30.0) -> None:
         self.name = name
         self.timeout = timeout
-        self._dir = tempfile.mkdtemp(dir="/dev/shm", prefix="dh-vmgate-")
+        self._dir = tempfile.mkdtemp(dir="/dev/shm", prefix="dh-rpcgate-")
         path = os.path.join(self._dir, "gate.shm")
         create_shm_file(path, 4 << 20)
         self._link = Link.shm_open(path, 0, name=f"compartment {name!r}")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.isolation.vm_gate", path, str(heap_bytes),
+            [sys.executable, "-m", "harness.isolation.rpc_gate", path, str(heap_bytes),
              str(os.getpid())], stdin=subprocess.DEVNULL)
         try:
             self._link.call(Op.PING, timeout=timeout)
@@ -73,13 +73,13 @@ class VmCompartment:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if any(getattr(f, "__module__", None) == "__main__" for f in (fn, *args) if callable(f)):
-            raise HarnessError(f"compartment {self.name!r} is a vm compartment: {fn!r} is "
+            raise HarnessError(f"compartment {self.name!r} is an rpc compartment: {fn!r} is "
                                "defined in __main__, which its node cannot import; move it "
                                "into a module")
         try:
             payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise HarnessError(f"compartment {self.name!r} is a vm compartment: what crosses "
+            raise HarnessError(f"compartment {self.name!r} is an rpc compartment: what crosses "
                                f"its gate must be a module-level function and picklable "
                                f"arguments ({e})") from None
         if len(payload) > self._link.max_payload:
@@ -88,9 +88,9 @@ class VmCompartment:
         try:
             reply = self._link.call(Op.GATE_CALL, payload, timeout=self.timeout)
         except RemoteError as e:
-            raise RemoteError(f"in vm compartment {self.name!r}: {e}") from None
+            raise RemoteError(f"in rpc compartment {self.name!r}: {e}") from None
         except (LinkClosed, TransportTimeout) as e:
-            raise HarnessError(f"vm compartment {self.name!r}: its node (pid {self.pid}) "
+            raise HarnessError(f"rpc compartment {self.name!r}: its node (pid {self.pid}) "
                                f"stopped answering: {e}") from None
         return pickle.loads(reply)
 
@@ -131,13 +131,13 @@ def serve(link: Link) -> None:
 def main(argv: list[str]) -> int:
     import mmap
 
-    from harness.isolation import vm_gate  # not __main__: the module gate calls import
+    from harness.isolation import rpc_gate  # not __main__: the module gate calls import
     from harness.procs import die_with_parent
 
     path, size, parent = argv[0], int(argv[1]), int(argv[2])
     die_with_parent(parent)
-    vm_gate._heap = memoryview(mmap.mmap(-1, size))
-    vm_gate.serve(Link.shm_open(path, 1, name="vm compartment"))
+    rpc_gate._heap = memoryview(mmap.mmap(-1, size))
+    rpc_gate.serve(Link.shm_open(path, 1, name="rpc compartment"))
     return 0
 
 
