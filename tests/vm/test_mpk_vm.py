@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
 IN_GUEST = textwrap.dedent("""
