@@ -92,7 +92,10 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Link:
+class Edge:
+    """A link of the topology, between two nodes (a transport `Link` is one
+    end of it, in a process)."""
+
     client: str  # the node that sends requests
     server: str  # the node that answers them
     kind: str = "shm"
@@ -109,7 +112,7 @@ class Topology:
     name: str
     source: str
     nodes: tuple[Node, ...]
-    links: tuple[Link, ...]
+    links: tuple[Edge, ...]
     description: str = ""
 
     def node(self, name: str) -> Node:
@@ -119,7 +122,7 @@ class Topology:
         known = ", ".join(n.name for n in self.nodes)
         raise TopologyError(f"{self.source}: no node named {name!r} (nodes: {known})")
 
-    def links_of(self, name: str) -> list[Link]:
+    def links_of(self, name: str) -> list[Edge]:
         return [k for k in self.links if name in (k.client, k.server)]
 
     def with_placement(self, placement: str) -> Topology:
@@ -217,7 +220,7 @@ def parse(data: dict, source: str) -> Topology:
             disk=c.size(rn, "disk", w, 0),
         ))
     names = {n.name for n in nodes}
-    links: list[Link] = []
+    links: list[Edge] = []
     for i, rl in enumerate(data.get("links", [])):
         w = f"links[{i}]."
         if not isinstance(rl, dict):
@@ -234,7 +237,7 @@ def parse(data: dict, source: str) -> Topology:
         size = c.size(rl, "size", w, 4 << 20)
         if size < (64 << 10) or size & (size - 1) or size > (1 << 30):
             raise c.fail(w + "size", "a power of two from 64KiB to 1GiB", rl.get("size"))
-        links.append(Link(
+        links.append(Edge(
             client=between[0], server=between[1],
             kind=c.string(rl, "kind", w, LINK_KINDS, "shm"),
             size=size,
