@@ -44,6 +44,19 @@ class RemoteError(HarnessError):
     """A node answered a request with an error."""
 
 
+class DBOSError(HarnessError):
+    """A DBOS request failed; nothing it would have changed was changed."""
+
+
+class FSError(DBOSError, OSError):
+    """A file-system error with a POSIX errno (ENOENT, EEXIST, ENOTDIR, ...)."""
+
+    def __init__(self, err: int, path: str) -> None:
+        import os
+
+        OSError.__init__(self, err, os.strerror(err), path)
+
+
 class ClusterError(HarnessError):
     """A cluster could not be started, found or reached."""
 

@@ -12,10 +12,10 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING
 
-from harness.dbos.db import FSError
+from harness.errors import FSError
 
 if TYPE_CHECKING:
-    from harness.dbos.db import DBOS
+    from harness.dbos.store import Store
 
 BLOCK = 4096
 ROOT = 1
@@ -37,7 +37,7 @@ def split(path: str) -> list[str]:
 
 
 class FileSystem:
-    def __init__(self, db: DBOS) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     # ---- lookups (inside the caller's transaction) --------------------------

@@ -8,11 +8,11 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.dbos.db import DBOS
+    from harness.dbos.store import Store
 
 
 class IPC:
-    def __init__(self, db: DBOS) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def send(self, sender: str, receiver: str, data: bytes, task: int | None = None) -> int:

@@ -8,9 +8,13 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.dbos.db import DBOS, DBOSError, FSError, Result
+from harness.dbos.store import Result
+from harness.errors import DBOSError, FSError
+
+if TYPE_CHECKING:
+    from harness.dbos.db import DBOS
 
 EXPOSED: dict[str, set[str]] = {
     "": {"sql"},

@@ -14,10 +14,10 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from harness.dbos.db import DBOSError
+from harness.errors import DBOSError
 
 if TYPE_CHECKING:
-    from harness.dbos.db import DBOS
+    from harness.dbos.store import Store
 
 _PENDING = ("SELECT task_id FROM tasks WHERE state = 'pending' "
             "ORDER BY priority DESC, task_id LIMIT 1")
@@ -38,7 +38,7 @@ POLICIES: dict[str, str] = {
 
 
 class Scheduler:
-    def __init__(self, db: DBOS) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def add_worker(self, worker_id: str, node: str, capacity: int = 1) -> None:

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.dbos.db import DBOS
+    from harness.dbos.store import Store
 
 # "Which tasks read a file that task T wrote?" is one query over events.
 READERS_OF_WRITES = (
@@ -16,7 +16,7 @@ READERS_OF_WRITES = (
 
 
 class Provenance:
-    def __init__(self, db: DBOS) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def readers_of_writes(self, task_id: int) -> list[int]:
@@ -31,7 +31,7 @@ class Provenance:
 class State:
     """Nodes report themselves, their memory regions and page counts here."""
 
-    def __init__(self, db: DBOS) -> None:
+    def __init__(self, db: Store) -> None:
         self.db = db
 
     def report_node(self, name: str, role: str, nid: int, placement: str,
