@@ -19,15 +19,18 @@ from harness.errors import (
     TransportError,
     TransportTimeout,
 )
-from harness.nodes.role import role_class
 from harness.nodes.spec import AgentSpec, LinkEnd
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~60 ms in a guest
+if TYPE_CHECKING:
+    from harness.nodes.role import Role
 
 READY = "DH-READY"
 
 
 def log(msg: str) -> None:
     """Agent logs go to stderr: the node's log file, or a guest's console.
-    (Not the logging module: importing it costs ~0.25 s in a TCG guest.)"""
+    (Not the logging module: tests/unit/test_agent_startup.py keeps it out.)"""
     print(f"dh-agent: {msg}", file=sys.stderr, flush=True)
 
 
@@ -77,6 +80,24 @@ def open_link(end: LinkEnd, nid: int) -> Link:
     if end.latency_ns or end.bytes_per_sec:
         link.set_model(end.latency_ns, end.bytes_per_sec)
     return link
+
+
+def role_class(name: str) -> type[Role]:
+    """The class for a role, imported only when a node takes that role (a
+    guest pays for every import)."""
+    if name == "pnode":
+        from harness.nodes.pnode import PNode
+
+        return PNode
+    if name == "snode":
+        from harness.nodes.snode import SNode
+
+        return SNode
+    if name == "mnode":
+        from harness.nodes.mnode import MNode
+
+        return MNode
+    raise HarnessError(f"unknown role {name!r}")
 
 
 class Agent:
