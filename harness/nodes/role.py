@@ -18,12 +18,9 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~60 ms
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from harness.nodes.agent import Agent
-
     Handler = Callable[[bytes], bytes]
 
 EXEC_OUTPUT_LIMIT = 256 << 10  # per stream; the rest is cut and flagged
-
 
 
 def _clip(data: bytes) -> tuple[str, bool]:
@@ -42,9 +39,11 @@ def rss_kb(pid: int | str = "self") -> int:
 
 
 class Role:
-    """The base role; `handlers` maps opcodes to functions of the payload."""
+    """The base role; `handlers` maps opcodes to functions of the payload.
+    `agent` is the harness.nodes.agent.Agent serving it (not imported here:
+    the agent picks the role, so it imports the roles)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent) -> None:
         self.agent = agent
         self.started = time.time()
         self.handled = 0
@@ -131,20 +130,3 @@ class Role:
     def close(self) -> None:
         """Called when the agent stops."""
 
-
-def role_class(name: str) -> type[Role]:
-    """The class for a role, imported only when a node takes that role (a
-    guest pays for every import)."""
-    if name == "pnode":
-        from harness.nodes.pnode import PNode
-
-        return PNode
-    if name == "snode":
-        from harness.nodes.snode import SNode
-
-        return SNode
-    if name == "mnode":
-        from harness.nodes.mnode import MNode
-
-        return MNode
-    raise HarnessError(f"unknown role {name!r}")
