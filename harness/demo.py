@@ -12,14 +12,15 @@ with PNG plots into the run directory and prints the report's path last."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.guest_run import guest_json
 from harness.nodes.cluster import open_cluster
 from harness.paths import run_root
+from harness.progress import indented, to_stderr
+from harness.text import table
 
 WORKLOAD = """
 import json, time
@@ -40,18 +41,6 @@ disagg_t, disagg_s = work(region)
 assert disagg_s == local_s, "wrong answer on disaggregated memory"
 print(json.dumps({"local_s": local_t, "disagg_s": disagg_t, "stats": cache.stats()}))
 """
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _exec_json(c, argv: list[str], what: str) -> dict:
-    r = c.exec("pnode0", argv, timeout=600)
-    if r.returncode:
-        raise HarnessError(f"{what} failed on pnode0 (status {r.returncode}):\n"
-                           f"{r.stderr.decode(errors='replace')[-2000:]}")
-    return json.loads(r.stdout)
 
 
 def _dbos(c) -> dict:
@@ -147,31 +136,31 @@ def run(placement: str = "vm") -> int:
     t0 = time.monotonic()
     out = run_root() / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    _say(f"[demo] booting lego3 ({placement} placement)")
+    to_stderr(f"[demo] booting lego3 ({placement} placement)")
     with open_cluster("lego3", placement=placement, timeout=300,
-                      progress=lambda m: _say(f"  {m}")) as c:
+                      progress=indented) as c:
         boot = c.status()
-        _say("[demo] 1/3 numpy on disaggregated memory (pnode guest, memory on mnode0)")
-        paging = _exec_json(c, [sys.executable, "-c", WORKLOAD], "the ExCache workload")
-        _say(f"  slowdown {paging['disagg_s'] / paging['local_s']:.2f} at a 25 % cache")
-        _say("[demo] 2/3 gate benchmark in the pnode guest")
-        gates = _exec_json(c, [sys.executable, "-m", "harness.bench.gates", "-n", "200"],
-                           "the gate benchmark")
-        _say("[demo] 3/3 DBOS on snode0: scheduler, files, analytics")
+        to_stderr("[demo] 1/3 numpy on disaggregated memory (pnode guest, memory on mnode0)")
+        paging = guest_json([sys.executable, "-c", WORKLOAD], "the ExCache workload",
+                            cluster=c, timeout=600)
+        to_stderr(f"  slowdown {paging['disagg_s'] / paging['local_s']:.2f} at a 25 % cache")
+        to_stderr("[demo] 2/3 gate benchmark in the pnode guest")
+        gates = guest_json([sys.executable, "-m", "harness.bench.gates", "-n", "200"],
+                           "the gate benchmark", cluster=c, timeout=600)
+        to_stderr("[demo] 3/3 DBOS on snode0: scheduler, files, analytics")
         dbos = _dbos(c)
     total = time.monotonic() - t0
     plots = _plots(out, gates, paging)
     report = _report(out, boot, paging, gates, dbos, plots, total)
-    print(f"{'phase':40} result")
-    print(f"{'boot (3 VMs)':40} {max(n['boot_s'] for n in boot):.2f} s")
-    print(f"{'numpy sort, 25 % cache':40} slowdown "
-          f"{paging['disagg_s'] / paging['local_s']:.2f} ({paging['stats']['misses']} misses)")
-    for r in gates["rows"]:
-        if r["unit"] == "cycles":
-            print(f"{r['metric']:40} {r['p50']:.0f} cycles, {r['ratio']:.2f}x its floor")
-    print(f"{'DBOS tasks run by the pnode':40} {dbos['tasks_done']}/{dbos['tasks']} "
-          f"in {dbos['sched_s']:.2f} s")
-    print(f"{'DBOS analytics query':40} {dbos['query_s'] * 1000:.1f} ms")
-    print(f"{'total':40} {total:.0f} s")
+    print(table(["phase", "result"], [
+        ["boot (3 VMs)", f"{max(n['boot_s'] for n in boot):.2f} s"],
+        ["numpy sort, 25 % cache", f"slowdown {paging['disagg_s'] / paging['local_s']:.2f} "
+                                   f"({paging['stats']['misses']} misses)"],
+        *[[r["metric"], f"{r['p50']:.0f} cycles, {r['ratio']:.2f}x its floor"]
+          for r in gates["rows"] if r["unit"] == "cycles"],
+        ["DBOS tasks run by the pnode", f"{dbos['tasks_done']}/{dbos['tasks']} "
+                                        f"in {dbos['sched_s']:.2f} s"],
+        ["DBOS analytics query", f"{dbos['query_s'] * 1000:.1f} ms"],
+        ["total", f"{total:.0f} s"]]))
     print(report)
     return 0

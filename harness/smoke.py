@@ -10,7 +10,10 @@ import sys
 import time
 
 from harness.errors import HarnessError
+from harness.guest_run import run_in_guest
 from harness.nodes.cluster import open_cluster
+from harness.progress import to_stderr
+from harness.text import table
 
 PAGE_ROUND_TRIP = """
 from harness.nodes.guest import open_excache
@@ -40,17 +43,13 @@ else:
 """
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(timeout: float = 180.0) -> int:
     t0 = time.monotonic()
     phases: list[tuple[str, float]] = []
 
     def phase(name: str, start: float) -> None:
         phases.append((name, time.monotonic() - start))
-        _say(f"[smoke] {name}: {phases[-1][1]:.2f} s")
+        to_stderr(f"[smoke] {name}: {phases[-1][1]:.2f} s")
 
     try:
         start = time.monotonic()
@@ -59,10 +58,7 @@ def run(timeout: float = 180.0) -> int:
             for name, code in (("remote page round trip", PAGE_ROUND_TRIP),
                                ("MPK fault in the pnode guest", MPK_FAULT)):
                 start = time.monotonic()
-                r = c.exec("pnode0", [sys.executable, "-c", code], timeout=timeout)
-                if r.returncode:
-                    raise HarnessError(f"{name} failed on pnode0 (status {r.returncode}):\n"
-                                       f"{r.stderr.decode(errors='replace')[-2000:]}")
+                run_in_guest([sys.executable, "-c", code], name, cluster=c, timeout=timeout)
                 phase(name, start)
             start = time.monotonic()
             rows = c.sql("SELECT count(*) FROM nodes WHERE state = 'ready'")
@@ -72,8 +68,8 @@ def run(timeout: float = 180.0) -> int:
             start = time.monotonic()
         phase("shutdown", start)
     except HarnessError as exc:
-        _say(f"[smoke] FAILED after {time.monotonic() - t0:.1f} s: {exc}")
+        to_stderr(f"[smoke] FAILED after {time.monotonic() - t0:.1f} s: {exc}")
         return 1
-    print("\n".join(f"{name:32} {sec:6.2f} s" for name, sec in phases))
-    print(f"{'total':32} {time.monotonic() - t0:6.2f} s")
+    phases.append(("total", time.monotonic() - t0))
+    print(table(None, [[name, f"{sec:.2f} s"] for name, sec in phases], align="lr"))
     return 0

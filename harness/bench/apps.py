@@ -36,16 +36,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.bench.apps_workloads import GUEST, HOST, Outcome, Scale, Workload, tail, workloads
+from harness.bench.apps_workloads import GUEST, HOST, Outcome, Scale, Workload, workloads
 from harness.bench.report import Report, Row, percentile
 from harness.errors import HarnessError
+from harness.progress import Progress, silent
+from harness.text import tail
 
-Progress = Callable[[str], None]
 FRACTIONS = (12.5, 25, 50)
 LEGOOS = {14: 2.13, 28: 1.68, 57: 1.41}  # LegoOS's TensorFlow slowdowns (% cache: x)
 LINE = 64 * 4096  # cache sizes are multiples of 64 pages
@@ -253,7 +253,7 @@ def run(placement: str = "process", rounds: int = 3, plot_path: Path | None = No
     if rounds < 1 or budget <= 1:
         raise HarnessError(f"apps: rounds must be at least 1 and the budget more than 1x, "
                            f"got {rounds} and {budget:g}")
-    say = progress or (lambda _m: None)
+    say = progress or silent
     scale = GUEST if placement == "vm" else HOST
     # Inputs and outputs: a host directory, or one in the pnode guest's own /tmp (tmpfs).
     workdir = (f"/tmp/dh-apps-{secrets.token_hex(6)}" if placement == "vm"

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.text import tail
 
 # A command run on the pnode with local memory (input generation, checks).
 Shell = Callable[[list[str]], Any]
@@ -67,11 +68,6 @@ class Outcome:
     seconds: float | None  # None: the run produced nothing to time
     fingerprint: str
     rps: float | None = None
-
-
-def tail(b: bytes | None, n: int = 800) -> str:
-    """The end of a program's output, for an error message."""
-    return (b or b"").decode(errors="replace")[-n:].strip() or "-"
 
 
 GEN = r"""

@@ -33,12 +33,12 @@ from harness.errors import HarnessError
 from harness.nodes.runners import VMRunner
 from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.paths import run_root
+from harness.progress import Progress, silent
 from harness.topology import Node
 from harness.vm import accel
 from harness.vm.machine import READY_RE, VM
 from harness.vm.qemu import MachineConfig
 
-Progress = Callable[[str], None]
 TIMEOUT = 120.0
 
 
@@ -130,7 +130,7 @@ def _command(cmd: list[str], check: bool = True) -> float:
 
 def run(n: int = 5, parallel: bool = True, vng: str | None = None,
         deterministic: bool = False, progress: Progress | None = None) -> Report:
-    say = progress or (lambda _m: None)
+    say = progress or silent
     run_dir = run_root() / f"bench-boot.{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

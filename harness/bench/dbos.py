@@ -19,7 +19,6 @@ same thing on the same ext4, in the same run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -35,8 +34,7 @@ from pathlib import Path
 from harness.bench.report import Report, Row
 from harness.dbos import DBOS
 from harness.errors import HarnessError
-
-Progress = Callable[[str], None]
+from harness.progress import Progress, silent
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -196,7 +194,7 @@ def _dispatch_row(db: DBOS, tasks: int = 20000, batch: int = 500) -> Row:
 
 def run_here(workdir: Path, n: int = 200, progress: Progress | None = None) -> Report:
     """The benchmark in this process, on the file system holding workdir."""
-    say = progress or (lambda _m: None)
+    say = progress or silent
     workdir.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix="dh-bench-dbos-", dir=workdir))
     try:
@@ -227,21 +225,13 @@ def run(placement: str = "process", n: int = 200, progress: Progress | None = No
         from harness.paths import run_root
 
         return run_here(run_root() / "bench-dbos", n, progress)
-    import io
-
+    from harness.guest_run import guest_json
     from harness.vm import accel
-    from harness.vm.boot import boot
 
-    out, err = io.BytesIO(), io.BytesIO()
-    code = boot([sys.executable, "-m", "harness.bench.dbos", "--here", "/run/dh/disk/bench",
-                 "-n", str(n)], role="snode", timeout=900, progress=progress,
-                stdout=out, stderr=err)
-    if code:
-        raise HarnessError(f"the benchmark failed in the snode guest (status {code}):\n"
-                           f"{err.getvalue().decode(errors='replace')[-2000:]}")
-    raw = json.loads(out.getvalue())
-    rep = Report("dbos", placement="vm", accel=accel.probe().accel,
-                 rows=[Row(**r) for r in raw["rows"]])
+    rep = Report.from_json(guest_json([sys.executable, "-m", "harness.bench.dbos", "--here",
+                                       "/run/dh/disk/bench", "-n", str(n)],
+                                      "the DBOS benchmark", role="snode", progress=progress))
+    rep.placement, rep.accel = "vm", accel.probe().accel
     rep.notes.append("in an snode guest, on its virtio-blk ext4 disk; fsync on both sides")
     return rep
 

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 
 from harness._native import pkey
 from harness.bench import transport
 from harness.bench.report import Report, Row
-from harness.errors import HarnessError
-
-Progress = Callable[[str], None]
+from harness.progress import Progress, silent
 
 
 def _rows(metric: str, floor: str, s: tuple, f: tuple) -> list[Row]:
@@ -34,7 +31,7 @@ def _rows(metric: str, floor: str, s: tuple, f: tuple) -> list[Row]:
 
 
 def run_here(n: int = 2000, progress: Progress | None = None) -> Report:
-    say = progress or (lambda _m: None)
+    say = progress or silent
     rep = Report("gates")
     say("gate_none")
     none = pkey.Compartment("none", "none", 1 << 16)
@@ -71,20 +68,13 @@ def run(placement: str = "process", n: int = 2000, deterministic: bool = False,
         progress: Progress | None = None) -> Report:
     if placement == "process":
         return run_here(n, progress)
-    import io
-
+    from harness.guest_run import guest_json
     from harness.vm import accel
-    from harness.vm.boot import boot
 
-    out, err = io.BytesIO(), io.BytesIO()
-    code = boot([sys.executable, "-m", "harness.bench.gates", "-n", str(n)], timeout=900,
-                deterministic=deterministic, progress=progress, stdout=out, stderr=err)
-    if code:
-        raise HarnessError(f"the gate benchmark failed in the guest (status {code}):\n"
-                           f"{err.getvalue().decode(errors='replace')[-2000:]}")
-    raw = json.loads(out.getvalue())
-    rep = Report("gates", placement="vm", accel=accel.probe().accel,
-                 rows=[Row(**r) for r in raw["rows"]], notes=raw.get("notes", []))
+    rep = Report.from_json(guest_json([sys.executable, "-m", "harness.bench.gates", "-n", str(n)],
+                                      "the gate benchmark", deterministic=deterministic,
+                                      progress=progress))
+    rep.placement, rep.accel = "vm", accel.probe().accel
     rep.notes.append("in a guest" + (" with -icount (deterministic)" if deterministic else ""))
     return rep
 

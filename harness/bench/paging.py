@@ -46,9 +46,9 @@ from harness.bench import transport
 from harness.bench.report import Report, Row, percentile
 from harness.errors import HarnessError
 from harness.nodes.cluster import open_cluster
+from harness.progress import Progress, silent
 from harness.topology import MODELS, LinkModel, Topology, load
 
-Progress = Callable[[str], None]
 FRACTIONS = (12.5, 25, 50, 100)
 LEGOOS = {14: 2.13, 28: 1.68, 57: 1.41}  # LegoOS's TensorFlow slowdowns (% cache: x)
 PREFETCH = ex.DEFAULT_PREFETCH  # lines per miss in the sweep (LegoOS: CONFIG_PCACHE_PREFETCH)
@@ -250,7 +250,7 @@ def plot(curves: dict, path: Path, shape: Matmul = HOST, placement: str = "proce
     return path
 
 
-def run_here(n: int = 2000, rounds: int = 3, say: Progress = lambda _m: None
+def run_here(n: int = 2000, rounds: int = 3, say: Progress = silent
              ) -> tuple[Report, dict]:
     """Process placement: the workload in this process, the mnode a process."""
     rep = Report("paging")
@@ -277,7 +277,7 @@ def run_here(n: int = 2000, rounds: int = 3, say: Progress = lambda _m: None
     return rep, curves
 
 
-def run_in_guest(n: int = 1000, rounds: int = 1, say: Progress = lambda _m: None
+def run_in_guest(n: int = 1000, rounds: int = 1, say: Progress = silent
                  ) -> tuple[Report, dict]:
     """On a pnode guest: the workload here, its memory on the mnode guest over
     ivshmem. (The link model is applied by the sender, so there is no _rdma
@@ -320,7 +320,7 @@ def run_in_guest(n: int = 1000, rounds: int = 1, say: Progress = lambda _m: None
 
 def run(placement: str = "process", n: int = 2000, rounds: int = 3,
         plot_path: Path | None = None, progress: Progress | None = None) -> Report:
-    say = progress or (lambda _m: None)
+    say = progress or silent
     if placement == "process":
         rep, curves = run_here(n, rounds, say)
         shape = HOST
@@ -333,22 +333,19 @@ def run(placement: str = "process", n: int = 2000, rounds: int = 3,
 
 
 def _run_vm(n: int, rounds: int, say: Progress) -> tuple[Report, dict]:
-    import json
     import sys
 
+    from harness.guest_run import guest_json
     from harness.vm import accel
 
     say("booting lego3 with every node in a VM")
     with open_cluster("lego3", placement="vm", timeout=300, progress=say) as c:
         say("the benchmark runs in the pnode guest (a few minutes under TCG)")
-        r = c.exec("pnode0", [sys.executable, "-m", "harness.bench.paging", "-n", str(n),
-                              "--rounds", str(rounds)], timeout=1800)
-    if r.returncode:
-        raise HarnessError(f"the paging benchmark failed in the pnode guest (status "
-                           f"{r.returncode}):\n{r.stderr.decode(errors='replace')[-2000:]}")
-    raw = json.loads(r.stdout)
-    rep = Report("paging", placement="vm", accel=accel.probe().accel,
-                 rows=[Row(**x) for x in raw["rows"]], notes=raw["notes"])
+        raw = guest_json([sys.executable, "-m", "harness.bench.paging", "-n", str(n),
+                          "--rounds", str(rounds)], "the paging benchmark", cluster=c,
+                         timeout=1800)
+    rep = Report.from_json(raw)
+    rep.accel = accel.probe().accel
     return rep, {k: {float(f): v for f, v in curve.items()} for k, curve in raw["curves"].items()}
 
 

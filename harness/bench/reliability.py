@@ -25,7 +25,6 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -33,10 +32,10 @@ from harness._native.excache import PAGE
 from harness._native.transport import Op
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError, TransportError
+from harness.guest_run import guest_json
 from harness.nodes.cluster import Cluster, open_cluster
 from harness.nodes.role import rss_kb
-
-Progress = Callable[[str], None]
+from harness.progress import Progress, silent
 
 PAGING_SOAK = """
 import json, sys, time
@@ -98,10 +97,12 @@ def soak(duration: float, say: Progress) -> dict:
         agents_before = _agent_rss(c)
 
         def paging() -> None:
-            r = c.exec("pnode0", [sys.executable, "-c", PAGING_SOAK, "4096", str(duration)],
-                       timeout=duration + 600)
-            result["paging"] = (json.loads(r.stdout) if r.returncode == 0
-                                else {"error": r.stderr.decode(errors="replace")[-2000:]})
+            try:
+                result["paging"] = guest_json([sys.executable, "-c", PAGING_SOAK, "4096",
+                                               str(duration)], "the paging workload", cluster=c,
+                                              timeout=duration + 600)
+            except HarnessError as exc:
+                result["paging"] = {"error": str(exc)}
 
         worker = threading.Thread(target=paging, name="soak-paging")
         worker.start()
@@ -133,8 +134,7 @@ def soak(duration: float, say: Progress) -> dict:
         done = c.wait_tasks(tasks, timeout=120)
     paging_result = result.get("paging", {"error": "the paging workload did not report"})
     if "error" in paging_result:
-        raise HarnessError(f"soak: the paging workload failed on pnode0:\n"
-                           f"{paging_result['error']}")
+        raise HarnessError(f"soak: {paging_result['error']}")
     first_rss = {**agents_before, **(warm_rss or last_rss)}  # pnode0's agent: from boot
     # The workload on pnode0 reports its own memory and its guest's, from
     # warm-up to the end: a VM's QEMU grows until the guest has touched all of
@@ -205,7 +205,7 @@ def pause(say: Progress) -> dict:
 
 
 def run(duration: float = 180.0, progress: Progress | None = None) -> Report:
-    say = progress or (lambda _m: None)
+    say = progress or silent
     fo, sn, pa = failover(say), snode_restart(say), pause(say)
     sk = soak(duration, say)
     injected = 4  # mnode0 kill, snode0 kill, snode0 restart, mnode0 pause

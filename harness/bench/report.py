@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+
+from harness.text import table
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -50,20 +52,20 @@ class Report:
         return json.dumps({"bench": self.bench, "placement": self.placement,
                            "accel": self.accel, "rows": [asdict(r) for r in self.rows]})
 
+    @classmethod
+    def from_json(cls, raw: Mapping) -> Report:
+        """The report to_json printed, parsed; with its notes if the object
+        carries them (a guest's benchmark adds them beside the contract's keys)."""
+        return cls(raw["bench"], raw["placement"], raw["accel"],
+                   [Row(**r) for r in raw["rows"]], list(raw.get("notes", [])))
+
     def table(self) -> str:
         head = ["metric", "unit", "p50", "p99", "n", "floor", "floor p50", "ratio"]
         body = [[r.metric, r.unit, _num(r.p50), _num(r.p99), str(r.n), r.floor or "-",
                  _num(r.floor_p50), f"{r.ratio:.2f}" if r.ratio is not None else "-"]
                 for r in self.rows]
-        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-        lines = [f"{self.bench} ({self.placement}"
-                 + (f", {self.accel}" if self.accel else "") + ")"]
-        for i, line in enumerate([head, *body]):
-            lines.append("  ".join(c.rjust(w) if j >= 2 else c.ljust(w)
-                                   for j, (c, w) in enumerate(zip(line, widths, strict=True))))
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines + self.notes)
+        title = f"{self.bench} ({self.placement}" + (f", {self.accel}" if self.accel else "") + ")"
+        return "\n".join([title, table(head, body, align="llrrrrrr"), *self.notes])
 
 
 def _num(v: float | None) -> str:

@@ -19,16 +19,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness._native import transport as t
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError
+from harness.progress import Progress, silent
 
 LINKS = ("shm", "unix", "tcp")
 SIZES = {"rtt_64": 64, "rtt_4k": 4096}
-Progress = Callable[[str], None]
 
 
 def _pair(kind: str) -> tuple[socket.socket, socket.socket]:
@@ -101,7 +101,7 @@ def run(link: str = "shm", n: int = 20000, batches: int = 15, batch: int = 4000,
         progress: Progress | None = None) -> Report:
     if link not in LINKS:
         raise HarnessError(f"--link must be one of {', '.join(LINKS)}, got {link!r}")
-    say = progress or (lambda _m: None)
+    say = progress or silent
     rep = Report("transport")
     with _framed(link) as lk:
         lk.bench_rpc_rtt(64, 2000)  # warm-up: page faults, caches, CPU clocks
