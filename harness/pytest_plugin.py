@@ -11,24 +11,28 @@ says where they are, in the manner of Firecracker's test framework."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from harness.nodes.cluster import Cluster, open_cluster
 
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # a test body's, for fixtures' teardowns
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    rep = yield
+    if rep.when == "call":
+        item.stash[CALL_REPORT] = rep
+    return rep
 
 
 def call_failed(request: pytest.FixtureRequest) -> bool:
     """Did the test body of the requesting fixture's test fail? (For a
     fixture's teardown; the hook above records the outcome.)"""
-    rep = getattr(request.node, "rep_call", None)
+    rep = request.node.stash.get(CALL_REPORT, None)
     return rep is not None and rep.failed
 
 
@@ -37,7 +41,9 @@ def cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(topology: str = "lego3", **kw) -> Cluster:
-        c = open_cluster(topology, run_dir=tmp_path / f"cluster{len(made)}", **kw)
+        # The shm directory takes this name: unique to the test and the session.
+        run_dir = tmp_path / f"{tmp_path.name}.{os.getpid()}.{len(made)}"
+        c = open_cluster(topology, run_dir=run_dir, **kw)
         made.append(c)
         return c
 

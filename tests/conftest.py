@@ -1,5 +1,7 @@
 import pytest
 
+pytest_plugins = ["pytester"]  # test_plugin.py runs pytest on a test file
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_run_dir(tmp_path_factory):
@@ -8,3 +10,4 @@ def _isolated_run_dir(tmp_path_factory):
     mp.setenv("HARNESS_RUN_DIR", str(tmp_path_factory.mktemp("run")))
     yield
     mp.undo()
+
