@@ -1,0 +1,174 @@
+"""Subcommands that need no cluster: doctor, inspect, explore, images, boot,
+bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.progress import indented, to_stderr
+from harness.text import table
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from harness.doctor import run_checks
+
+    checks = run_checks()
+    if args.json:
+        print(json.dumps({"checks": [c.__dict__ for c in checks]}))
+    else:
+        rows = [[c.name, "ok" if c.ok else ("MISSING" if c.required else "no"), c.detail,
+                 "" if c.ok else c.fix] for c in checks]
+        print(table(["check", "state", "detail", "fix"], rows))
+    return 0 if all(c.ok or not c.required for c in checks) else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from harness.isolation.inspect import DEFAULT_GATES, as_dicts, inspect_files
+
+    findings, errors = inspect_files(args.files, DEFAULT_GATES + tuple(args.gate))
+    if args.json:
+        print(json.dumps({"findings": as_dicts(findings), "errors": errors}))
+    else:
+        for f in findings:
+            print(f.line())
+        for e in errors:
+            to_stderr(e)
+        to_stderr(f"{len(args.files)} file(s): {len(findings)} finding(s)"
+                  + (f", {len(errors)} unreadable" if errors else ""))
+    return 2 if errors else 1 if findings else 0
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from harness.isolation import explore as ex
+
+    if not 0 < args.budget <= 1:
+        raise HarnessError(f"--budget is a fraction of the fastest throughput, in (0, 1]; "
+                           f"got {args.budget}")
+    if args.placement == "vm":
+        from harness.guest_run import guest_json
+
+        raw = guest_json([sys.executable, "-m", "harness.isolation.explore",
+                          str(Path(args.config).resolve()), "--budget", str(args.budget)],
+                         "explore", progress=None if args.json else indented)
+        outcomes = [ex.Outcome(c["assignment"], c["requests_per_s"], c["safest_in_budget"],
+                               c["dominated_by"]) for c in raw["configurations"]]
+        notes = [*raw["notes"], "measured in a TCG guest (protection keys for mpk)"]
+    else:
+        cfg = ex.load(args.config)
+        outcomes, notes = ex.explore(cfg["requests"], cfg["value"], cfg["backends"],
+                                     args.budget)
+    if args.plot:
+        notes.append(f"plot: {ex.plot(outcomes, Path(args.plot))}")
+    if args.json:
+        print(json.dumps(ex.to_json(outcomes, notes)))
+        return 0
+    rows = [[o.name, f"{o.requests_per_s:,.0f}", str(len(o.dominated_by)),
+             "*" if o.safest_in_budget else ""] for o in outcomes]
+    print(table(["configuration", "requests/s", "safer configs", "safest in budget"], rows))
+    for n in notes:
+        print(n)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from harness import images
+
+    if args.action == "build":
+        img = images.build(progress=None if args.json else indented, force=args.force)
+        if args.json:
+            print(json.dumps({"kernel": img.kernel, "vmlinux": img.vmlinux,
+                              "initramfs": img.initramfs, "kernel_version": img.kernel_version,
+                              "kernel_package": img.kernel_package, "key": img.key}))
+        else:
+            print(f"kernel     {img.kernel} ({img.kernel_package})\n"
+                  f"vmlinux    {img.vmlinux or '- (no PVH note: the bzImage boots)'}\n"
+                  f"initramfs  {img.initramfs} ({len(img.modules)} modules)")
+    elif args.action == "list":
+        found = images.list_images()
+        if args.json:
+            print(json.dumps({"images": [i.__dict__ for i in found]}))
+        elif found:
+            print(table(["key", "kernel", "boots", "built"],
+                        [[i.key, i.kernel_version, "vmlinux (PVH)" if i.vmlinux else "bzImage",
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built))]
+                         for i in found]))
+        else:
+            to_stderr("no images yet; `harness images build` makes one")
+    else:
+        freed = images.clean()
+        if args.json:
+            print(json.dumps({"freed_bytes": freed}))
+        else:
+            to_stderr(f"removed the cached images and packages ({freed >> 20} MiB)")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from harness.topology import parse_size
+    from harness.vm.boot import boot
+
+    argv = args.cmd
+    if not argv:
+        raise HarnessError("give the command to run after --, e.g. "
+                           "`harness boot -- uname -a`")
+    quiet = args.quiet or not sys.stderr.isatty()
+    return boot(argv, role=args.role, timeout=args.timeout, deterministic=args.deterministic,
+                memory=parse_size(args.memory),
+                progress=None if quiet else (lambda m: to_stderr(f"[boot] {m}")))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    progress = None if args.json else indented
+    if args.rounds is None:
+        args.rounds = 3 if args.which == "apps" else 5
+    if args.which == "transport":
+        from harness.bench import transport
+
+        rep = transport.run(link=args.link, n=args.n, progress=progress)
+    elif args.which == "gates":
+        from harness.bench import gates
+
+        rep = gates.run(placement=args.placement, n=min(args.n, 20000),
+                        deterministic=args.deterministic, progress=progress)
+    elif args.which == "paging":
+        from harness.bench import paging
+
+        plot = "paging-sweep.png" if args.plot is None else args.plot
+        rep = paging.run(placement=args.placement, n=min(args.n, 5000), rounds=args.rounds,
+                         plot_path=Path(plot) if plot else None, progress=progress)
+    elif args.which == "apps":
+        from harness.bench import apps
+
+        plot = "apps-slowdown.png" if args.plot is None else args.plot
+        rep = apps.run(placement=args.placement, rounds=args.rounds,
+                       plot_path=Path(plot) if plot else None, progress=progress,
+                       apps=args.apps.split(",") if args.apps else None, budget=args.budget)
+    elif args.which == "dbos":
+        from harness.bench import dbos
+
+        rep = dbos.run(placement=args.placement, n=min(args.n, 2000), progress=progress)
+    elif args.which == "reliability":
+        from harness.bench import reliability
+
+        if args.duration <= 0:
+            raise HarnessError(f"--duration must be positive, got {args.duration}")
+        rep = reliability.run(duration=args.duration, progress=progress)
+        print(rep.to_json() if args.json else rep.table())
+        return 1 if any(r.metric == "data_lost" and r.p50 for r in rep.rows) else 0
+    else:
+        from harness.bench import boot
+
+        if args.vng and not shutil.which(args.vng):
+            raise HarnessError(f"--vng {args.vng}: not found; install virtme-ng "
+                               "(`pip install virtme-ng`) or give the path to vng")
+        rep = boot.run(n=args.rounds, parallel=not args.no_parallel,
+                       vng=shutil.which(args.vng) if args.vng else None,
+                       deterministic=args.deterministic, progress=progress)
+    print(rep.to_json() if args.json else rep.table())
+    return 0
