@@ -26,17 +26,16 @@ import subprocess
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.errors import ImageError
 from harness.paths import cache_dir
+from harness.progress import Progress, silent
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
 BUILDER_VERSION = 2  # bump when this module changes what it writes
 XEN_ELFNOTE_PHYS32_ENTRY = 18
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -300,7 +299,7 @@ def _load(d: Path) -> Image | None:
 
 def build(progress: Progress | None = None, force: bool = False) -> Image:
     """The current image, built if any input changed since the last build."""
-    say = progress or (lambda _m: None)
+    say = progress or silent
     recipe, recipe_text, init_text = _recipe()
     busybox = Path(recipe.get("busybox", "/bin/busybox"))
     if not busybox.is_file():

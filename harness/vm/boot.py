@@ -13,19 +13,19 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from harness import images
 from harness.paths import data_dir, run_root
+from harness.progress import Progress, silent
 from harness.topology import ROLES
 from harness.vm import accel
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import EXIT_RE, RUN_RE, VM
 from harness.vm.qemu import MachineConfig, guest_visible
 
-Progress = Callable[[str], None]
 SNODE_DISK = 256 << 20
 
 
@@ -72,7 +72,7 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
         raise ValueError("harness boot needs a command after --")
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    say = progress or (lambda _m: None)
+    say = progress or silent
     out = stdout or sys.stdout.buffer
     err = stderr or sys.stderr.buffer
     image = images.build(progress=say)
