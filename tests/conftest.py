@@ -11,3 +11,9 @@ def _isolated_run_dir(tmp_path_factory):
     yield
     mp.undo()
 
+
+@pytest.fixture
+def lego3(cluster):
+    """One lego3 cluster of host processes, made by the plugin's `cluster`
+    factory (which stops it and, when the test fails, says where its logs are)."""
+    return cluster("lego3", placement="process")

@@ -28,44 +28,38 @@ from harness.nodes.cluster import open_cluster
 from .helpers import alive
 
 
-@pytest.fixture
-def cluster():
-    with open_cluster("lego3", placement="process") as c:
-        yield c
-
-
-def test_lego3_starts_and_every_node_answers(cluster):
-    rows = cluster.status()
+def test_lego3_starts_and_every_node_answers(lego3):
+    rows = lego3.status()
     assert [(r["name"], r["role"], r["state"]) for r in rows] == [
         ("pnode0", "pnode", "ready"), ("mnode0", "mnode", "ready"), ("snode0", "snode", "ready")]
-    hello = json.loads(cluster.call("mnode0", t.Op.HELLO))
+    hello = json.loads(lego3.call("mnode0", t.Op.HELLO))
     assert hello["role"] == "mnode" and hello["pid"] == rows[1]["pid"]
-    assert set(cluster.nodes["pnode0"].peers) == {"mnode0", "snode0"}
+    assert set(lego3.nodes["pnode0"].peers) == {"mnode0", "snode0"}
 
 
-def test_exec_passes_status_and_output(cluster):
-    r = cluster.exec("pnode0", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+def test_exec_passes_status_and_output(lego3):
+    r = lego3.exec("pnode0", ["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"err\n")
-    r = cluster.exec("pnode0", ["cat"], stdin=b"fed in")
+    r = lego3.exec("pnode0", ["cat"], stdin=b"fed in")
     assert r.stdout == b"fed in"
 
 
-def test_exec_of_a_missing_program_is_a_clear_error(cluster):
+def test_exec_of_a_missing_program_is_a_clear_error(lego3):
     with pytest.raises(RemoteError, match="no such program: /no/such/thing"):
-        cluster.exec("pnode0", ["/no/such/thing"])
+        lego3.exec("pnode0", ["/no/such/thing"])
 
 
-def test_stats_count_link_traffic(cluster):
-    s = cluster.stats()
+def test_stats_count_link_traffic(lego3):
+    s = lego3.stats()
     assert s["pnode0"]["links"]["mnode0"]["frames_sent"] >= 1
     assert s["snode0"]["role"] == "snode"
 
 
-def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
+def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(lego3):
     """Garbage on the pnode->mnode ring: mnode closes that link, still
     answers its controller; pnode sees the link closed."""
     path = next(e["path"] for e in json.loads(
-        (cluster.run_dir / "mnode0.json").read_text())["links"])
+        (lego3.run_dir / "mnode0.json").read_text())["links"])
     intruder = t.Link.shm_open(path, 0, name="intruder")  # pose as the pnode end
     intruder.send_raw(b"DHF1 this is not a frame at all")
     deadline = time.monotonic() + 5
@@ -73,17 +67,17 @@ def test_malformed_frame_closes_one_link_and_the_node_keeps_serving(cluster):
         while time.monotonic() < deadline:
             intruder.send(t.Op.PING, timeout=0.1)
             time.sleep(0.01)
-    assert cluster.call("mnode0", t.Op.PING, timeout=2) == b""
-    stats = json.loads(cluster.call("mnode0", t.Op.STATS))
+    assert lego3.call("mnode0", t.Op.PING, timeout=2) == b""
+    stats = json.loads(lego3.call("mnode0", t.Op.STATS))
     assert stats["links"]["pnode0"]["proto_errors"] == 1
     with pytest.raises(RemoteError, match="closed"):
-        cluster.call("pnode0", t.Op.PING, b"peers", timeout=5)
+        lego3.call("pnode0", t.Op.PING, b"peers", timeout=5)
 
 
-def test_dbos_on_the_snode(cluster):
-    assert cluster.sql("SELECT name, role FROM nodes ORDER BY nid") == [
+def test_dbos_on_the_snode(lego3):
+    assert lego3.sql("SELECT name, role FROM nodes ORDER BY nid") == [
         ["pnode0", "pnode"], ["mnode0", "mnode"], ["snode0", "snode"]]
-    fs = cluster.dbos.fs
+    fs = lego3.dbos.fs
     fs.mkdir("/home")
     fs.create("/home/f")
     fs.write("/home/f", 0, b"\x00binary\xff")
@@ -92,23 +86,19 @@ def test_dbos_on_the_snode(cluster):
         fs.create("/home/f")
     assert e.value.errno == errno.EEXIST
     with pytest.raises(DBOSError, match="syntax error"):
-        cluster.sql("SELEC 1")
+        lego3.sql("SELEC 1")
     with pytest.raises(DBOSError, match="write=True"):
-        cluster.sql("DELETE FROM tasks")
-    path = cluster.stats()["snode0"]["dbos"]["path"]
-    assert path.startswith(str(cluster.disk_dir))
+        lego3.sql("DELETE FROM tasks")
+    path = lego3.stats()["snode0"]["dbos"]["path"]
+    assert path.startswith(str(lego3.disk_dir))
 
 
-def test_the_pnode_runs_the_tasks_it_is_given(cluster):
-    tid = cluster.dbos.sched.submit(["sh", "-c", "echo ran on $0", "pnode"])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        [[state, worker, result]] = cluster.sql(
-            "SELECT state, worker_id, result FROM tasks WHERE task_id = ?", [tid])
-        if state in ("done", "failed"):
-            break
-        time.sleep(0.05)
-    assert (state, worker) == ("done", "pnode0")
+def test_the_pnode_runs_the_tasks_it_is_given(lego3):
+    tid = lego3.dbos.sched.submit(["sh", "-c", "echo ran on $0", "pnode"])
+    assert lego3.wait_tasks([tid], timeout=20) == 1
+    [[worker, result]] = lego3.sql("SELECT worker_id, result FROM tasks WHERE task_id = ?",
+                                   [tid])
+    assert worker == "pnode0"
     assert json.loads(result)["stdout"] == "ran on pnode\n"
 
 
@@ -193,10 +183,10 @@ def test_alloc_is_disaggregated_memory_on_the_mnode():
         assert node == "controller" and resident == 64  # 256 KiB of lines
 
 
-def test_a_reply_over_the_links_limit_is_refused_not_cut(cluster):
+def test_a_reply_over_the_links_limit_is_refused_not_cut(lego3):
     """A DBOS read whose answer is larger than the control link carries comes
     back as an error naming both sizes, not as JSON cut at the limit."""
-    fs = cluster.dbos.fs
+    fs = lego3.dbos.fs
     fs.create("/big")
     chunk = bytes(range(256)) * 512  # 128 KiB a request
     for i in range(5):

@@ -14,7 +14,6 @@ import time
 import pytest
 
 from harness.errors import HarnessError, NotSupported
-from harness.nodes.cluster import open_cluster
 from harness.nodes.program import check_program, run_program
 
 CACHE = 4 << 20  # far below every workload here: pages really leave and come back
@@ -53,21 +52,15 @@ print("parent", hashlib.sha256(b).hexdigest() == h)
 """
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with open_cluster("lego3", placement="process") as c:
-        yield c
-
-
-def both(cluster, argv, **kw):
-    local = run_program(cluster, argv, memory="local", **kw)
-    remote = run_program(cluster, argv, memory="remote", cache=CACHE, **kw)
+def both(c, argv, **kw):
+    local = run_program(c, argv, memory="local", **kw)
+    remote = run_program(c, argv, memory="remote", cache=CACHE, **kw)
     return local, remote
 
 
 @pytest.mark.parametrize("code", [BIG, THREADS, FORK], ids=["64MiB", "threads", "fork"])
-def test_python_gives_the_same_answer_on_remote_memory(cluster, code):
-    local, remote = both(cluster, [sys.executable, "-c", code])
+def test_python_gives_the_same_answer_on_remote_memory(lego3, code):
+    local, remote = both(lego3, [sys.executable, "-c", code])
     assert local.returncode == remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout
     e = remote.stats["excache"]
@@ -75,27 +68,27 @@ def test_python_gives_the_same_answer_on_remote_memory(cluster, code):
     assert remote.stats["peak_remote_bytes"] > CACHE
 
 
-def test_numpy_on_remote_memory(cluster):
+def test_numpy_on_remote_memory(lego3):
     """numpy advises MADV_HUGEPAGE on its big arrays, which splits the arena's
     mappings: prefetch windows that cross the splits must still install."""
     code = ("import numpy as np, zlib\n"
             "a = np.arange(1024 * 1024, dtype=np.float64).reshape(1024, 1024) % 7\n"
             "c = a @ (a.T % 5)\nprint(int(c.sum()), zlib.crc32(c.tobytes()))")
-    local, remote = both(cluster, [sys.executable, "-c", code],
+    local, remote = both(lego3, [sys.executable, "-c", code],
                          env={"OPENBLAS_NUM_THREADS": "1"})
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout
     assert remote.stats["excache"]["prefetched"] > 0
 
 
-def test_threads_get_their_stacks_from_remote_memory(cluster):
-    r = run_program(cluster, [sys.executable, "-c", THREADS], memory="remote", cache=CACHE)
+def test_threads_get_their_stacks_from_remote_memory(lego3):
+    r = run_program(lego3, [sys.executable, "-c", THREADS], memory="remote", cache=CACHE)
     [proc] = r.stats["processes"]
     assert proc["thread_stacks"] == 4
 
 
-def test_a_forked_child_has_its_own_cache_and_copy(cluster):
-    r = run_program(cluster, [sys.executable, "-c", FORK], memory="remote", cache=CACHE)
+def test_a_forked_child_has_its_own_cache_and_copy(lego3):
+    r = run_program(lego3, [sys.executable, "-c", FORK], memory="remote", cache=CACHE)
     assert r.stdout == b"child True True\nparent True\n", r.stderr
     parent = r.stats["processes"][0]
     [child] = [p for p in r.stats["processes"] if p["ppid"] == parent["pid"]]
@@ -121,37 +114,37 @@ print(out)
 """
 
 
-def test_fork_after_nss_and_from_a_thread(cluster):
-    r = run_program(cluster, [sys.executable, "-c", FORK_AFTER_NSS], memory="remote",
+def test_fork_after_nss_and_from_a_thread(lego3):
+    r = run_program(lego3, [sys.executable, "-c", FORK_AFTER_NSS], memory="remote",
                     cache=CACHE, timeout=120)
     assert (r.returncode, r.stdout) == (0, b"[0, 0]\n"), r.stderr
 
 
-def test_a_program_that_closes_its_low_descriptors_keeps_its_memory(cluster):
+def test_a_program_that_closes_its_low_descriptors_keeps_its_memory(lego3):
     code = ("import os, hashlib\nos.closerange(3, 64)\n"
             "b = bytearray(os.urandom(1 << 20)) * 32\n"
             "print(hashlib.sha256(b).hexdigest() == hashlib.sha256(bytes(b)).hexdigest())")
-    r = run_program(cluster, [sys.executable, "-c", code], memory="remote", cache=CACHE)
+    r = run_program(lego3, [sys.executable, "-c", code], memory="remote", cache=CACHE)
     assert (r.returncode, r.stdout) == (0, b"True\n"), r.stderr
     assert r.stats["excache"]["evictions"] > 0
 
 
-def test_exec_keeps_the_interposer(cluster):
-    r = run_program(cluster, ["sh", "-c", f"{sys.executable} -c 'print(sum(range(10**6)))'"],
+def test_exec_keeps_the_interposer(lego3):
+    r = run_program(lego3, ["sh", "-c", f"{sys.executable} -c 'print(sum(range(10**6)))'"],
                     memory="remote", cache=CACHE)
     assert r.stdout == b"499999500000\n"
     names = [p["name"] for p in r.stats["processes"]]
     assert names[0] == "sh" and any(n.startswith("python") for n in names[1:]), names
 
 
-def test_xz_output_decompresses_to_the_same_bytes(cluster, tmp_path):
+def test_xz_output_decompresses_to_the_same_bytes(lego3, tmp_path):
     data = tmp_path / "in"
     words = [hashlib.sha1(str(i).encode()).hexdigest()[: 3 + i % 9] for i in range(4000)]
     with open(data, "w") as f:
         for i in range(300_000):
             f.write(words[(i * 7919) % len(words)] + (" " if i % 13 else "\n"))
     out = tmp_path / "out.xz"
-    r = run_program(cluster, ["sh", "-c", f"xz -6 -T1 -c {data} > {out}"], memory="remote",
+    r = run_program(lego3, ["sh", "-c", f"xz -6 -T1 -c {data} > {out}"], memory="remote",
                     cache=CACHE)
     assert r.returncode == 0, r.stderr
     back = subprocess.run(["xz", "-dc", str(out)], capture_output=True, check=True).stdout
@@ -159,16 +152,16 @@ def test_xz_output_decompresses_to_the_same_bytes(cluster, tmp_path):
     assert sum(p.get("excache", {}).get("evictions", 0) for p in r.stats["processes"]) > 0
 
 
-def test_stats_json_and_dbos_record_the_run(cluster, tmp_path):
-    r = run_program(cluster, [sys.executable, "-c", BIG], memory="remote", cache=CACHE)
+def test_stats_json_and_dbos_record_the_run(lego3, tmp_path):
+    r = run_program(lego3, [sys.executable, "-c", BIG], memory="remote", cache=CACHE)
     task = r.stats["task"]
-    [[state, command]] = cluster.sql("SELECT state, command FROM tasks WHERE task_id = ?", [task])
+    [[state, command]] = lego3.sql("SELECT state, command FROM tasks WHERE task_id = ?", [task])
     assert state == "done" and json.loads(command)[0] == sys.executable
-    rows = cluster.sql("SELECT r.node, p.node, p.resident FROM regions r JOIN pages p "
-                       "USING (region_id) WHERE r.owner LIKE ?", [f"task {task}:%"])
+    rows = lego3.sql("SELECT r.node, p.node, p.resident FROM regions r JOIN pages p "
+                     "USING (region_id) WHERE r.owner LIKE ?", [f"task {task}:%"])
     assert rows and rows[0][:2] == ["mnode0", "pnode0"]
-    [[n]] = cluster.sql("SELECT count(*) FROM events WHERE task_id = ? AND kind = 'program'",
-                        [task])
+    [[n]] = lego3.sql("SELECT count(*) FROM events WHERE task_id = ? AND kind = 'program'",
+                      [task])
     assert n == 1
 
 
@@ -201,15 +194,14 @@ def test_a_static_or_setuid_program_is_refused_with_the_reason(tmp_path):
         check_program("/no/such/program")
 
 
-def test_the_mnode_dying_ends_the_program_naming_it(tmp_path):
+def test_the_mnode_dying_ends_the_program_naming_it(lego3):
     loop = ("import time\nb = bytearray(32 << 20)\nwhile True:\n"
             "    for i in range(0, len(b), 4096): b[i] = (b[i] + 1) % 256\n")
-    with open_cluster("lego3", placement="process") as c:
-        killer = threading.Timer(2.0, c.fault, ("mnode0", "kill"))
-        killer.start()
-        t0 = time.monotonic()
-        r = run_program(c, [sys.executable, "-c", loop], memory="remote", cache=CACHE,
-                        timeout=60)
-        killer.join()
+    killer = threading.Timer(2.0, lego3.fault, ("mnode0", "kill"))
+    killer.start()
+    t0 = time.monotonic()
+    r = run_program(lego3, [sys.executable, "-c", loop], memory="remote", cache=CACHE,
+                    timeout=60)
+    killer.join()
     assert r.returncode != 0 and time.monotonic() - t0 < 30
     assert b"mnode0" in r.stderr and b"cannot serve a page fault" in r.stderr
