@@ -5,7 +5,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-#include "dh_excache.h"
+#include "excache_wire.h"
 
 struct region {
     uint8_t *base;
@@ -34,7 +34,7 @@ struct dh_excache {
     dh_link *backup; /* a replica of the memory node, or NULL */
     int synced;      /* the primary's last answer: the backup holds all it acknowledged */
     uint32_t nonce, seq; /* the tokens of ALLOC and CLONE requests */
-    int uffd;
+    int uffd; /* -1: none */
     int mode;
     int policy;
     int timeout_ms;
@@ -53,31 +53,43 @@ struct dh_excache {
     uint64_t clock;
     uint32_t rng;
     dh_excache_stats st;
-    uint8_t *req;  /* request buffer: header fields + a page */
+    union p2m_request *req; /* the request being sent */
     uint8_t *page; /* reply buffer: DH_PREFETCH_MAX pages */
     pthread_t thread;
     int thread_running;
     atomic_int stop;
 };
 
-void ex_fatal(dh_excache *c, const char *why);
+/* excache.c: the fault paths. Ends the process for a fault that cannot be
+ * served (rc), naming c->why when a local call failed. */
+void ex_fatal(dh_excache *c, int rc);
 int ex_start_handler(dh_excache *c);
+/* uffd.c: one helper per userfaultfd call; a failure sets c->why. */
 int ex_open_uffd(dh_excache *c);
 int ex_register(dh_excache *c, void *base, uint64_t size);
+int ex_unregister(dh_excache *c, void *base, uint64_t size);
+int ex_protect(dh_excache *c, uintptr_t page, int on);
+int ex_wake(dh_excache *c, uintptr_t page);
+/* Copies n pages from c->page in at page, writable or write-protected. */
+int ex_install(dh_excache *c, uintptr_t page, uint32_t n, int writable);
+/* cache.c: the cache table. */
+#define EX_GONE 1 /* ex_serve_fault: the region was freed after a lockless lookup found it */
+int ex_serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp);
 /* Writes a dirty line back; it stays resident, clean and write-protected. */
 int ex_write_back(dh_excache *c, struct line *l);
 struct region *ex_find(dh_excache *c, uintptr_t a);
 void ex_lock(dh_excache *c);
 void ex_unlock(dh_excache *c);
-int ex_protect(dh_excache *c, uintptr_t page, int on);
-/* failover.c: requests to the memory node, failing over to its backup. */
-void ex_failover_init(dh_excache *c);
-int ex_call(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got, uint32_t *flags);
-int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want);
 struct line *ex_set_of(dh_excache *c, uintptr_t page);
 struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page);
 uint64_t ex_page_index(struct region *r, uintptr_t page);
 /* A bit per page after on_mnode's: dirty when it was last written back. */
 uint8_t *ex_was_dirty(struct region *r);
+/* failover.c: requests to the memory node, failing over to its backup. */
+void ex_failover_init(dh_excache *c);
+/* req_len: the request in c->req, whole (failover.c fills an ALLOC's or
+ * CLONE's token). */
+int ex_call(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got, uint32_t *flags);
+int ex_rpc(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t want);
 
 #endif

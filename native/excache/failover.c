@@ -1,10 +1,9 @@
 /* The cache's side of a replicated memory node: the requests it sends, and
  * when it may switch to the backup. See dh_excache_set_backup.
  *
- * Reached from the SIGBUS handler, so async-signal-safe like serve_fault:
+ * Reached from the SIGBUS handler, so async-signal-safe like ex_serve_fault:
  * no malloc, no stdio; getpid is a system call. Called under the cache's
  * lock. */
-#include <string.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,19 +17,21 @@ void ex_failover_init(dh_excache *c)
         c->nonce = (uint32_t)dh_now_ns() ^ (uint32_t)(uintptr_t)c;
 }
 
-/* An ALLOC or CLONE carries a token after its fields, so the store that
- * gets it twice (the retry after a failover, when the first reached the
- * backup through the primary) answers the region it made the first time.
- * The pid keeps a forked child's tokens apart from its parent's. */
-static uint32_t with_token(dh_excache *c, uint16_t op, uint32_t req_len)
+/* An ALLOC or CLONE carries a token, so the store that gets it twice (the
+ * retry after a failover, when the first reached the backup through the
+ * primary) answers the region it made the first time. The pid keeps a
+ * forked child's tokens apart from its parent's. */
+static void set_token(dh_excache *c, uint16_t op)
 {
     if (op != DH_OP_P2M_ALLOC && op != DH_OP_P2M_CLONE)
-        return req_len;
+        return;
     if (!++c->seq)
         ++c->seq;
     uint64_t token = (uint64_t)((uint32_t)getpid() ^ c->nonce) << 32 | c->seq;
-    memcpy(c->req + req_len, &token, 8);
-    return req_len + 8;
+    if (op == DH_OP_P2M_ALLOC)
+        c->req->alloc.token = token;
+    else
+        c->req->clone.token = token;
 }
 
 /* One round trip on the current link. A store whose backup took over
@@ -54,7 +55,7 @@ static int ask(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got, uint
  * backup that missed writes is refused: DH_ESTALE, never old pages. */
 int ex_call(dh_excache *c, uint16_t op, uint32_t req_len, uint32_t *got, uint32_t *flags)
 {
-    req_len = with_token(c, op, req_len);
+    set_token(c, op);
     uint64_t t0 = dh_now_ns();
     int rc = ask(c, op, req_len, got, flags);
     if ((rc == DH_ECLOSED || rc == DH_ETIMEDOUT) && c->backup) {

@@ -1,16 +1,7 @@
 /* The memory node's side of ExCache: vRegions (LegoOS's allocation unit)
  * kept as anonymous mappings, so a page costs memory only once it is written
- * back, and the protocol served on a link:
- *   P2M_ALLOC       u64 size [, u64 token]           -> u32 region id
- *   P2M_FREE        u32 region                       -> (empty)
- *   P2M_CLONE       u32 region [, u64 token]         -> u32 id of a copy of it
- *   P2M_PCACHE_MISS u32 region, u32 n, u64 page      -> n pages from there (0: one)
- *   P2M_PCACHE_FLUSH u32 region, u32 0, u64 page, data -> (empty)
- *   P2M_PCACHE_MISS_FLUSH u32 miss region, u32 flush region, u64 miss page,
- *                   u64 flush page, data [, u32 n]   -> n pages (default one)
- *   M2M_REPLICA     u16 op, u16 0, u32 epoch, u32 id, u32 0, op's request
- *                   -> op's answer: a write forwarded by the primary
- *   ECHO      any payload                            -> the same payload
+ * back, and the protocol (excache_wire.h) served on a link, with ECHO (any
+ * payload -> the same payload) for the channel's own round trip.
  * Every field is checked against the region's bounds before use.
  *
  * Region ids grow for the store's life and are never reused, so a FREE sent
@@ -28,17 +19,16 @@
  * refused (DH_F_FENCED), and that primary, told so, refuses every later
  * request with DH_F_FENCED (its caches fail over too). */
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
-#include "dh_excache.h"
+#include "excache_wire.h"
 
 #define MAX_VREGIONS 1024
 #define REPLY_MAX (DH_PAGE * DH_PREFETCH_MAX) /* a prefetching miss's pages */
-#define FWD_HDR 16u  /* a forward's own fields before the request it carries */
-#define FWD_JOIN 0   /* a forward's op when a primary attaches: -> u32 epoch */
 
 struct vregion {
     uint8_t *base;
@@ -56,8 +46,12 @@ struct dh_mstore {
     int replica_timeout_ms;
     uint32_t replica_epoch; /* the replica's epoch, on every forward */
     int made;               /* the last make_region made one (not a token's repeat) */
-    uint8_t fwd[FWD_HDR + 16 + DH_PAGE]; /* a forward: header + the largest write */
-    uint8_t rbuf[64];
+    struct m2m_forward_msg fwd; /* the forward being sent */
+    union { /* the replica's answer to it */
+        struct p2m_region made;
+        struct m2m_joined joined;
+        uint8_t bytes[64];
+    } rbuf;
 };
 
 int dh_mstore_create(dh_mstore **out)
@@ -124,7 +118,7 @@ static uint32_t new_id(dh_mstore *m)
  * (a forward names the primary's) or the next free one. A token that made a
  * region already gets that region again. */
 static int make_region(dh_mstore *m, const struct vregion *src, uint64_t size, uint64_t token,
-                       uint32_t id, uint8_t *out)
+                       uint32_t id, struct p2m_region *out)
 {
     m->made = 0;
     for (int i = 0; token && i < MAX_VREGIONS; i++) {
@@ -132,8 +126,8 @@ static int make_region(dh_mstore *m, const struct vregion *src, uint64_t size, u
         if (r->base && r->token == token) {
             if (r->size != size)
                 return -1;
-            memcpy(out, &r->id, 4);
-            return 4;
+            out->id = r->id;
+            return sizeof *out;
         }
     }
     if (!id)
@@ -161,8 +155,8 @@ static int make_region(dh_mstore *m, const struct vregion *src, uint64_t size, u
     m->st.regions++;
     m->st.bytes_reserved += size;
     m->made = 1;
-    memcpy(out, &id, 4);
-    return 4;
+    out->id = id;
+    return sizeof *out;
 }
 
 static void drop_region(dh_mstore *m, struct vregion *r)
@@ -178,75 +172,66 @@ static void drop_region(dh_mstore *m, struct vregion *r)
 static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out,
                   uint32_t id)
 {
-    uint32_t a = 0, b = 0;
-    uint64_t x = 0, y = 0;
-    if (len >= 4)
-        memcpy(&a, in, 4);
-    if (len >= 8)
-        memcpy(&b, in + 4, 4);
-    if (len >= 16)
-        memcpy(&x, in + 8, 8);
-    if (len >= 24)
-        memcpy(&y, in + 16, 8);
-    uint8_t *p, *q;
+    const union p2m_request *q = (const void *)in; /* read only once len says it is there */
+    uint8_t *p, *dst;
     struct vregion *r;
+    uint32_t n;
     switch (op) {
     case DH_OP_ECHO: /* the channel's own round trip: the paging benchmark's floor */
         if (len > REPLY_MAX)
             return -1;
         memcpy(out, in, len);
         return (int)len;
-    case DH_OP_P2M_ALLOC: { /* u64 size [, u64 token] */
-        uint64_t size, token = 0;
-        if (len != 8 && len != 16)
+    case DH_OP_P2M_ALLOC:
+        if (len != sizeof q->alloc && len != offsetof(struct p2m_alloc, token))
             return -1;
-        memcpy(&size, in, 8);
-        if (len == 16)
-            memcpy(&token, in + 8, 8);
-        if (!size || size % DH_PAGE)
+        if (!q->alloc.size || q->alloc.size % DH_PAGE)
             return -1;
-        return make_region(m, NULL, size, token, id, out);
-    }
-    case DH_OP_P2M_CLONE: { /* u32 region [, u64 token] */
-        uint64_t token = 0;
-        if ((len != 4 && len != 12) || !(r = region_of(m, a)))
+        return make_region(m, NULL, q->alloc.size, len == sizeof q->alloc ? q->alloc.token : 0,
+                           id, (void *)out);
+    case DH_OP_P2M_CLONE:
+        if ((len != sizeof q->clone && len != offsetof(struct p2m_clone, token)) ||
+            !(r = region_of(m, q->clone.region)))
             return -1;
-        if (len == 12)
-            memcpy(&token, in + 4, 8);
-        return make_region(m, r, r->size, token, id, out);
-    }
+        return make_region(m, r, r->size, len == sizeof q->clone ? q->clone.token : 0, id,
+                           (void *)out);
     case DH_OP_P2M_FREE:
-        if (len != 4)
+        if (len != sizeof q->free)
             return -1;
-        if (!(r = region_of(m, a))) /* freed already (a retry), or never given out */
-            return a && a < m->next_id ? 0 : -1;
+        if (!(r = region_of(m, q->free.region))) /* freed already (a retry), or never given out */
+            return q->free.region && q->free.region < m->next_id ? 0 : -1;
         drop_region(m, r);
         return 0;
     case DH_OP_P2M_PCACHE_MISS:
-        b += !b;
-        if (len != 16 || b > DH_PREFETCH_MAX || !(p = page_at(m, a, x)) ||
-            !page_at(m, a, x + b - 1))
+        if (len != sizeof q->miss)
             return -1;
-        memcpy(out, p, (size_t)b * DH_PAGE);
+        n = q->miss.n + !q->miss.n;
+        if (n > DH_PREFETCH_MAX || !(p = page_at(m, q->miss.region, q->miss.page)) ||
+            !page_at(m, q->miss.region, q->miss.page + n - 1))
+            return -1;
+        memcpy(out, p, (size_t)n * DH_PAGE);
         m->st.misses_served++;
-        return (int)(b * DH_PAGE);
+        return (int)(n * DH_PAGE);
     case DH_OP_P2M_PCACHE_FLUSH:
-        if (len != 16 + DH_PAGE || !(p = page_at(m, a, x)))
+        if (len != sizeof q->flush || !(p = page_at(m, q->flush.region, q->flush.page)))
             return -1;
-        memcpy(p, in + 16, DH_PAGE);
+        memcpy(p, q->flush.data, DH_PAGE);
         m->st.flushes++;
         m->st.pages_stored++;
         return 0;
     case DH_OP_P2M_PCACHE_MISS_FLUSH: {
-        uint32_t n = 1;
-        if (len == 28 + DH_PAGE)
-            memcpy(&n, in + 24 + DH_PAGE, 4);
-        else if (len != 24 + DH_PAGE)
+        const struct p2m_miss_flush *mf = &q->miss_flush;
+        if (len == sizeof *mf)
+            n = mf->n;
+        else if (len == offsetof(struct p2m_miss_flush, n))
+            n = 1;
+        else
             return -1;
-        if (n < 1 || n > DH_PREFETCH_MAX || !(p = page_at(m, a, x)) ||
-            !page_at(m, a, x + n - 1) || !(q = page_at(m, b, y)))
+        if (n < 1 || n > DH_PREFETCH_MAX || !(p = page_at(m, mf->region, mf->page)) ||
+            !page_at(m, mf->region, mf->page + n - 1) ||
+            !(dst = page_at(m, mf->flush_region, mf->flush_page)))
             return -1;
-        memcpy(q, in + 24, DH_PAGE); /* the flush first: the miss may be that page */
+        memcpy(dst, mf->data, DH_PAGE); /* the flush first: the miss may be that page */
         memcpy(out, p, (size_t)n * DH_PAGE);
         m->st.flushes++;
         m->st.pages_stored++;
@@ -288,27 +273,25 @@ static void lose_replica(dh_mstore *m)
  * took over). id: an ALLOC's or CLONE's region, made here already. */
 static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint32_t id)
 {
-    uint8_t *body = m->fwd + FWD_HDR;
+    struct m2m_forward_msg *f = &m->fwd;
     if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) { /* its flush, as a FLUSH */
-        if (len < 24 + DH_PAGE)
+        const struct p2m_miss_flush *mf = (const void *)in;
+        if (len < offsetof(struct p2m_miss_flush, n))
             return -1;
-        memcpy(body, in + 4, 4); /* flush region */
-        memset(body + 4, 0, 4);
-        memcpy(body + 8, in + 16, 8); /* flush page */
-        memcpy(body + 16, in + 24, DH_PAGE);
+        f->body.flush.region = mf->flush_region;
+        f->body.flush.zero = 0;
+        f->body.flush.page = mf->flush_page;
+        memcpy(f->body.flush.data, mf->data, DH_PAGE);
         op = DH_OP_P2M_PCACHE_FLUSH;
-        len = 16 + DH_PAGE;
+        len = sizeof f->body.flush;
     } else {
-        if (len > sizeof m->fwd - FWD_HDR)
+        if (len > sizeof f->body)
             return -1;
-        memcpy(body, in, len);
+        memcpy(&f->body, in, len);
     }
-    memset(m->fwd, 0, FWD_HDR);
-    memcpy(m->fwd, &op, 2);
-    memcpy(m->fwd + 4, &m->replica_epoch, 4);
-    memcpy(m->fwd + 8, &id, 4);
+    f->hdr = (struct m2m_forward){.op = op, .epoch = m->replica_epoch, .id = id};
     uint32_t got = 0, flags = 0;
-    int rc = dh_rpc_call(m->replica, DH_OP_M2M_REPLICA, m->fwd, FWD_HDR + len, m->rbuf,
+    int rc = dh_rpc_call(m->replica, DH_OP_M2M_REPLICA, f, sizeof f->hdr + len, &m->rbuf,
                          sizeof m->rbuf, &got, &flags, m->replica_timeout_ms);
     if (rc) {
         lose_replica(m);
@@ -321,7 +304,7 @@ static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, u
         say("its replica took over (a cache switched to it): it refuses every request now");
         return -1;
     }
-    if ((flags & DH_F_ERROR) || (id && (got != 4 || memcmp(m->rbuf, &id, 4))))
+    if ((flags & DH_F_ERROR) || (id && (got != sizeof m->rbuf.made || m->rbuf.made.id != id)))
         return -1; /* the stores disagree: refuse it */
     m->st.replicated++;
     return 0;
@@ -336,10 +319,9 @@ static int serve_request(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t 
     if (op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) {
         /* Made here first, so the replica puts it at the same id. */
         int n = handle(m, op, in, len, out, 0);
-        uint32_t id;
-        if (n != 4)
+        if (n != sizeof(struct p2m_region))
             return n;
-        memcpy(&id, out, 4);
+        uint32_t id = ((const struct p2m_region *)(const void *)out)->id;
         int made = m->made;
         if (forward(m, op, in, len, id) == 0)
             return n;
@@ -356,30 +338,25 @@ static int serve_request(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t 
 static int serve_forward(dh_mstore *m, const uint8_t *in, uint32_t len, uint8_t *out,
                          uint32_t *flags)
 {
-    uint16_t op;
-    uint32_t epoch, id;
-    if (len < FWD_HDR)
+    const struct m2m_forward *f = (const void *)in;
+    if (len < sizeof *f)
         return -1;
-    memcpy(&op, in, 2);
-    memcpy(&epoch, in + 4, 4);
-    memcpy(&id, in + 8, 4);
-    if (op == FWD_JOIN) { /* a replica starts empty, beside an empty primary */
+    if (f->op == M2M_JOIN) { /* a replica starts empty, beside an empty primary */
         if (m->next_id != 1 || m->st.fenced || m->st.epoch != 1 || m->replica)
             return -1;
         m->st.backup = 1;
-        uint32_t e = (uint32_t)m->st.epoch;
-        memcpy(out, &e, 4);
-        return 4;
+        ((struct m2m_joined *)(void *)out)->epoch = (uint32_t)m->st.epoch;
+        return sizeof(struct m2m_joined);
     }
-    if (!m->st.backup || epoch != m->st.epoch) {
+    if (!m->st.backup || f->epoch != m->st.epoch) {
         m->st.refused_forwards++;
         *flags |= DH_F_FENCED;
         return -1;
     }
-    if (!is_write(op) || op == DH_OP_P2M_PCACHE_MISS_FLUSH ||
-        ((op == DH_OP_P2M_ALLOC || op == DH_OP_P2M_CLONE) != (id != 0)))
+    if (!is_write(f->op) || f->op == DH_OP_P2M_PCACHE_MISS_FLUSH ||
+        ((f->op == DH_OP_P2M_ALLOC || f->op == DH_OP_P2M_CLONE) != (f->id != 0)))
         return -1;
-    return handle(m, op, in + FWD_HDR, len - FWD_HDR, out, id);
+    return handle(m, f->op, in + sizeof *f, len - sizeof *f, out, f->id);
 }
 
 static int serve_one(dh_mstore *m, const dh_frame_hdr *h, const uint8_t *in, uint8_t *out,
@@ -418,13 +395,13 @@ int dh_mstore_set_replica(dh_mstore *m, dh_link *replica, int timeout_ms)
         rc = DH_EINVAL; /* the replica would lack what this store holds */
     } else if (replica) {
         uint32_t got = 0, flags = 0;
-        memset(m->fwd, 0, FWD_HDR); /* FWD_JOIN */
-        rc = dh_rpc_call(replica, DH_OP_M2M_REPLICA, m->fwd, FWD_HDR, m->rbuf, sizeof m->rbuf,
-                         &got, &flags, timeout_ms);
-        if (!rc && ((flags & DH_F_ERROR) || got != 4))
+        m->fwd.hdr = (struct m2m_forward){.op = M2M_JOIN};
+        rc = dh_rpc_call(replica, DH_OP_M2M_REPLICA, &m->fwd.hdr, sizeof m->fwd.hdr, &m->rbuf,
+                         sizeof m->rbuf, &got, &flags, timeout_ms);
+        if (!rc && ((flags & DH_F_ERROR) || got != sizeof m->rbuf.joined))
             rc = DH_EINVAL; /* not empty, or taken over already */
         if (!rc)
-            memcpy(&m->replica_epoch, m->rbuf, 4);
+            m->replica_epoch = m->rbuf.joined.epoch;
     }
     if (!rc) {
         m->replica = replica;

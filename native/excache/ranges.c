@@ -112,9 +112,9 @@ int dh_excache_fork_prepare(dh_excache *c)
         struct region *r = &c->regions[i];
         if (!r->used)
             continue;
-        memcpy(c->req, &r->id, 4);
-        if (!(rc = ex_rpc(c, DH_OP_P2M_CLONE, 4, 4)))
-            memcpy(&r->clone_id, c->page, 4);
+        c->req->clone.region = r->id;
+        if (!(rc = ex_rpc(c, DH_OP_P2M_CLONE, sizeof c->req->clone, sizeof(struct p2m_region))))
+            r->clone_id = ((const struct p2m_region *)(const void *)c->page)->id;
     }
     c->mirroring = !rc;
     ex_unlock(c);

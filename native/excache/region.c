@@ -3,16 +3,11 @@
  * others: a slot is taken and given back under the cache's lock, and a
  * region stops being visible to faults (under the lock) before it is
  * unmapped. */
-#include <linux/userfaultfd.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 
 #include "excache_int.h"
-
-static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* Gives back the slot an alloc took (busy), and the vRegion it made on the
  * memory node (id; 0: none). */
@@ -20,8 +15,8 @@ static void unreserve(dh_excache *c, struct region *r, uint32_t id)
 {
     ex_lock(c);
     if (id) {
-        put32(c->req, id);
-        ex_rpc(c, DH_OP_P2M_FREE, 4, 0); /* best effort: the alloc has failed either way */
+        c->req->free.region = id;
+        ex_rpc(c, DH_OP_P2M_FREE, sizeof c->req->free, 0); /* best effort: the alloc failed */
     }
     r->busy = 0;
     ex_unlock(c);
@@ -43,13 +38,13 @@ int dh_excache_alloc(dh_excache *c, uint64_t size, void **addr, uint32_t *region
     if (r)
         r->busy = 1;
     if (r && c->link) { /* a vRegion on the memory node */
-        put64(c->req, size);
+        c->req->alloc.size = size;
         uint32_t got = 0, flags = 0;
-        rc = ex_call(c, DH_OP_P2M_ALLOC, 8, &got, &flags);
-        if (!rc && ((flags & DH_F_ERROR) || got != 4))
+        rc = ex_call(c, DH_OP_P2M_ALLOC, sizeof c->req->alloc, &got, &flags);
+        if (!rc && ((flags & DH_F_ERROR) || got != sizeof(struct p2m_region)))
             rc = (flags & DH_F_ERROR) ? DH_ENOMEM : DH_EPROTO;
         if (!rc)
-            memcpy(&id, c->page, 4);
+            id = ((const struct p2m_region *)(const void *)c->page)->id;
     }
     ex_unlock(c);
     if (rc) {
@@ -110,12 +105,11 @@ int dh_excache_free(dh_excache *c, void *addr)
     r->busy = 1;
     int rc = 0;
     if (c->link) {
-        put32(c->req, r->id);
-        rc = ex_rpc(c, DH_OP_P2M_FREE, 4, 0);
+        c->req->free.region = r->id;
+        rc = ex_rpc(c, DH_OP_P2M_FREE, sizeof c->req->free, 0);
     }
     ex_unlock(c);
-    struct uffdio_range rg = {.start = (uintptr_t)r->base, .len = r->size};
-    ioctl(c->uffd, UFFDIO_UNREGISTER, &rg);
+    ex_unregister(c, r->base, r->size); /* a failure changes nothing: munmap unregisters too */
     munmap(r->base, r->size);
     if (r->local)
         munmap(r->local, r->size);
