@@ -30,13 +30,12 @@ from pathlib import Path
 from harness import images
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError
-from harness.nodes.runners import VMRunner
-from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.nodes.runners import READY_RE, VMRunner
 from harness.paths import run_root
 from harness.progress import Progress, silent
 from harness.topology import Node
 from harness.vm import accel
-from harness.vm.machine import READY_RE, VM
+from harness.vm.machine import VM
 from harness.vm.qemu import MachineConfig
 
 TIMEOUT = 120.0
@@ -81,8 +80,7 @@ def _ready(ctx: _Ctx, count: int) -> float:
     t0 = time.monotonic()
     try:
         for r in runners:
-            r.start(AgentSpec(name=r.node.name, role="pnode", nid=1, cluster="bench",
-                              placement="vm", control=LinkEnd("controller", "", True)), [])
+            r.start("bench", [])
         for r in runners:
             assert r.vm is not None
             r.vm.wait_for(READY_RE, TIMEOUT, "DH-READY")

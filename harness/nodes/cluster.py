@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import images
 from harness._native.excache import DEFAULT_PREFETCH, ExCache, Region
 from harness._native.transport import Link, Op, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
@@ -27,9 +28,11 @@ from harness.errors import ClusterError, HarnessError, NotSupported, TransportEr
 from harness.nodes.links import link_ends
 from harness.nodes.memory import DEFAULT_CACHE, Memory
 from harness.nodes.runners import ProcessRunner, VMRunner
-from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.nodes.spec import LinkEnd
 from harness.paths import private_dir, run_root, shm_root
 from harness.topology import Node, Topology, load, parse_size
+from harness.vm import accel
+from harness.vm.accel import AccelProbe
 
 Progress = Callable[[str], None]
 _serial = itertools.count()
@@ -41,6 +44,26 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     truncated: bool = False
+
+
+def _guest_kit(names: list[str], say: Progress) -> tuple[images.Image, AccelProbe]:
+    """The image and accelerator that VM nodes need. Without them the
+    cluster does not start (it never runs the nodes as processes instead):
+    the error names the fix."""
+    who = ", ".join(names)
+    try:
+        image = images.build(progress=say)
+    except HarnessError as exc:
+        raise ClusterError(f"{who}: placed in VMs, but there is no guest image ({exc}); run "
+                           "`harness images build` to build it, or place the nodes as "
+                           "processes") from exc
+    try:
+        probe = accel.probe()
+    except HarnessError as exc:
+        raise ClusterError(f"{who}: placed in VMs, but QEMU cannot run guests here ({exc}); "
+                           "`harness doctor` says what this host lacks, or place the nodes as "
+                           "processes") from exc
+    return image, probe
 
 
 class NodeHandle:
@@ -107,16 +130,11 @@ class Cluster:
     # ---- start -----------------------------------------------------------
 
     def _runners(self, say: Progress) -> None:
-        vm_nodes = [n for n in self.topology.nodes if n.placement == "vm"]
-        image = probe = None
-        if vm_nodes:
-            from harness import images
-            from harness.vm import accel
-
-            image, probe = images.build(progress=say), accel.probe()
+        vm_nodes = [n.name for n in self.topology.nodes if n.placement == "vm"]
+        image, probe = _guest_kit(vm_nodes, say) if vm_nodes else (None, None)
         for n in self.topology.nodes:
             runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic)
-                      if n.placement == "vm" and image and probe
+                      if n.placement == "vm"
                       else ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir))
             self.nodes[n.name] = NodeHandle(n, runner)
 
@@ -150,15 +168,10 @@ class Cluster:
         return self
 
     def _spawn(self, h: NodeHandle) -> None:
-        n = h.node
-        spec = AgentSpec(name=n.name, role=n.role, nid=n.nid, cluster=self.name,
-                         secret=self.secret,
-                         placement=n.placement, control=LinkEnd("controller", "", True),
-                         links=list(h.links))
         if h.control is not None:
             h.control.close()
         h.state = "booting"
-        h.control = h.runner.start(spec, [e.fd for e in h.links if e.kind == "fd"])
+        h.control = h.runner.start(self.name, h.links, self.secret)
 
     def _wait_ready(self, deadline: float, say: Progress, handles: list[NodeHandle]) -> None:
         t0 = time.monotonic()

@@ -12,23 +12,40 @@ import itertools
 import json
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, prefetch_for
 from harness._native.transport import Link, Op, create_shm_file
+from harness.dbos.remote import RemoteDBOS
 from harness.errors import HarnessError, NotSupported
 from harness.nodes.broker import Channel, Process
-from harness.topology import LinkModel, Node
-
-if TYPE_CHECKING:
-    from harness.nodes.cluster import Cluster
+from harness.topology import LinkModel, Node, Topology
 
 DEFAULT_CACHE = 16 << 20
 OWNER = "controller"  # the node that runs Cluster.alloc's code: the caller's process
 
 
+class Host(Protocol):
+    """What memory needs of its cluster (cluster.py's Cluster), named here so
+    that this module does not import the one that imports it."""
+
+    name: str
+    topology: Topology
+    shm_dir: Path
+    stopped: bool
+
+    @property
+    def dbos(self) -> RemoteDBOS: ...
+    def snode(self) -> str | None: ...
+    def call(self, node: str, opcode: int, payload: bytes = b"",
+             timeout: float = 5.0) -> bytes: ...
+    def sql(self, query: str, params: Sequence = (), write: bool = False) -> list[list]: ...
+
+
 class Memory:
-    def __init__(self, cluster: Cluster, cache_bytes: int, ways: int = 64,
+    def __init__(self, cluster: Host, cache_bytes: int, ways: int = 64,
                  policy: str = "fifo", fault_mode: str = "sigbus",
                  prefetch: int = DEFAULT_PREFETCH) -> None:
         self.cluster = cluster

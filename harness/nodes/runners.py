@@ -1,31 +1,34 @@
 """Where a node agent runs: a host process or a QEMU guest.
 
-Both give the cluster the same things: a control link to the agent, whether
-it is alive, its log, and a stop that always leaves nothing running. The
-agent itself cannot tell the difference except through the links it gets."""
+Both give the cluster the same things: a finished control link to the agent
+(start() writes the agent's spec itself, from the node, the cluster's name
+and secret and the links the cluster made), whether it is alive, its log,
+and a stop that always leaves nothing running. The agent itself cannot tell
+the difference except through the links it gets."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import harness
 from harness._native.transport import Link, create_shm_file
 from harness.errors import ClusterError, NotSupported
 from harness.images import Image
+from harness.nodes.agent import READY
 from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.topology import Node
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
-from harness.vm.machine import READY_RE, VM
-from harness.vm.qemu import MachineConfig, ivshmem_address
-from harness.vm.streams import wait_listening
+from harness.vm.machine import VM
+from harness.vm.qemu import PROJECT, MachineConfig, ivshmem_address
 
+READY_RE = re.compile(re.escape(READY.encode()) + rb" (\S+)")  # the agent's line, on a console
 CONTROL_PORT = "dh.ctl"
 GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
@@ -41,6 +44,14 @@ def _stopped(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return True
+
+
+def write_spec(node: Node, path: Path, cluster: str, secret: str, control: LinkEnd,
+               links: list[LinkEnd], **placed: object) -> None:
+    """The agent's spec: the node, its cluster, and the ends as its runner
+    placed them; `placed` is what only the runner knows (parent_pid, data_dir)."""
+    AgentSpec(name=node.name, role=node.role, nid=node.nid, cluster=cluster, secret=secret,
+              placement=node.placement, control=control, links=links, **placed).dump(path)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -64,23 +75,28 @@ class ProcessRunner:
         self.log_path = run_dir / f"{node.name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
+    def start(self, cluster: str, links: list[LinkEnd], secret: str = "") -> Link:
+        """Starts the agent on these ends (it inherits the "fd" ones); the
+        controller's end of its control link."""
         ctl_path = self.shm_dir / f"controller-{self.node.name}.shm"
         ctl_path.unlink(missing_ok=True)  # a restart gets a fresh control channel
         ctl_path = str(ctl_path)
         create_shm_file(ctl_path, 1 << 22)
         control = Link.shm_open(ctl_path, 0, name=self.node.name)
-        spec.control = LinkEnd("controller", "shm", True, path=ctl_path, side=1)
-        spec.parent_pid = os.getpid()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        spec.data_dir = str(self.data_dir)
-        spec_path = self.run_dir / f"{self.node.name}.json"
-        spec.dump(spec_path)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=pass_fds, close_fds=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            spec_path = self.run_dir / f"{self.node.name}.json"
+            write_spec(self.node, spec_path, cluster, secret,
+                       LinkEnd("controller", "shm", True, path=ctl_path, side=1), links,
+                       parent_pid=os.getpid(), data_dir=str(self.data_dir))
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=[e.fd for e in links if e.kind == "fd"], close_fds=True)
+        except BaseException:
+            control.close()
+            raise
         return control
 
     @property
@@ -154,36 +170,37 @@ class VMRunner:
     def log_path(self) -> Path:
         return self.run_dir / f"{self.node.name}.console.log"
 
-    def start(self, spec: AgentSpec, pass_fds: list[int]) -> Link:
-        if pass_fds or any(e.kind not in ("ivshmem", "dev") for e in spec.links):
+    def start(self, cluster: str, links: list[LinkEnd], secret: str = "") -> Link:
+        """Launches the guest with these ends as its devices; the
+        controller's end of its control port. A server of a stream link
+        listens once this returns (VM.launch), so start servers first."""
+        if any(e.kind not in ("ivshmem", "dev") for e in links):
             raise NotSupported(f"{self.node.name}: a node in a VM links to other VMs only "
                                "(over ivshmem or a virtio-serial stream), not to processes")
         n = self.node.name
         # Each shm file becomes an ivshmem device; the guest finds it by PCI
         # address. Each stream is a virtio-serial port whose host side is a
         # socket shared with the peer's QEMU.
-        shm, streams = [], []
-        spec.links = [copy.copy(e) for e in spec.links]  # the caller's ends stay host paths
-        for end in spec.links:
+        shm, streams, guest_ends = [], [], []
+        for end in links:
             if end.kind == "ivshmem":
                 shm.append(Path(end.path))
+                end = copy.copy(end)  # the cluster's end keeps its host path
                 end.path = ivshmem_address(len(shm) - 1)
             else:
                 streams.append((end.path.rsplit("/", 1)[1], end.chardev))
-                if not end.serve:
-                    wait_listening(end.chardev, time.monotonic() + 2.0)
-        spec.control = LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}")
+            guest_ends.append(end)
         disk = None
         if self.node.disk:
             disk = ensure_ext4(self.disk_dir / f"{n}.ext4", self.node.disk)
-            spec.data_dir = GUEST_DISK_DIR
-        spec.dump(self.run_dir / f"{n}.json")
+        write_spec(self.node, self.run_dir / f"{n}.json", cluster, secret,
+                   LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}"),
+                   guest_ends, data_dir=GUEST_DISK_DIR if disk else "")
         # Straight into Python, no shell: -S skips site.py, whose path
         # scanning over 9p costs a TCG guest most of a second.
-        root = Path(harness.__file__).resolve().parent.parent
         script = self.run_dir / f"{n}.agent"
         script.write_text(f"#!{sys.executable} -S\n"
-                          f"import sys\nsys.path[:0] = [{str(root)!r}]\n"
+                          f"import sys\nsys.path[:0] = [{str(PROJECT)!r}]\n"
                           "from harness.nodes.agent import main\n"
                           f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
         script.chmod(0o755)

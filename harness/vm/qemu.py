@@ -2,8 +2,9 @@
 
 One place decides every flag: the machine, the kernel and its parameters,
 the 9p exports (the host root read-only, the run directory read-write),
-virtio-serial ports as Unix sockets, the snode's disk, QMP, and the
-deterministic (instruction-counting) mode."""
+virtio-serial ports and QMP as Unix sockets QEMU connects to (the VM
+listens on them), the snode's disk, and the deterministic
+(instruction-counting) mode."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import harness
 from harness.images import Image
 from harness.vm.accel import AccelProbe
 
@@ -31,6 +31,8 @@ def ivshmem_address(index: int) -> str:
     return f"0000:00:{IVSHMEM_SLOT + index:02x}.0"
 
 
+PROJECT = Path(__file__).resolve().parents[2]  # the checkout whose code guests run
+
 # The guest mounts its own tmpfs here, hiding what the host has there.
 SHADOWED = (Path("/tmp"), Path("/run"))
 
@@ -39,8 +41,7 @@ def guest_visible(extra: tuple[Path, ...] = ()) -> list[Path]:
     """Host paths under /tmp or /run that a guest must still see: the
     project (its code runs in the guest), the venv, and any extra ones (the
     caller's directory). Nested paths are covered by their parents."""
-    project = Path(harness.__file__).resolve().parent.parent
-    paths = sorted({p.resolve() for p in (project, Path(sys.prefix), *extra)
+    paths = sorted({p.resolve() for p in (PROJECT, Path(sys.prefix), *extra)
                     if any(p.resolve().is_relative_to(s) for s in SHADOWED)})
     return [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
 
@@ -106,8 +107,7 @@ def command(cfg: MachineConfig) -> list[str]:
            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
            "-serial", "stdio",
            "-kernel", cfg.image.boot_kernel, "-initrd", cfg.image.initramfs,
-           "-append", " ".join(params),
-           "-qmp", f"unix:{cfg.qmp_socket},server=on,wait=off"]
+           "-append", " ".join(params)]
     if cfg.deterministic:
         if accel != "tcg":
             raise ValueError("deterministic mode needs TCG (-icount does not work with KVM)")
@@ -122,8 +122,7 @@ def command(cfg: MachineConfig) -> list[str]:
         if cfg.ports or cfg.streams:
             cmd += ["-device", "virtio-serial-pci,id=vser"]
         for i, port in enumerate(cfg.ports):
-            cmd += ["-chardev", f"socket,id=port{i},path={cfg.port_socket(port)},"
-                    "server=on,wait=off",
+            cmd += ["-chardev", f"socket,id=port{i},path={cfg.port_socket(port)}",
                     "-device", f"virtserialport,bus=vser.0,chardev=port{i},name={port}"]
         for i, (port, backend) in enumerate(cfg.streams):
             kind, _, opts = backend.partition(",")
@@ -136,4 +135,8 @@ def command(cfg: MachineConfig) -> list[str]:
         if cfg.disk is not None:
             cmd += ["-drive", f"file={cfg.disk},format=raw,if=none,id=disk,cache=writeback",
                     "-device", "virtio-blk-pci,drive=disk"]
+    # QEMU makes its chardevs in command-line order and QMP's comes last, so
+    # once QMP has connected, every socket before it is made (a stream's
+    # listening one, too).
+    cmd += ["-chardev", f"socket,id=qmp,path={cfg.qmp_socket}", "-mon", "chardev=qmp,mode=control"]
     return cmd

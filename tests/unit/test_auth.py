@@ -15,7 +15,7 @@ from harness.errors import HarnessError, LinkClosed, RemoteError
 from harness.nodes.auth import AuthError, Challenge, authenticate
 from harness.nodes.cluster import open_cluster
 from harness.nodes.runners import ProcessRunner
-from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.nodes.spec import LinkEnd
 from harness.topology import Node
 
 SECRET = os.urandom(32)
@@ -34,11 +34,9 @@ def node(tmp_path):
     pairs = [_tcp_pair() for _ in range(3)]
     runner = ProcessRunner(Node("m", "mnode", 2, "process"), tmp_path, tmp_path, tmp_path)
     peers = ["stranger", "friend", "rude"]
-    spec = AgentSpec(name="m", role="mnode", nid=2, cluster="t", placement="process",
-                     control=LinkEnd("controller", "", True), secret=SECRET.hex(),
-                     links=[LinkEnd(p, "fd", True, fd=b.fileno(), auth=True)
-                            for p, (_, b) in zip(peers, pairs, strict=True)])
-    control = runner.start(spec, [b.fileno() for _, b in pairs])
+    links = [LinkEnd(p, "fd", True, fd=b.fileno(), auth=True)
+             for p, (_, b) in zip(peers, pairs, strict=True)]
+    control = runner.start("t", links, SECRET.hex())
     for _, b in pairs:
         b.close()
     deadline = time.monotonic() + 30

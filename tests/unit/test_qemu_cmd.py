@@ -42,3 +42,13 @@ def test_paths_with_spaces_are_refused():
     with pytest.raises(ValueError, match="spaces"):
         command(MachineConfig(name="t", image=IMAGE, accel=TCG, run_dir=Path("/a b"),
                               script="s", keep=[]))
+
+
+def test_qemu_connects_to_the_vms_sockets_and_qmp_comes_last():
+    cmd = command(cfg(ports=["dh.ctl"], streams=[("dh.s.l", "socket,path=/run/x/l.sock,"
+                                                            "server=on,wait=off")]))
+    chardevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-chardev"]
+    assert chardevs[0] == "socket,id=port0,path=/run/x/t.dh.ctl.sock"  # a client: the VM listens
+    # QEMU makes chardevs in order: once QMP has connected, the stream listens.
+    assert chardevs[-1] == "socket,id=qmp,path=/run/x/t.qmp.sock"
+    assert cmd[-2:] == ["-mon", "chardev=qmp,mode=control"] and "-qmp" not in cmd

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from harness.errors import BootTimeout, LaunchError
-from harness.vm.machine import EXIT_RE, READY_RE
+from harness.nodes.runners import READY_RE
+from harness.vm.machine import EXIT_RE
 
 from ..unit.helpers import alive
 
