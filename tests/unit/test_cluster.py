@@ -110,6 +110,30 @@ def test_a_link_between_a_vm_and_a_process_is_refused_with_the_fix():
         open_cluster(mixed)
 
 
+@pytest.mark.parametrize("missing, fix", [("image", "`harness images build`"),
+                                           ("probe", "`harness doctor`")])
+def test_vm_nodes_without_an_image_or_accel_are_an_error_naming_the_fix(monkeypatch, missing,
+                                                                        fix):
+    # Never a quiet fallback to processes.
+    from harness import images
+    from harness.errors import ImageError, LaunchError
+    from harness.vm import accel
+
+    def fails(exc):
+        def f(*_a, **_k):
+            raise exc
+        return f
+
+    if missing == "image":
+        monkeypatch.setattr(images, "build", fails(ImageError("no busybox")))
+    else:
+        monkeypatch.setattr(images, "build", lambda **_k: None)
+        monkeypatch.setattr(accel, "probe", fails(LaunchError("no TCG")))
+    with pytest.raises(ClusterError, match=r"pnode0, mnode0, snode0: placed in VMs") as e:
+        open_cluster("lego3", placement="vm")
+    assert fix in str(e.value) and "no " in str(e.value)
+
+
 def test_stop_leaves_no_process_and_no_shm():
     c = open_cluster("lego3")
     pids = [h.runner.pid for h in c.nodes.values()]
