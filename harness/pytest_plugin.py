@@ -11,6 +11,7 @@ says where they are, in the manner of Firecracker's test framework."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,7 @@ import pytest
 
 from harness.nodes.cluster import Cluster, open_cluster
 
+_serial = itertools.count()
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()  # a test body's, for fixtures' teardowns
 
 
@@ -41,9 +43,9 @@ def cluster(request, tmp_path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(topology: str = "lego3", **kw) -> Cluster:
-        # The shm directory takes this name: unique to the test and the session.
-        run_dir = tmp_path / f"{tmp_path.name}.{os.getpid()}.{len(made)}"
-        c = open_cluster(topology, run_dir=run_dir, **kw)
+        # The shm directory takes this name, so it is unique to this process
+        # (and short: sockets in the run directory must fit AF_UNIX's limit).
+        c = open_cluster(topology, run_dir=tmp_path / f"{os.getpid()}.{next(_serial)}", **kw)
         made.append(c)
         return c
 
