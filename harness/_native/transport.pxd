@@ -24,11 +24,9 @@ cdef extern from "dh_transport.h" nogil:
         DH_OP_P2M_PCACHE_MISS
         DH_OP_P2M_PCACHE_FLUSH
         DH_OP_P2M_PCACHE_MISS_FLUSH
-        DH_OP_P2M_ZERO_FILL
         DH_OP_P2M_ALLOC
         DH_OP_P2M_FREE
         DH_OP_M2M_REPLICA
-        DH_OP_M2S_LOG
         DH_OP_SQL
         DH_OP_GATE_CALL
 

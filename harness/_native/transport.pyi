@@ -25,11 +25,9 @@ class Op(enum.IntEnum):
     P2M_PCACHE_MISS = 0x100
     P2M_PCACHE_FLUSH = 0x101
     P2M_PCACHE_MISS_FLUSH = 0x102
-    P2M_ZERO_FILL = 0x103
     P2M_ALLOC = 0x104
     P2M_FREE = 0x105
     M2M_REPLICA = 0x110
-    M2S_LOG = 0x120
     SQL = 0x200
     GATE_CALL = 0x300
 

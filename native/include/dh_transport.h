@@ -39,12 +39,10 @@ enum dh_op {
     DH_OP_P2M_PCACHE_MISS = 0x0100,
     DH_OP_P2M_PCACHE_FLUSH = 0x0101,
     DH_OP_P2M_PCACHE_MISS_FLUSH = 0x0102, /* miss with a piggybacked flush */
-    DH_OP_P2M_ZERO_FILL = 0x0103,
     DH_OP_P2M_ALLOC = 0x0104,
     DH_OP_P2M_FREE = 0x0105,
     DH_OP_P2M_CLONE = 0x0106, /* a copy of a region, for a forked child */
     DH_OP_M2M_REPLICA = 0x0110,
-    DH_OP_M2S_LOG = 0x0120,
     DH_OP_SQL = 0x0200,
     DH_OP_GATE_CALL = 0x0300,
 };

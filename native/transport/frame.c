@@ -9,9 +9,8 @@ int dh_op_known(uint16_t op)
     case DH_OP_HELLO: case DH_OP_PING: case DH_OP_STATS: case DH_OP_SHUTDOWN:
     case DH_OP_EXEC: case DH_OP_ECHO: case DH_OP_CTL: case DH_OP_ATTACH:
     case DH_OP_P2M_PCACHE_MISS: case DH_OP_P2M_PCACHE_FLUSH:
-    case DH_OP_P2M_PCACHE_MISS_FLUSH: case DH_OP_P2M_ZERO_FILL:
-    case DH_OP_P2M_ALLOC: case DH_OP_P2M_FREE: case DH_OP_P2M_CLONE: case DH_OP_M2M_REPLICA:
-    case DH_OP_M2S_LOG: case DH_OP_SQL: case DH_OP_GATE_CALL:
+    case DH_OP_P2M_PCACHE_MISS_FLUSH: case DH_OP_P2M_ALLOC: case DH_OP_P2M_FREE:
+    case DH_OP_P2M_CLONE: case DH_OP_M2M_REPLICA: case DH_OP_SQL: case DH_OP_GATE_CALL:
         return 1;
     default:
         return 0;
