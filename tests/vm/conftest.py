@@ -21,6 +21,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/vm/" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
+            # A hang guard, not a time limit: TCG guests on a shared 2-core
+            # host beside a CPU-bound process take twice their usual time.
+            item.add_marker(pytest.mark.timeout(300))
 
 
 @pytest.fixture(scope="session")
