@@ -41,7 +41,14 @@ class BackupBehind(TransportError):
 
 
 class RemoteError(HarnessError):
-    """A node answered a request with an error."""
+    """A node answered a request with an error that is not raised here as its
+    own class (harness.remote_errors): remote_type names that class."""
+
+    def __init__(self, message: str, remote_type: str | None = None,
+                 errno: int | None = None) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.errno = errno
 
 
 class DBOSError(HarnessError):

@@ -1,7 +1,8 @@
 """DBOS over the transport: a request names a service, a function and its
 arguments (JSON; bytes travel as {"$b": base64}); the snode answers with
-the value or a typed error, so FSError keeps its errno on the far side.
-Only the functions listed here can be called."""
+the value, or with the error's envelope (harness.remote_errors), so an
+FSError arrives as an FSError with its errno. Only the functions listed
+here can be called."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from harness.dbos.store import Result
-from harness.errors import DBOSError, FSError
+from harness.errors import DBOSError
 
 if TYPE_CHECKING:
     from harness.dbos.db import DBOS
@@ -52,7 +53,8 @@ def _dec(v: Any) -> Any:
 
 
 def serve(db: DBOS, payload: bytes) -> bytes:
-    """The snode's side: runs one request and encodes its answer."""
+    """The snode's side: runs one request and encodes its value. An error is
+    raised, for the agent to answer with its envelope."""
     try:
         req = json.loads(payload)
         svc, fn = req.get("svc", ""), req["fn"]
@@ -60,12 +62,9 @@ def serve(db: DBOS, payload: bytes) -> bytes:
             raise DBOSError(f"no DBOS function {svc + '.' if svc else ''}{fn}")
         target = getattr(db, svc) if svc else db
         value = getattr(target, fn)(*_dec(req.get("args", [])), **_dec(req.get("kwargs", {})))
-        return json.dumps({"ok": True, "value": _enc(value)}).encode()
-    except FSError as exc:
-        err = {"type": "FSError", "errno": exc.errno, "path": exc.filename}
-    except (DBOSError, TypeError, KeyError, ValueError) as exc:
-        err = {"type": "DBOSError", "message": str(exc)}
-    return json.dumps({"ok": False, "error": err}).encode()
+        return json.dumps(_enc(value)).encode()
+    except (TypeError, KeyError, ValueError) as exc:  # a malformed request, bad arguments
+        raise DBOSError(str(exc)) from exc
 
 
 class _Service:
@@ -78,19 +77,14 @@ class _Service:
 
         def remote(*args: Any, **kwargs: Any) -> Any:
             req = {"svc": self._svc, "fn": fn, "args": _enc(list(args)), "kwargs": _enc(kwargs)}
-            ans = json.loads(self._call(json.dumps(req).encode()))
-            if ans["ok"]:
-                return _dec(ans["value"])
-            e = ans["error"]
-            if e["type"] == "FSError":
-                raise FSError(e["errno"], e["path"])
-            raise DBOSError(e["message"])
+            return _dec(json.loads(self._call(json.dumps(req).encode())))
 
         return remote
 
 
 class RemoteDBOS:
-    """The DBOS API of a snode, reached through `call` (one RPC)."""
+    """The DBOS API of a snode, reached through `call` (one RPC that raises an
+    error the snode answered as its own class: harness.remote_errors.call)."""
 
     def __init__(self, call: Callable[[bytes], bytes]) -> None:
         self._root = _Service(call, "")

@@ -11,11 +11,13 @@ import os
 import sys
 import threading
 
+from harness import remote_errors
 from harness._native.transport import Link
 from harness.errors import (
     HarnessError,
     LinkClosed,
     ProtocolError,
+    RemoteError,
     TransportError,
     TransportTimeout,
 )
@@ -49,17 +51,15 @@ def _ivshmem(end: LinkEnd) -> Link:
     return Link.shm_attach(memoryview(mem), end.side, name=end.peer)
 
 
-def fit_reply(out: bytes, err: bool, limit: int) -> tuple[bytes, bool]:
-    """A reply the link can carry. One over its payload limit is never cut
-    (a cut JSON answer only fails to parse far away): it becomes an error
-    that names both sizes. An error message that long is shortened, saying so."""
+def fit_reply(out: bytes, limit: int) -> tuple[bytes, bool]:
+    """A reply the link can carry, and whether it is an error. One over its
+    payload limit is never cut (a cut JSON answer only fails to parse far
+    away): it becomes an error that names both sizes."""
     if len(out) <= limit:
-        return out, err
-    if err:
-        note = b" [... error message cut at the link's limit]"
-        return out[:max(limit - len(note), 0)] + note[:limit], True
-    return (f"the reply is {len(out)} bytes, over this link's limit of {limit} bytes; "
-            "ask for less at a time (read a file in parts, LIMIT a query)").encode()[:limit], True
+        return out, False
+    return remote_errors.encode(RemoteError(
+        f"the reply is {len(out)} bytes, over this link's limit of {limit} bytes; "
+        "ask for less at a time (read a file in parts, LIMIT a query)"), limit), True
 
 
 def open_link(end: LinkEnd, nid: int) -> Link:
@@ -142,7 +142,7 @@ class Agent:
                 self._unproven.discard(peer)
             link = self.clients[peer]
             try:
-                return link.call(opcode, payload, timeout=timeout)
+                return remote_errors.call(link, opcode, payload, timeout)
             except LinkClosed:
                 if link.stale:  # the peer was restarted: later calls reach it
                     self._reopen(peer, serve=False)
@@ -189,10 +189,9 @@ class Agent:
                     return False
                 continue
             try:
-                out, err = self.role.handle(hdr.opcode, payload), False
+                out, err = fit_reply(self.role.handle(hdr.opcode, payload), link.max_payload)
             except Exception as exc:  # reported to the caller, never fatal here
-                out, err = f"{type(exc).__name__}: {exc}".encode(), True
-            out, err = fit_reply(out, err, link.max_payload)
+                out, err = remote_errors.encode(exc, link.max_payload), True
             try:
                 link.reply(hdr, out, error=err)
             except TransportError as exc:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import images
+from harness import images, remote_errors
 from harness._native.excache import DEFAULT_PREFETCH, ExCache, Region
 from harness._native.transport import Link, Op, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
@@ -84,9 +84,9 @@ class NodeHandle:
             raise ClusterError(f"{self.node.name} has no control link (it never started)")
         with self.lock:
             try:
-                return self.control.call(opcode, payload, timeout=timeout)
+                return remote_errors.call(self.control, opcode, payload, timeout)
             except TransportError as exc:
-                raise type(exc)(f"{self.node.name}: {exc}") from exc
+                raise type(exc)(f"{self.node.name}: {exc}", exc.errno) from exc
 
 
 class Cluster:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from harness import remote_errors
 from harness._native.transport import Link, Op
 from harness.errors import ClusterError, HarnessError, TransportError
 from harness.nodes.cluster import Cluster
@@ -69,19 +70,20 @@ def _answer(cluster: Cluster, conn: socket.socket, stop: threading.Event) -> Non
                                        write=bool(req.get("write")))
                 link.reply(hdr, json.dumps(res.to_dict()).encode())
             except HarnessError as exc:
-                link.reply(hdr, str(exc).encode(), error=True)
+                link.reply(hdr, remote_errors.encode(exc, link.max_payload), error=True)
         elif cmd == "fault":
             try:
                 cluster.fault(req["node"], req["action"])
                 link.reply(hdr, json.dumps({"node": req["node"],
                                             "action": req["action"]}).encode())
             except (HarnessError, ValueError) as exc:
-                link.reply(hdr, str(exc).encode(), error=True)
+                link.reply(hdr, remote_errors.encode(exc, link.max_payload), error=True)
         elif cmd == "down":
             link.reply(hdr, json.dumps({"stopping": cluster.name}).encode())
             stop.set()
         else:
-            link.reply(hdr, f"unknown command {cmd!r}".encode(), error=True)
+            link.reply(hdr, remote_errors.encode(HarnessError(f"unknown command {cmd!r}")),
+                       error=True)
     except (HarnessError, ValueError) as exc:
         log.warning("control request failed: %s", exc)
     finally:
@@ -90,7 +92,7 @@ def _answer(cluster: Cluster, conn: socket.socket, stop: threading.Event) -> Non
 
 def request(name: str, cmd: str, timeout: float = 10.0, **args: object) -> dict:
     """Sends one command to a running cluster's `harness up` process; an
-    error it answers is raised as RemoteError."""
+    error it answers is raised as its own class (harness.remote_errors)."""
     sock_path = cluster_dir(name) / "control.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -103,8 +105,8 @@ def request(name: str, cmd: str, timeout: float = 10.0, **args: object) -> dict:
     with s:
         link = Link.from_fd(s.fileno(), name=f"cluster {name}")
         try:
-            return json.loads(link.call(Op.CTL, json.dumps({"cmd": cmd, **args}).encode(),
-                                        timeout=timeout))
+            return json.loads(remote_errors.call(
+                link, Op.CTL, json.dumps({"cmd": cmd, **args}).encode(), timeout))
         except TransportError as exc:
             raise ClusterError(f"cluster {name!r} did not answer {cmd!r}: {exc}") from exc
         finally:
