@@ -57,9 +57,14 @@ class BuildExt(build_ext):
             self.build_temp = temp
 
 
+# A binding links libdh.a, which build_ext does not see change: it relinks
+# when a core source or header is newer than the binding.
+CORE_FILES = [*CORE[1]["sources"], *(str(p) for p in NATIVE.glob("**/*.h"))]
+
+
 def ext(name: str) -> Extension:
     return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx"],
-                     include_dirs=[str(NATIVE / "include")],
+                     depends=CORE_FILES, include_dirs=[str(NATIVE / "include")],
                      libraries=["dh", "pthread"],
                      extra_compile_args=["-O2", "-D_GNU_SOURCE"])
 

@@ -28,7 +28,7 @@
 #define MAX_CACHES 16
 static _Atomic(dh_excache *) caches[MAX_CACHES];
 static struct sigaction previous;
-static pthread_once_t hook_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t hook_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void say(const char *a, const char *b)
 {
@@ -107,14 +107,22 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
     errno = saved;
 }
 
+/* Installed when a SIGBUS-mode cache is made, and again if another handler
+ * replaced it since (Python's faulthandler.enable() does, and so does an
+ * in-process pytest run): the one that replaced it is then passed on to. */
 static void install_hook(void)
 {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGBUS, &sa, &previous);
+    struct sigaction sa, now;
+    pthread_mutex_lock(&hook_lock);
+    sigaction(SIGBUS, NULL, &now);
+    if (!(now.sa_flags & SA_SIGINFO) || now.sa_sigaction != on_sigbus) {
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGBUS, &sa, &previous);
+    }
+    pthread_mutex_unlock(&hook_lock);
 }
 
 /* ---- the handler thread (fault_mode THREAD) ------------------------------------ */
@@ -203,7 +211,7 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
     if (!rc)
         rc = ex_open_uffd(c);
     if (!rc && fault_mode == DH_FAULT_SIGBUS) {
-        pthread_once(&hook_once, install_hook);
+        install_hook();
         rc = DH_ENOMEM;
         for (int i = 0; i < MAX_CACHES && rc; i++) {
             dh_excache *none = NULL;

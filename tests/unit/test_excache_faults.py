@@ -175,6 +175,26 @@ def test_the_sigbus_handler_keeps_errno():
     assert out == "1234 1234"
 
 
+def test_a_cache_made_after_another_handler_replaced_the_hook_still_faults():
+    """faulthandler.enable() (an in-process pytest run does it too) puts its
+    own SIGBUS handler over the cache's; the next cache puts the hook back,
+    passing on to faulthandler, instead of dying of its first fault."""
+    out = ok("""
+        import faulthandler
+        link, server, store = served("m1")
+        first = ExCache(link, 16 * PAGE, ways=4)
+        memoryview(first.alloc(4 * PAGE))[0] = 1
+        faulthandler.enable()
+        link2, server2, store2 = served("m2")
+        second = ExCache(link2, 16 * PAGE, ways=4)
+        mv = memoryview(second.alloc(64 * PAGE))
+        for p in range(64):
+            mv[p * PAGE] = p
+        print(sum(mv[p * PAGE] for p in range(64)))
+    """, timeout=30)
+    assert out == str(sum(range(64)))
+
+
 def _body(src: str, name: str) -> str:
     """The text of C function name's body in src."""
     m = re.search(rf"^\w[\w \*]*\b{name}\(.*?\)\n\{{", src, re.M | re.S)
