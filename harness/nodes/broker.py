@@ -73,7 +73,8 @@ class Broker:
         self._lock = threading.Lock()
         self._open = 0
         self._stopped = False
-        threading.Thread(target=self._accept, name="broker", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, name="broker", daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -129,7 +130,12 @@ class Broker:
 
     def stop(self) -> None:
         self._stopped = True
+        # close() alone leaves a thread blocked in accept() on Linux; a
+        # shutdown wakes it.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        self._acceptor.join(5.0)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -205,3 +205,16 @@ def test_the_mnode_dying_ends_the_program_naming_it(lego3):
     killer.join()
     assert r.returncode != 0 and time.monotonic() - t0 < 30
     assert b"mnode0" in r.stderr and b"cannot serve a page fault" in r.stderr
+
+
+def test_a_stopped_broker_leaves_no_thread_behind(tmp_path):
+    from harness.nodes.broker import Broker
+
+    def brokers() -> int:
+        return sum(t.name == "broker" for t in threading.enumerate())
+
+    before = brokers()
+    b = Broker(tmp_path / "b.sock", lambda proc: None)
+    assert brokers() == before + 1
+    b.stop()  # its accept() must wake: close() alone does not do it on Linux
+    assert brokers() == before and not (tmp_path / "b.sock").exists()
