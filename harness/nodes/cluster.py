@@ -16,25 +16,23 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import images, remote_errors
+from harness import remote_errors
 from harness._native.excache import DEFAULT_PREFETCH, ExCache, Region
 from harness._native.transport import Link, Op, reset_shm_file
 from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
 from harness.nodes.links import link_ends
 from harness.nodes.memory import DEFAULT_CACHE, Memory
-from harness.nodes.runners import ProcessRunner, VMRunner
+from harness.nodes.runners import ProcessRunner, VMRunner, guest_kit
 from harness.nodes.spec import LinkEnd
 from harness.paths import private_dir, run_root, shm_root
+from harness.progress import Progress, silent
 from harness.topology import Node, Topology, load, parse_size
-from harness.vm import accel
-from harness.vm.accel import AccelProbe
 
-Progress = Callable[[str], None]
 _serial = itertools.count()
 
 
@@ -44,26 +42,6 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     truncated: bool = False
-
-
-def _guest_kit(names: list[str], say: Progress) -> tuple[images.Image, AccelProbe]:
-    """The image and accelerator that VM nodes need. Without them the
-    cluster does not start (it never runs the nodes as processes instead):
-    the error names the fix."""
-    who = ", ".join(names)
-    try:
-        image = images.build(progress=say)
-    except HarnessError as exc:
-        raise ClusterError(f"{who}: placed in VMs, but there is no guest image ({exc}); run "
-                           "`harness images build` to build it, or place the nodes as "
-                           "processes") from exc
-    try:
-        probe = accel.probe()
-    except HarnessError as exc:
-        raise ClusterError(f"{who}: placed in VMs, but QEMU cannot run guests here ({exc}); "
-                           "`harness doctor` says what this host lacks, or place the nodes as "
-                           "processes") from exc
-    return image, probe
 
 
 class NodeHandle:
@@ -131,7 +109,7 @@ class Cluster:
 
     def _runners(self, say: Progress) -> None:
         vm_nodes = [n.name for n in self.topology.nodes if n.placement == "vm"]
-        image, probe = _guest_kit(vm_nodes, say) if vm_nodes else (None, None)
+        image, probe = guest_kit(vm_nodes, say) if vm_nodes else (None, None)
         for n in self.topology.nodes:
             runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic)
                       if n.placement == "vm"
@@ -141,7 +119,7 @@ class Cluster:
     def start(self, timeout: float = 30.0, progress: Progress | None = None) -> Cluster:
         """Starts every node (VMs are launched from this thread: QEMU's
         parent-death signal is tied to it) and waits until all answer."""
-        say = progress or (lambda _msg: None)
+        say = progress or silent
         private_dir(self.run_dir)
         private_dir(self.shm_dir)
         self.started_at = time.time()
@@ -350,7 +328,7 @@ class Cluster:
                 if e.kind in ("shm", "ivshmem"):
                     reset_shm_file(e.path)
             self._spawn(h)
-            self._wait_ready(time.monotonic() + timeout, lambda _m: None, [h])
+            self._wait_ready(time.monotonic() + timeout, silent, [h])
 
     # ---- stop ------------------------------------------------------------
 

@@ -17,12 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+from harness import images
 from harness._native.transport import Link, create_shm_file
-from harness.errors import ClusterError, NotSupported
+from harness.errors import ClusterError, HarnessError, NotSupported
 from harness.images import Image
 from harness.nodes.agent import READY
 from harness.nodes.spec import AgentSpec, LinkEnd
+from harness.progress import Progress
 from harness.topology import Node
+from harness.vm import accel
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import VM
@@ -150,6 +153,26 @@ class ProcessRunner:
             self.proc.kill()
             self.proc.wait(5.0)
         return self.proc.returncode == 0
+
+
+def guest_kit(names: list[str], say: Progress) -> tuple[Image, AccelProbe]:
+    """The image and accelerator that VM nodes need. Without them the
+    cluster does not start (it never runs the nodes as processes instead):
+    the error names the fix."""
+    who = ", ".join(names)
+    try:
+        image = images.build(progress=say)
+    except HarnessError as exc:
+        raise ClusterError(f"{who}: placed in VMs, but there is no guest image ({exc}); run "
+                           "`harness images build` to build it, or place the nodes as "
+                           "processes") from exc
+    try:
+        probe = accel.probe()
+    except HarnessError as exc:
+        raise ClusterError(f"{who}: placed in VMs, but QEMU cannot run guests here ({exc}); "
+                           "`harness doctor` says what this host lacks, or place the nodes as "
+                           "processes") from exc
+    return image, probe
 
 
 class VMRunner:
