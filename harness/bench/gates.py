@@ -7,7 +7,7 @@ a call); rows come in TSC cycles and in ns.
   gate_mprotect   floor: the four mprotect calls the round trip makes
   gate_mpk_light  floor: two checked WRPKRUs around the call
   gate_mpk_stack  (callee on its private stack) same floor
-  gate_vm         the callee in another process, the gate an RPC over the
+  gate_rpc        the callee in another process, the gate an RPC over the
                   transport; floor: the transport's 64 B round trip
 
 mpk rows appear only where protection keys work: on this project's build
@@ -55,7 +55,7 @@ def run_here(n: int = 2000, progress: Progress | None = None) -> Report:
     else:
         rep.notes.append("no mpk rows: pkey_alloc fails here (no PKU); run with "
                          "--placement vm for a TCG guest that has protection keys")
-    say("gate_vm")
+    say("gate_rpc")
     with transport._framed("shm") as link:
         link.bench_rpc_rtt(64, 500)
         gate = [float(x) for x in link.bench_gate_call(n)]

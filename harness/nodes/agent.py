@@ -63,19 +63,19 @@ def fit_reply(out: bytes, limit: int) -> tuple[bytes, bool]:
 
 
 def open_link(end: LinkEnd, nid: int) -> Link:
-    if end.kind == "ivshmem":
+    if end.attach == "ivshmem":
         link = _ivshmem(end)
-    elif end.kind == "shm":
+    elif end.attach == "shm":
         link = Link.shm_open(end.path, end.side, name=end.peer)
-    elif end.kind == "fd":
+    elif end.attach == "fd":
         link = Link.from_fd(end.fd, name=end.peer)
         os.close(end.fd)  # the link holds its own duplicate
-    elif end.kind == "dev":  # a virtio-serial port, in a guest
+    elif end.attach == "dev":  # a virtio-serial port, in a guest
         fd = os.open(end.path, os.O_RDWR | os.O_CLOEXEC)
         link = Link.from_fd(fd, name=end.peer)
         os.close(fd)
     else:
-        raise HarnessError(f"unknown link kind {end.kind!r} for peer {end.peer}")
+        raise HarnessError(f"unknown link attachment {end.attach!r} for peer {end.peer}")
     link.set_src(nid)
     if end.latency_ns or end.bytes_per_sec:
         link.set_model(end.latency_ns, end.bytes_per_sec)

@@ -28,7 +28,7 @@ class Channel:
     """Where a process's ExCache finds the memory node: an shm file (host) or
     an ivshmem device's PCI address (in a guest), and its side of it."""
 
-    kind: str
+    attach: str  # "shm" | "ivshmem", as a LinkEnd's
     path: str
     side: int
     label: str
@@ -36,7 +36,7 @@ class Channel:
     bytes_per_sec: int = 0
 
     def line(self) -> str:
-        return (f"{self.kind} {self.path} {self.side} {self.latency_ns} {self.bytes_per_sec} "
+        return (f"{self.attach} {self.path} {self.side} {self.latency_ns} {self.bytes_per_sec} "
                 f"{self.label}\n")
 
 

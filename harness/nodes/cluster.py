@@ -131,7 +131,7 @@ class Cluster:
                 # A node that calls over a stream between VMs starts after the
                 # servers: its QEMU joins the sockets theirs listen on.
                 for h in sorted(self.nodes.values(), key=lambda h: any(
-                        e.kind == "dev" and not e.serve for e in ends[h.node.name])):
+                        e.attach == "dev" and not e.serve for e in ends[h.node.name])):
                     h.links = ends[h.node.name]
                     self._spawn(h)
             finally:
@@ -319,13 +319,13 @@ class Cluster:
             h.runner.resume()
             h.state = "ready"
         else:
-            if any(e.kind in ("fd", "dev") for e in h.links):
+            if any(e.attach in ("fd", "dev") for e in h.links):
                 raise NotSupported(f"{node} has stream links, whose peers cannot rejoin a new "
                                    "node; restart works on shm links")
             h.runner.kill()
             # Its channels start afresh; its peers see that and open them again.
             for e in h.links:
-                if e.kind in ("shm", "ivshmem"):
+                if e.attach in ("shm", "ivshmem"):
                     reset_shm_file(e.path)
             self._spawn(h)
             self._wait_ready(time.monotonic() + timeout, silent, [h])

@@ -29,17 +29,17 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
         sv = {**model, "peer_role": role[k.client], **auth}
         if k.kind == "shm":
             # Between VMs the same file backs an ivshmem device in each guest.
-            kind = "ivshmem" if placement[k.client] == "vm" else "shm"
+            attach = "ivshmem" if placement[k.client] == "vm" else "shm"
             channels = [("", k.name)]
-            if kind == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
+            if attach == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
                 channels += [("excache", f"{k.name}.excache{i or ''}")  # for workloads
                              for i in range(memory_channels)]
             for service, fname in channels:
                 path = str(shm_dir / f"{fname}.shm")
                 create_shm_file(path, k.size)
-                ends[k.client].append(LinkEnd(k.server, kind, False, path=path, side=0,
+                ends[k.client].append(LinkEnd(k.server, attach, False, path=path, side=0,
                                               service=service, **cl))
-                ends[k.server].append(LinkEnd(k.client, kind, True, path=path, side=1,
+                ends[k.server].append(LinkEnd(k.client, attach, True, path=path, side=1,
                                               service=service, **sv))
             continue
         if placement[k.client] == "vm":  # both are (the constructor checked)

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness import remote_errors
 from harness._native.excache import DEFAULT_PREFETCH, PREFETCH_MAX
 from harness.errors import HarnessError, NotSupported
 from harness.nodes.broker import Broker, Channel, Process, summarize
@@ -294,15 +295,14 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
         r = cluster.exec(pnode.name, [sys.executable, "-m", "harness.nodes.program", req],
                          timeout=timeout + 60)
         lines = r.stdout.decode(errors="replace").strip().splitlines()
+        failed = remote_errors.decode(lines[-1], pnode.name) if lines else None
+        if failed is not None:
+            raise failed
         try:
-            out = json.loads(lines[-1])
-        except (IndexError, ValueError) as exc:
+            res = ProgramResult.from_json(json.loads(lines[-1]))
+        except (IndexError, ValueError, KeyError, TypeError) as exc:
             raise HarnessError(f"the launcher in {pnode.name} failed (status {r.returncode}): "
                                f"{r.stderr.decode(errors='replace')[-2000:]}") from exc
-        if "error" in out:
-            kind = NotSupported if out["type"] == "NotSupported" else HarnessError
-            raise kind(f"{pnode.name}: {out['error']}")
-        res = ProgramResult.from_json(out)
     if memory == "remote" and any(n.role == "snode" for n in cluster.topology.nodes):
         record(cluster, pnode.name, argv, res)
     return res
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = launch(req["argv"], opts, broker)
     except HarnessError as exc:
-        print(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+        print(remote_errors.encode(exc).decode())
         return 0
     finally:
         if broker is not None:

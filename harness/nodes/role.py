@@ -71,7 +71,7 @@ class Role:
         return json.dumps({
             "name": s.name, "role": s.role, "nid": s.nid, "pid": os.getpid(),
             "placement": s.placement, "cluster": s.cluster,
-            "links": [{"peer": e.peer, "kind": e.kind, "serve": e.serve} for e in s.links],
+            "links": [{"peer": e.peer, "attach": e.attach, "serve": e.serve} for e in s.links],
         }).encode()
 
     def ping(self, payload: bytes) -> bytes:

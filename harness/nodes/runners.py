@@ -96,7 +96,7 @@ class ProcessRunner:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=[e.fd for e in links if e.kind == "fd"], close_fds=True)
+                    pass_fds=[e.fd for e in links if e.attach == "fd"], close_fds=True)
         except BaseException:
             control.close()
             raise
@@ -197,7 +197,7 @@ class VMRunner:
         """Launches the guest with these ends as its devices; the
         controller's end of its control port. A server of a stream link
         listens once this returns (VM.launch), so start servers first."""
-        if any(e.kind not in ("ivshmem", "dev") for e in links):
+        if any(e.attach not in ("ivshmem", "dev") for e in links):
             raise NotSupported(f"{self.node.name}: a node in a VM links to other VMs only "
                                "(over ivshmem or a virtio-serial stream), not to processes")
         n = self.node.name
@@ -206,7 +206,7 @@ class VMRunner:
         # socket shared with the peer's QEMU.
         shm, streams, guest_ends = [], [], []
         for end in links:
-            if end.kind == "ivshmem":
+            if end.attach == "ivshmem":
                 shm.append(Path(end.path))
                 end = copy.copy(end)  # the cluster's end keeps its host path
                 end.path = ivshmem_address(len(shm) - 1)

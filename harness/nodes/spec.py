@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 
-_LINK_FIELDS = {"peer": str, "kind": str, "serve": bool, "path": str, "side": int, "fd": int,
+_LINK_FIELDS = {"peer": str, "attach": str, "serve": bool, "path": str, "side": int, "fd": int,
                 "latency_ns": int, "bytes_per_sec": int, "peer_role": str, "service": str,
                 "chardev": str, "auth": bool}
 
 
 class LinkEnd:
-    """One end of a link. kind: "shm" (path + side), "fd" (an inherited
+    """One end of a link. attach, how the node reaches it: "shm" (path + side), "fd" (an inherited
     stream fd), "dev" (a character device at path: a virtio-serial port) or
     "ivshmem" (a guest's ivshmem PCI device at path, e.g. 0000:00:10.0).
     serve: True when this end answers requests, False when it calls.
@@ -29,11 +29,11 @@ class LinkEnd:
 
     __slots__ = tuple(_LINK_FIELDS)
 
-    def __init__(self, peer: str, kind: str, serve: bool, path: str = "", side: int = 0,
+    def __init__(self, peer: str, attach: str, serve: bool, path: str = "", side: int = 0,
                  fd: int = -1, latency_ns: int = 0, bytes_per_sec: int = 0,
                  peer_role: str = "", service: str = "", chardev: str = "",
                  auth: bool = False) -> None:
-        self.peer, self.kind, self.serve, self.path = peer, kind, serve, path
+        self.peer, self.attach, self.serve, self.path = peer, attach, serve, path
         self.side, self.fd = side, fd
         self.latency_ns, self.bytes_per_sec = latency_ns, bytes_per_sec
         self.peer_role, self.service, self.chardev = peer_role, service, chardev
