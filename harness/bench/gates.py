@@ -60,7 +60,7 @@ def run_here(n: int = 2000, progress: Progress | None = None) -> Report:
         link.bench_rpc_rtt(64, 500)
         gate = [float(x) for x in link.bench_gate_call(n)]
         floor = [float(x) for x in link.bench_rpc_rtt(64, n)]
-    rep.rows.append(Row.of("gate_vm_ns", "ns", gate, "rtt_64", floor))
+    rep.rows.append(Row.of("gate_rpc_ns", "ns", gate, "rtt_64", floor))
     return rep
 
 
