@@ -12,7 +12,7 @@ import sys
 import threading
 
 from harness import remote_errors
-from harness._native.transport import Link
+from harness._native.transport import Link, Op
 from harness.errors import (
     HarnessError,
     LinkClosed,
@@ -197,6 +197,9 @@ class Agent:
             except TransportError as exc:
                 log(f"{self.spec.name}: reply to {peer} failed: {exc}")
                 return isinstance(exc, LinkClosed)
+            if hdr.opcode == Op.SHUTDOWN and not err:
+                # Only once the reply is out: stopping closes every link.
+                self.stop.set()
         return False
 
     def _challenge(self, challenge, peer: str, link: Link, hdr, payload: bytes) -> bool:

@@ -121,8 +121,7 @@ class Role:
                            "truncated": out_cut or err_cut}).encode()
 
     def shutdown(self, _payload: bytes) -> bytes:
-        self.agent.stop.set()
-        return b""
+        return b""  # the agent stops once this reply is sent
 
     def start(self) -> None:
         """Called once the agent serves its links (after READY)."""
