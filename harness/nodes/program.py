@@ -27,6 +27,7 @@ from harness import remote_errors
 from harness._native.excache import DEFAULT_PREFETCH, PREFETCH_MAX
 from harness.errors import HarnessError, NotSupported
 from harness.nodes.broker import Broker, Channel, Process, summarize
+from harness.text import tail
 
 MIMALLOC = ("/usr/lib/x86_64-linux-gnu/libmimalloc.so.2", "/usr/lib/libmimalloc.so.2")
 ARENA = 32 << 30  # address space reserved for a process's remote memory
@@ -302,7 +303,7 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
             res = ProgramResult.from_json(json.loads(lines[-1]))
         except (IndexError, ValueError, KeyError, TypeError) as exc:
             raise HarnessError(f"the launcher in {pnode.name} failed (status {r.returncode}): "
-                               f"{r.stderr.decode(errors='replace')[-2000:]}") from exc
+                               f"{tail(r.stderr, 2000)}") from exc
     if memory == "remote" and any(n.role == "snode" for n in cluster.topology.nodes):
         record(cluster, pnode.name, argv, res)
     return res
