@@ -36,6 +36,54 @@ def split(path: str) -> list[str]:
     return parts
 
 
+def write_blocks(con: sqlite3.Connection, fid: int, offset: int, data: bytes) -> int:
+    """Writes data at offset into a file's blocks (merging partial blocks with
+    what is there); returns the end offset. The caller updates the size."""
+    pos, end = offset, offset + len(data)
+    while pos < end:
+        bn, boff = divmod(pos, BLOCK)
+        take = min(BLOCK - boff, end - pos)
+        chunk = data[pos - offset:pos - offset + take]
+        if boff or take < BLOCK:  # a partial block: merge with what is there
+            row = con.execute("SELECT bytes FROM blocks WHERE file_id = ? AND "
+                              "block_number = ?", (fid, bn)).fetchone()
+            old = bytearray(row[0] if row else b"")
+            if len(old) < boff + take:
+                old.extend(bytes(boff + take - len(old)))
+            old[boff:boff + take] = chunk
+            chunk = bytes(old)
+        con.execute("INSERT OR REPLACE INTO blocks (file_id, block_number, bytes) "
+                    "VALUES (?, ?, ?)", (fid, bn, chunk))
+        pos += take
+    return end
+
+
+def read_blocks(con: sqlite3.Connection, fid: int, offset: int, end: int) -> bytes:
+    """The bytes [offset, end) of a file whose size is at least end; holes
+    read as zeros, and only the blocks there are are read (not one query per
+    block of a hole)."""
+    out = bytearray(max(end - offset, 0))
+    if offset < end:
+        for bn, b in con.execute(
+                "SELECT block_number, bytes FROM blocks WHERE file_id = ? AND "
+                "block_number BETWEEN ? AND ?", (fid, offset // BLOCK, (end - 1) // BLOCK)):
+            lo, hi = max(bn * BLOCK, offset), min(bn * BLOCK + len(b), end)
+            if lo < hi:
+                out[lo - offset:hi - offset] = b[lo - bn * BLOCK:hi - bn * BLOCK]
+    return bytes(out)
+
+
+def truncate_blocks(con: sqlite3.Connection, fid: int, size: int) -> None:
+    """Drops a file's blocks past size and cuts the last one; the caller
+    updates the size."""
+    nblocks = -(-size // BLOCK)
+    con.execute("DELETE FROM blocks WHERE file_id = ? AND block_number >= ?", (fid, nblocks))
+    tail = size % BLOCK
+    if tail:
+        con.execute("UPDATE blocks SET bytes = substr(bytes, 1, ?) WHERE file_id = ? "
+                    "AND block_number = ?", (tail, fid, nblocks - 1))
+
+
 class FileSystem:
     def __init__(self, db: Store) -> None:
         self.db = db
@@ -130,22 +178,7 @@ class FileSystem:
         data = bytes(memoryview(data))  # bytes-like only: bytes(n) would make n zeros
         with self.db.tx() as con:
             fid, _ = self._file(con, path)
-            pos, end = offset, offset + len(data)
-            while pos < end:
-                bn, boff = divmod(pos, BLOCK)
-                take = min(BLOCK - boff, end - pos)
-                chunk = data[pos - offset:pos - offset + take]
-                if boff or take < BLOCK:  # a partial block: merge with what is there
-                    row = con.execute("SELECT bytes FROM blocks WHERE file_id = ? AND "
-                                      "block_number = ?", (fid, bn)).fetchone()
-                    old = bytearray(row[0] if row else b"")
-                    if len(old) < boff + take:
-                        old.extend(bytes(boff + take - len(old)))
-                    old[boff:boff + take] = chunk
-                    chunk = bytes(old)
-                con.execute("INSERT OR REPLACE INTO blocks (file_id, block_number, bytes) "
-                            "VALUES (?, ?, ?)", (fid, bn, chunk))
-                pos += take
+            end = write_blocks(con, fid, offset, data)
             con.execute("UPDATE files SET size = max(size, ?), modified = ? WHERE file_id = ?",
                         (end, time.time(), fid))
             if task is not None:
@@ -160,30 +193,17 @@ class FileSystem:
             end = fsize if size < 0 else min(fsize, offset + size)
             if end - offset > MAX_READ:
                 raise FSError(errno.EFBIG, path)
-            out = bytearray(max(end - offset, 0))  # holes read as zeros
-            if offset < end:  # only the blocks there are: not one per block of a hole
-                for bn, b in con.execute(
-                        "SELECT block_number, bytes FROM blocks WHERE file_id = ? AND "
-                        "block_number BETWEEN ? AND ?", (fid, offset // BLOCK, (end - 1) // BLOCK)):
-                    lo, hi = max(bn * BLOCK, offset), min(bn * BLOCK + len(b), end)
-                    if lo < hi:
-                        out[lo - offset:hi - offset] = b[lo - bn * BLOCK:hi - bn * BLOCK]
+            out = read_blocks(con, fid, offset, end)
             if task is not None:
                 self.db.log(con, "file_read", f"file:{fid}", task)
-        return bytes(out)
+        return out
 
     def truncate(self, path: str, size: int) -> None:
         if size < 0:
             raise FSError(errno.EINVAL, path)
         with self.db.tx() as con:
             fid, _ = self._file(con, path)
-            nblocks = -(-size // BLOCK)
-            con.execute("DELETE FROM blocks WHERE file_id = ? AND block_number >= ?",
-                        (fid, nblocks))
-            tail = size % BLOCK
-            if tail:
-                con.execute("UPDATE blocks SET bytes = substr(bytes, 1, ?) WHERE file_id = ? "
-                            "AND block_number = ?", (tail, fid, nblocks - 1))
+            truncate_blocks(con, fid, size)
             con.execute("UPDATE files SET size = ?, modified = ? WHERE file_id = ?",
                         (size, time.time(), fid))
 

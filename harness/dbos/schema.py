@@ -60,6 +60,30 @@ MIGRATIONS: list[str] = [
     CREATE INDEX events_task ON events(task_id, kind);
     CREATE INDEX events_detail ON events(detail, kind);
     """,
+    # 2: what a POSIX mount needs (harness mount): modes, owners, the three
+    # times, symlink targets; who did what in events; a directory, not
+    # reachable from the root, for files unlinked while a program has them
+    # open; indexes for reading a large directory in inode order.
+    """
+    ALTER TABLE files ADD COLUMN mode INTEGER NOT NULL DEFAULT 33188;
+    ALTER TABLE files ADD COLUMN uid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN gid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN accessed REAL;
+    ALTER TABLE files ADD COLUMN changed REAL;
+    ALTER TABLE files ADD COLUMN target BLOB;
+    ALTER TABLE dirs ADD COLUMN mode INTEGER NOT NULL DEFAULT 16877;
+    ALTER TABLE dirs ADD COLUMN uid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dirs ADD COLUMN gid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dirs ADD COLUMN modified REAL;
+    ALTER TABLE dirs ADD COLUMN accessed REAL;
+    ALTER TABLE dirs ADD COLUMN changed REAL;
+    ALTER TABLE events ADD COLUMN pid INTEGER;
+    ALTER TABLE events ADD COLUMN program TEXT;
+    CREATE INDEX events_program ON events(program, kind);
+    CREATE INDEX files_dir ON files(dir_id, file_id);
+    CREATE INDEX dirs_parent ON dirs(parent_id, dir_id);
+    INSERT INTO dirs (parent_id, name, created) VALUES (NULL, '.orphans', 0);
+    """,
 ]
 
 TABLES = ("nodes", "workers", "tasks", "messages", "dirs", "files", "blocks", "regions",

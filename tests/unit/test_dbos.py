@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from harness.dbos import DBOS, DBOSError, FSError
 from harness.dbos.sched import POLICIES
-from harness.dbos.schema import TABLES
+from harness.dbos.schema import MIGRATIONS, TABLES
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_new_database_has_the_tables_in_wal_with_full_sync(db):
     assert set(TABLES) <= names
     assert db.sql("PRAGMA journal_mode").rows == [["wal"]]
     assert db.sql("PRAGMA synchronous").rows == [[2]]  # FULL
-    assert db.sql("PRAGMA user_version").rows == [[1]]
+    assert db.sql("PRAGMA user_version").rows == [[len(MIGRATIONS)]]
 
 
 def test_reopening_keeps_data_and_does_not_migrate_twice(tmp_path):
@@ -40,6 +40,20 @@ def test_reopening_keeps_data_and_does_not_migrate_twice(tmp_path):
     a.close()
     b = DBOS.open(tmp_path / "x.sqlite")
     assert b.sql("SELECT name FROM nodes").rows == [["n"]]
+
+
+def test_a_version_1_database_is_migrated_with_its_files_kept(tmp_path):
+    import sqlite3
+    p = tmp_path / "v1.sqlite"
+    con = sqlite3.connect(p)
+    con.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
+    con.execute("INSERT INTO files (dir_id, name, size, created, modified) "
+                "VALUES (1, 'old', 0, 5, 6)")
+    con.commit()
+    con.close()
+    db = DBOS.open(p)
+    assert db.sql("SELECT name, mode, uid FROM files").rows == [["old", 0o100644, 0]]
+    assert db.fs.listdir("/") == ["old"]  # the orphans' directory is not under the root
 
 
 def test_not_a_database_is_a_clear_error(tmp_path):
