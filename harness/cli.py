@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow the statement to change data (refused without it)")
     sp.add_argument("--name", default="lego3", help="the cluster (default: lego3)")
 
+    sp = add("mount", standalone.cmd_mount, "mount the DBOS file system (files as SQL tables) "
+             "at MOUNTPOINT with FUSE; serves until Ctrl-C or `fusermount3 -u MOUNTPOINT`")
+    sp.add_argument("mountpoint", help="an existing directory")
+    sp.add_argument("--db", metavar="FILE",
+                    help="the DBOS database file (default: dbosfs.sqlite in the harness's "
+                         "data directory; a new file gets the schema)")
+    sp.add_argument("--task", type=int, metavar="ID",
+                    help="the DBOS task the provenance events of this mount belong to")
+
     sp = add("inspect", standalone.cmd_inspect, "find WRPKRU/XRSTOR outside registered gates "
              "in ELF files (ERIM's rules); exit 0 clean, 1 findings, 2 unreadable", True)
     sp.add_argument("files", nargs="+", metavar="FILE")

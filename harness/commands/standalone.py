@@ -1,5 +1,5 @@
-"""Subcommands that need no cluster: doctor, inspect, explore, images, boot,
-bench."""
+"""Subcommands that need no cluster: doctor, mount, inspect, explore,
+images, boot, bench."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                  "" if c.ok else c.fix] for c in checks]
         print(table(["check", "state", "detail", "fix"], rows))
     return 0 if all(c.ok or not c.required for c in checks) else 1
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from harness.dbos import DBOS
+    from harness.dbos.mount import serve
+    from harness.dbos.vfs import VFS
+    from harness.paths import data_dir
+
+    path = Path(args.db) if args.db else data_dir() / "dbosfs.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Commits wait for no disk: a program's fsync is what makes them durable.
+    db = DBOS.open(path, synchronous="normal", node="local")
+    try:
+        serve(VFS(db), args.mountpoint, args.task, ready=lambda: print(
+            f"mounted {path} at {args.mountpoint}; Ctrl-C or `fusermount3 -u "
+            f"{args.mountpoint}` unmounts", file=sys.stderr, flush=True))
+    finally:
+        db.close()
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ EXPOSED: dict[str, set[str]] = {
     "ipc": {"send", "recv"},
     "fs": {"mkdir", "create", "open", "write", "read", "truncate", "stat", "listdir",
            "unlink", "rmdir", "rename", "largest"},
-    "prov": {"readers_of_writes", "events"},
+    "prov": {"readers_of_writes", "programs_reading_writes_of", "events"},
     "state": {"report_node", "report_region", "report_pages"},
 }
 

@@ -14,6 +14,13 @@ READERS_OF_WRITES = (
     "WHERE w.task_id = ? AND w.kind = 'file_write' AND r.kind = 'file_read' "
     "AND r.task_id IS NOT w.task_id ORDER BY r.task_id")
 
+# "Which programs read a file that program P wrote?": the mount's events
+# carry the program's name (harness mount, harness run --files dbos).
+PROGRAMS_READING_WRITES_OF = (
+    "SELECT DISTINCT r.program FROM events w JOIN events r ON r.detail = w.detail "
+    "WHERE w.program = ? AND w.kind = 'file_write' AND r.kind = 'file_read' "
+    "AND r.program IS NOT w.program AND r.event_id > w.event_id ORDER BY r.program")
+
 
 class Provenance:
     def __init__(self, db: Store) -> None:
@@ -21,6 +28,9 @@ class Provenance:
 
     def readers_of_writes(self, task_id: int) -> list[int]:
         return [r[0] for r in self.db.sql(READERS_OF_WRITES, (task_id,)).rows]
+
+    def programs_reading_writes_of(self, program: str) -> list[str]:
+        return [r[0] for r in self.db.sql(PROGRAMS_READING_WRITES_OF, (program,)).rows]
 
     def events(self, task_id: int) -> list[dict]:
         res = self.db.sql("SELECT time, node, kind, detail FROM events WHERE task_id = ? "

@@ -1,0 +1,335 @@
+"""The DBOS file system as a FUSE mount (libfuse3's low-level API through
+pyfuse3): the kernel resolves paths and caches attributes for a second,
+each request is one VFS call (one SQLite transaction), and what programs
+do is logged in `events` with their pid and name, in batches.
+
+Why pyfuse3 and not C: the VFS it calls is the Python DBOS layer that the
+snode already serves over the transport, so a local database and a remote
+snode are the same object here; a request costs one SQLite transaction,
+which the Python call does not dominate.
+
+Record locks (fcntl, which SQLite uses) are not forwarded: the kernel
+keeps them for the mount, which is right for programs on one machine.
+Hard links are EPERM. A SIGKILLed mount is unmounted by fusermount3
+(auto_unmount); a stale mount of ours found at start is cleared."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from harness.errors import DBOSError, FSError
+
+ATTR_TIMEOUT = 1.0  # seconds the kernel may keep an attribute or a name
+LOG_EVERY = 1.0  # seconds between provenance flushes
+LOGGED = {"create": "file_create", "read": "file_read", "write": "file_write",
+          "rename": "file_rename", "unlink": "file_unlink"}
+
+
+def _entry(a: dict) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a["ino"]
+    e.st_mode, e.st_nlink = a["mode"], a["nlink"]
+    e.st_uid, e.st_gid = a["uid"], a["gid"]
+    e.st_size, e.st_blocks, e.st_blksize = a["size"], a["blocks"], 4096
+    e.st_atime_ns = int(a["atime"] * 1e9)
+    e.st_mtime_ns = int(a["mtime"] * 1e9)
+    e.st_ctime_ns = int(a["ctime"] * 1e9)
+    e.entry_timeout = e.attr_timeout = ATTR_TIMEOUT
+    return e
+
+
+def _program(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _fuse(fn: Callable) -> Callable:
+    """Turns an FSError from the VFS into the errno the kernel returns."""
+    async def call(self: Any, *args: Any) -> Any:
+        try:
+            return fn(self, *args)
+        except FSError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+    call.__name__ = fn.__name__
+    return call
+
+
+class DBOSMount(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, vfs: Any, task: int | None = None) -> None:
+        super().__init__()
+        self.vfs, self.task = vfs, task
+        self.lookups: dict[int, int] = {}
+        self.pending: dict[tuple, float] = {}  # (kind, ino, pid) -> first time
+        self.names: dict[int, str] = {}
+        self.handles: dict[int, tuple[int, int]] = {}  # fh -> (inode, opener's pid)
+        self.next_fh = 1
+
+    # ---- bookkeeping --------------------------------------------------------
+
+    def _known(self, a: dict) -> pyfuse3.EntryAttributes:
+        self.lookups[a["ino"]] = self.lookups.get(a["ino"], 0) + 1
+        return _entry(a)
+
+    def _open(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        """A handle per open: pyfuse3 gives read and write no request
+        context, so their events name the process that opened the file.
+        The kernel drops its cached pages at each open (keep_cache off), so
+        every program's reads reach here and are logged."""
+        fh, self.next_fh = self.next_fh, self.next_fh + 1
+        self.handles[fh] = (ino, ctx.pid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    def _note(self, op: str, ino: int, pid: int) -> None:
+        """One event per (operation, file, process) per flush interval: a
+        program reading a file block by block is one read."""
+        self.pending.setdefault((LOGGED[op], ino, pid), time.time())
+        if pid not in self.names:
+            self.names[pid] = _program(pid)
+
+    def flush_log(self) -> None:
+        if self.pending:
+            events = [(t, kind, ino, pid, self.names.get(pid, "?"), self.task)
+                      for (kind, ino, pid), t in sorted(self.pending.items(),
+                                                        key=lambda kv: kv[1])]
+            self.pending.clear()
+            self.names.clear()
+            self.vfs.log(events)
+
+    # ---- operations ---------------------------------------------------------
+
+    @_fuse
+    def lookup(self, parent, name, ctx=None):
+        return self._known(self.vfs.lookup(parent, name))
+
+    @_fuse
+    def getattr(self, ino, ctx=None):
+        return _entry(self.vfs.getattr(ino))
+
+    @_fuse
+    def setattr(self, ino, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+            self._note("write", ino, ctx.pid)
+        if fields.update_atime:
+            kw["atime"] = attr.st_atime_ns / 1e9
+        if fields.update_mtime:
+            kw["mtime"] = attr.st_mtime_ns / 1e9
+        return _entry(self.vfs.setattr(ino, **kw))
+
+    @_fuse
+    def readlink(self, ino, ctx):
+        return self.vfs.readlink(ino)
+
+    @_fuse
+    def mknod(self, parent, name, mode, rdev, ctx):
+        a = self.vfs.create(parent, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        self._note("create", a["ino"], ctx.pid)
+        return self._known(a)
+
+    @_fuse
+    def mkdir(self, parent, name, mode, ctx):
+        return self._known(self.vfs.mkdir(parent, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @_fuse
+    def symlink(self, parent, name, target, ctx):
+        return self._known(self.vfs.symlink(parent, name, target, ctx.uid, ctx.gid))
+
+    @_fuse
+    def link(self, ino, new_parent, new_name, ctx):
+        raise FSError(errno.EPERM, "hard links are not supported on the DBOS mount")
+
+    @_fuse
+    def unlink(self, parent, name, ctx):
+        ino = self.vfs.lookup(parent, name)["ino"]
+        self.vfs.unlink(parent, name, keep=ino in self.lookups)
+        self._note("unlink", ino, ctx.pid)
+
+    @_fuse
+    def rmdir(self, parent, name, ctx):
+        self.vfs.rmdir(parent, name)
+
+    @_fuse
+    def rename(self, old_parent, old, new_parent, new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        ino = self.vfs.lookup(old_parent, old)["ino"]
+        try:
+            keep = self.vfs.lookup(new_parent, new)["ino"] in self.lookups
+        except FSError:
+            keep = False
+        self.vfs.rename(old_parent, old, new_parent, new,
+                        noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), keep=keep)
+        if not ino % 2:
+            self._note("rename", ino, ctx.pid)
+
+    @_fuse
+    def forget(self, inode_list):
+        for ino, n in inode_list:
+            left = self.lookups.get(ino, 0) - n
+            if left > 0:
+                self.lookups[ino] = left
+            else:
+                self.lookups.pop(ino, None)
+                self.vfs.forget(ino)
+
+    @_fuse
+    def open(self, ino, flags, ctx):
+        a = self.vfs.getattr(ino)
+        if stat.S_ISDIR(a["mode"]):
+            raise FSError(errno.EISDIR, f"inode {ino}")
+        return self._open(ino, ctx)
+
+    @_fuse
+    def create(self, parent, name, mode, flags, ctx):
+        a = self.vfs.create(parent, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        self._note("create", a["ino"], ctx.pid)
+        return self._open(a["ino"], ctx), self._known(a)
+
+    @_fuse
+    def read(self, fh, off, size):
+        ino, pid = self.handles[fh]
+        self._note("read", ino, pid)
+        return self.vfs.read(ino, off, size)
+
+    @_fuse
+    def write(self, fh, off, buf):
+        ino, pid = self.handles[fh]
+        self._note("write", ino, pid)
+        return self.vfs.write(ino, off, buf)
+
+    @_fuse
+    def flush(self, fh):
+        pass
+
+    @_fuse
+    def release(self, fh):
+        self.handles.pop(fh, None)
+
+    @_fuse
+    def fsync(self, fh, datasync):
+        self.flush_log()
+        self.vfs.sync()
+
+    @_fuse
+    def opendir(self, ino, ctx):
+        self.vfs.readdir(ino, limit=0)  # ENOENT/ENOTDIR now, not at the first read
+        return ino
+
+    @_fuse
+    def readdir(self, fh, start_id, token):
+        after = start_id
+        while True:
+            batch = self.vfs.readdir(fh, after)
+            for name, a in batch:
+                if not pyfuse3.readdir_reply(token, name.encode(), _entry(a), a["ino"]):
+                    return
+                self.lookups[a["ino"]] = self.lookups.get(a["ino"], 0) + 1
+                after = a["ino"]
+            if not batch:
+                return
+
+    @_fuse
+    def releasedir(self, fh):
+        pass
+
+    @_fuse
+    def fsyncdir(self, fh, datasync):
+        self.flush_log()
+        self.vfs.sync()
+
+    @_fuse
+    def statfs(self, ctx):
+        s, out = self.vfs.statfs(), pyfuse3.StatvfsData()
+        out.f_bsize, out.f_frsize = s["bsize"], s["frsize"]
+        out.f_blocks, out.f_bfree, out.f_bavail = s["blocks"], s["bfree"], s["bavail"]
+        out.f_files, out.f_ffree, out.f_favail = s["files"], s["ffree"], s["ffree"]
+        out.f_namemax = s["namemax"]
+        return out
+
+
+def clear_stale(mountpoint: str) -> None:
+    """A mount of ours whose daemon died ("Transport endpoint is not
+    connected") is unmounted; anything else mounted there is an error."""
+    with open("/proc/mounts") as f:
+        mounts = [line.split() for line in f]
+    for dev, where, fstype, *_ in mounts:
+        if where == os.path.realpath(mountpoint):
+            try:
+                os.stat(mountpoint)
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN and fstype.startswith("fuse") and \
+                        dev.startswith("dbos"):
+                    subprocess.run(["fusermount3", "-u", "-z", mountpoint],
+                                   capture_output=True, check=False, timeout=10)
+                    return
+            raise DBOSError(f"{mountpoint} is already a mount point ({dev}, {fstype}): "
+                            f"unmount it (fusermount3 -u {mountpoint}) or choose another")
+
+
+def serve(vfs: Any, mountpoint: str, task: int | None = None,
+          ready: Callable[[], None] | None = None) -> None:
+    """Mounts the VFS at mountpoint and serves it until unmounted
+    (fusermount3 -u) or SIGINT/SIGTERM; orphans are purged at both ends."""
+    if not os.path.isdir(mountpoint):
+        raise DBOSError(f"mount point {mountpoint} is not a directory: mkdir it first")
+    clear_stale(mountpoint)
+    vfs.purge_orphans()
+    ops = DBOSMount(vfs, task)
+    opts = set(pyfuse3.default_options) | {f"fsname=dbos:{getattr(vfs.db, 'path', 'remote')}",
+                                           "subtype=dbos", "noatime", "auto_unmount"}
+    try:
+        pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as exc:
+        raise DBOSError(f"cannot mount at {mountpoint} ({exc}): is /dev/fuse there and "
+                        "fusermount3 installed (apt-get install fuse3)?") from exc
+
+    async def main() -> None:
+        import signal
+        async with trio.open_nursery() as nursery:
+            async def fuse_main() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted from outside
+            nursery.start_soon(fuse_main)
+
+            async def flusher() -> None:
+                while True:
+                    await trio.sleep(LOG_EVERY)
+                    ops.flush_log()
+            nursery.start_soon(flusher)
+
+            async def stopper() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                    async for _ in sigs:
+                        nursery.cancel_scope.cancel()
+                        return
+            nursery.start_soon(stopper)
+            if ready:
+                ready()
+    try:
+        trio.run(main)
+    finally:
+        ops.flush_log()
+        pyfuse3.close(unmount=True)
+        vfs.purge_orphans()
