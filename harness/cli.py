@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--client", metavar="CMD",
                     help="a load generator to run on local memory once CMD listens on a TCP "
                     "port; CMD gets SIGTERM when it exits (e.g. 'redis-benchmark -q')")
+    sp.add_argument("--files", metavar="dbos[:PATH]",
+                    help="mount the snode's DBOS file system at PATH on the pnode for CMD "
+                         "(default PATH: /dbos); every file operation is served by the snode's "
+                         "tables and logged in its events")
     sp.add_argument("--channels", type=int, default=4,
                     help="memory channels in the pnode guest (placement vm): processes that "
                     "can be on remote memory at once (default: 4)")

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import signal
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from harness.errors import ClusterError, HarnessError
+from harness.errors import ClusterError, HarnessError, NotSupported
 from harness.progress import indented, to_stderr
 from harness.text import table
 
@@ -117,6 +121,45 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files_path(spec: str | None) -> str | None:
+    """The mount point --files dbos[:PATH] asks for (checked before booting)."""
+    if spec is None:
+        return None
+    kind, _, path = spec.partition(":")
+    if kind != "dbos" or (path and not path.startswith("/")):
+        raise HarnessError(f"--files {spec}: give dbos, or dbos:/ABSOLUTE/PATH")
+    return path or "/dbos"
+
+
+@contextmanager
+def _files(c, path: str | None, argv: list[str]) -> Iterator[int | None]:
+    """The snode's DBOS file system mounted at path on the pnode for the
+    run, its events under a new DBOS task (yielded)."""
+    if path is None:
+        yield None
+        return
+    from harness.dbos.mount import mounted
+
+    if c.snode() is None:
+        raise NotSupported(f"--files dbos: {c.name} has no snode to keep the files")
+    if next(n for n in c.topology.nodes if n.role == "pnode").placement != "process":
+        raise NotSupported("--files dbos mounts on the host, so it needs the pnode at "
+                           "--placement process (the pnode guest has no FUSE yet)")
+    made = not os.path.exists(path)
+    os.makedirs(path, exist_ok=True)
+    now = time.time()
+    [[task]] = c.sql("INSERT INTO tasks (state, command, created, started) VALUES "
+                     "('running', ?, ?, ?) RETURNING task_id", (json.dumps(argv), now, now),
+                     write=True)
+    try:
+        with mounted(c.dbos.vfs, path, task=task, source=f"{c.name}/{c.snode()}"):
+            yield task
+    finally:
+        if made:
+            with suppress(OSError):
+                os.rmdir(path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.nodes.cluster import open_cluster
     from harness.topology import parse_size
@@ -124,23 +167,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = args.cmd
     if not argv:
         raise HarnessError("give the command to run on the pnode after --")
+    files = _files_path(args.files)
     say = (lambda m: to_stderr(f"[run] {m}")) if sys.stderr.isatty() else None
     if args.memory == "local" and not args.client and not args.stats_json:
         with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
-                          progress=say) as c:
+                          progress=say) as c, _files(c, files, argv) as task:
             pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
             r = c.exec(pnode, argv, timeout=args.timeout)
+            if task is not None:
+                c.sql("UPDATE tasks SET state = ?, result = ?, finished = ? WHERE task_id = ?",
+                      ("done" if r.returncode == 0 else "failed",
+                       json.dumps({"exit": r.returncode}), time.time(), task), write=True)
         sys.stdout.buffer.write(r.stdout)
         sys.stderr.buffer.write(r.stderr)
         return r.returncode
     from harness.nodes.program import run_program, summary
 
     with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
-                      memory_channels=args.channels, progress=say) as c:
+                      memory_channels=args.channels, progress=say) as c, \
+            _files(c, files, argv) as task:
         res = run_program(c, argv, memory=args.memory, cache=parse_size(args.cache),
                           policy=args.policy, prefetch=args.prefetch,
                           client=shlex.split(args.client) if args.client else None,
-                          timeout=args.timeout, capture=False)
+                          timeout=args.timeout, capture=False, task=task)
     sys.stdout.buffer.write(res.stdout)
     sys.stderr.buffer.write(res.stderr)
     if res.client_returncode is not None:

@@ -8,7 +8,8 @@ from harness.dbos.store import Store
 
 
 class DBOS(Store):
-    """A DBOS database and its services: sched, ipc, fs, prov, state."""
+    """A DBOS database and its services: sched, ipc, fs (by path), vfs (by
+    inode, for mounts), prov, state."""
 
     def __init__(self, con: sqlite3.Connection, path: str, node: str = "") -> None:
         # Here, not at the top: a node that only reaches DBOS remotely
@@ -17,6 +18,7 @@ class DBOS(Store):
         from harness.dbos.ipc import IPC
         from harness.dbos.sched import Scheduler
         from harness.dbos.services import Provenance, State
+        from harness.dbos.vfs import VFS
 
         super().__init__(con, path, node)
         self.sched = Scheduler(self)
@@ -24,3 +26,4 @@ class DBOS(Store):
         self.fs = FileSystem(self)
         self.prov = Provenance(self)
         self.state = State(self)
+        self.vfs = VFS(self)

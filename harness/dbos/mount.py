@@ -19,15 +19,18 @@ import errno
 import os
 import stat
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from harness.errors import DBOSError, FSError
+from harness.errors import DBOSError, FSError, HarnessError
 
 ATTR_TIMEOUT = 1.0  # seconds the kernel may keep an attribute or a name
 LOG_EVERY = 1.0  # seconds between provenance flushes
@@ -56,12 +59,17 @@ def _program(pid: int) -> str:
 
 
 def _fuse(fn: Callable) -> Callable:
-    """Turns an FSError from the VFS into the errno the kernel returns."""
+    """Turns an FSError from the VFS into the errno the kernel returns, and
+    a lost snode (any other harness error) into EIO, said on stderr."""
     async def call(self: Any, *args: Any) -> Any:
         try:
             return fn(self, *args)
         except FSError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
+        except HarnessError as exc:
+            print(f"[mount] {fn.__name__}: {exc} (the program sees EIO)", file=sys.stderr,
+                  flush=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
     call.__name__ = fn.__name__
     return call
 
@@ -289,15 +297,18 @@ def clear_stale(mountpoint: str) -> None:
 
 
 def serve(vfs: Any, mountpoint: str, task: int | None = None,
-          ready: Callable[[], None] | None = None) -> None:
+          ready: Callable[[Callable[[], None]], None] | None = None, source: str = "") -> None:
     """Mounts the VFS at mountpoint and serves it until unmounted
-    (fusermount3 -u) or SIGINT/SIGTERM; orphans are purged at both ends."""
+    (fusermount3 -u), SIGINT/SIGTERM (when run in the main thread) or the
+    `stop` that `ready(stop)` is handed is called; orphans are purged at
+    both ends. `source` (the database or the snode) names the mount in
+    /proc/mounts as dbos:SOURCE."""
     if not os.path.isdir(mountpoint):
         raise DBOSError(f"mount point {mountpoint} is not a directory: mkdir it first")
     clear_stale(mountpoint)
     vfs.purge_orphans()
     ops = DBOSMount(vfs, task)
-    opts = set(pyfuse3.default_options) | {f"fsname=dbos:{getattr(vfs.db, 'path', 'remote')}",
+    opts = set(pyfuse3.default_options) | {f"fsname=dbos:{source}",
                                            "subtype=dbos", "noatime", "auto_unmount"}
     try:
         pyfuse3.init(ops, mountpoint, opts)
@@ -324,12 +335,48 @@ def serve(vfs: Any, mountpoint: str, task: int | None = None,
                     async for _ in sigs:
                         nursery.cancel_scope.cancel()
                         return
-            nursery.start_soon(stopper)
+            if threading.current_thread() is threading.main_thread():
+                nursery.start_soon(stopper)
             if ready:
-                ready()
+                token = trio.lowlevel.current_trio_token()
+                ready(lambda: trio.from_thread.run_sync(nursery.cancel_scope.cancel,
+                                                        trio_token=token))
     try:
         trio.run(main)
     finally:
         ops.flush_log()
         pyfuse3.close(unmount=True)
         vfs.purge_orphans()
+
+
+@contextmanager
+def mounted(vfs: Any, mountpoint: str, task: int | None = None, source: str = "",
+            timeout: float = 30.0) -> Iterator[None]:
+    """The VFS mounted at mountpoint, served by a thread of this process,
+    for the length of a with block (one mount per process: pyfuse3's)."""
+    stop: list[Callable[[], None]] = []
+    failed: list[BaseException] = []
+    up = threading.Event()
+
+    def body() -> None:
+        try:
+            serve(vfs, mountpoint, task, lambda s: (stop.append(s), up.set()), source)
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+            up.set()
+    t = threading.Thread(target=body, name="dbos-mount", daemon=True)
+    t.start()
+    if not up.wait(timeout):
+        raise DBOSError(f"the DBOS mount at {mountpoint} was not up in {timeout:g} s")
+    if failed:
+        raise failed[0]
+    try:
+        yield
+    finally:
+        if not failed:
+            stop[0]()
+        t.join(timeout)
+        if t.is_alive():
+            raise DBOSError(f"the DBOS mount at {mountpoint} did not stop in {timeout:g} s")
+        if failed:
+            raise failed[0]

@@ -23,6 +23,9 @@ EXPOSED: dict[str, set[str]] = {
     "ipc": {"send", "recv"},
     "fs": {"mkdir", "create", "open", "write", "read", "truncate", "stat", "listdir",
            "unlink", "rmdir", "rename", "largest"},
+    "vfs": {"lookup", "getattr", "readlink", "readdir", "statfs", "create", "symlink", "mkdir",
+            "unlink", "rmdir", "rename", "forget", "purge_orphans", "setattr", "read", "write",
+            "log", "sync"},
     "prov": {"readers_of_writes", "programs_reading_writes_of", "events"},
     "state": {"report_node", "report_region", "report_pages"},
 }
@@ -90,6 +93,7 @@ class RemoteDBOS:
         self._root = _Service(call, "")
         self.sched, self.ipc, self.fs = (_Service(call, s) for s in ("sched", "ipc", "fs"))
         self.prov, self.state = _Service(call, "prov"), _Service(call, "state")
+        self.vfs = _Service(call, "vfs")
 
     def sql(self, query: str, params: list | tuple = (), write: bool = False) -> Result:
         return self._root.sql(query, list(params), write=write)

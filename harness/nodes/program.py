@@ -267,13 +267,15 @@ def summary(res: ProgramResult) -> str:
 def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16 << 20,
                 policy: str = "fifo", prefetch: int | None = None,
                 client: list[str] | None = None, env: dict[str, str] | None = None,
-                timeout: float = 600.0, capture: bool = True) -> ProgramResult:
+                timeout: float = 600.0, capture: bool = True,
+                task: int | None = None) -> ProgramResult:
     """Runs argv on the cluster's pnode: a host process beside process-placed
     nodes, or inside the pnode guest. With memory="remote" its anonymous
     memory lives on the first mnode behind an ExCache of `cache` bytes per
     process, and the run is recorded in DBOS (a task, its regions and pages).
     `client` runs alongside, on local memory, once the program listens on a
-    TCP port; when it exits the program gets SIGTERM (a server and its load)."""
+    TCP port; when it exits the program gets SIGTERM (a server and its load).
+    `task`: an existing DBOS task to record the run in, instead of a new one."""
     if not argv:
         raise HarnessError("give the program to run")
     opts = Options(memory, cache, policy, DEFAULT_PREFETCH if prefetch is None else prefetch,
@@ -305,22 +307,29 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
             raise HarnessError(f"the launcher in {pnode.name} failed (status {r.returncode}): "
                                f"{tail(r.stderr, 2000)}") from exc
     if memory == "remote" and any(n.role == "snode" for n in cluster.topology.nodes):
-        record(cluster, pnode.name, argv, res)
+        record(cluster, pnode.name, argv, res, task)
     return res
 
 
-def record(cluster, pnode: str, argv: list[str], res: ProgramResult) -> int:
-    """The run in DBOS: a task, each process's region in `regions` (owned by
-    the task) and its cached lines in `pages`, and an event. Returns the task."""
+def record(cluster, pnode: str, argv: list[str], res: ProgramResult,
+           task: int | None = None) -> int:
+    """The run in DBOS: a task (new, or the given one finished), each
+    process's region in `regions` (owned by the task) and its cached lines in
+    `pages`, and an event. Returns the task."""
     s = res.stats
     mnode = cluster.memory.first_mnode().name
     now = time.time()
-    [[task]] = cluster.sql(
-        "INSERT INTO tasks (state, worker_id, command, result, created, started, finished) "
-        "VALUES (?, NULL, ?, ?, ?, ?, ?) RETURNING task_id",
-        ("done" if res.returncode == 0 else "failed", json.dumps(argv),
-         json.dumps({k: v for k, v in s.items() if k != "processes"}), now - res.seconds,
-         now - res.seconds, now), write=True)
+    state = "done" if res.returncode == 0 else "failed"
+    result = json.dumps({k: v for k, v in s.items() if k != "processes"})
+    if task is None:
+        [[task]] = cluster.sql(
+            "INSERT INTO tasks (state, worker_id, command, result, created, started, finished) "
+            "VALUES (?, NULL, ?, ?, ?, ?, ?) RETURNING task_id",
+            (state, json.dumps(argv), result, now - res.seconds, now - res.seconds, now),
+            write=True)
+    else:
+        cluster.sql("UPDATE tasks SET state = ?, result = ?, finished = ? WHERE task_id = ?",
+                    (state, result, now, task), write=True)
     for p in s["processes"]:
         if not p["reported"]:
             continue

@@ -400,3 +400,44 @@ def test_a_mount_point_in_use_or_missing_is_a_clear_error(mnt, tmp_path):
     p = subprocess.run([sys.executable, "-m", "harness.cli", "mount", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "mkdir it first" in p.stderr
+
+
+# ---- on a cluster: the pnode's files on the snode -------------------------------
+
+
+def test_a_cluster_mount_keeps_files_and_events_on_the_snode_through_its_kill(lego3, tmp_path):
+    from harness.dbos.mount import mounted
+
+    path = tmp_path / "dbos"
+    path.mkdir()
+    with mounted(lego3.dbos.vfs, str(path), task=None, source="lego3/snode0"):
+        run(sys.executable, "-c", "import os\n"
+            "fd = os.open('notes', os.O_CREAT | os.O_WRONLY)\n"
+            "os.write(fd, b'synced'); os.fsync(fd)", cwd=path)
+        assert run("cat", "notes", cwd=path) == "synced"
+        lego3.fault("snode0", "kill")
+        with pytest.raises(OSError) as e:  # said on stderr; never a hang
+            (path / "notes").read_bytes()
+        assert e.value.errno in (errno.EIO, errno.ENOENT)
+        lego3.fault("snode0", "restart")
+        assert (path / "notes").read_bytes() == b"synced"
+        time.sleep(1.5)  # one provenance flush
+    assert lego3.sql("SELECT name, size FROM files WHERE name = 'notes'") == [["notes", 6]]
+    kinds = lego3.sql("SELECT DISTINCT kind, program, node FROM events WHERE program = 'cat'")
+    assert kinds == [["file_read", "cat", "snode0"]]
+
+
+def test_harness_run_files_dbos_gives_the_program_the_mount_and_takes_it_away(tmp_path):
+    path = tmp_path / "files"
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--placement", "process",
+                        "--files", f"dbos:{path}", "--", "sh", "-c",
+                        f"echo kept > {path}/f && cat {path}/f && "
+                        f"grep -c ' {path} fuse.dbos' /proc/mounts"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["kept", "1"]
+    assert not path.exists()  # made for the run, removed after it
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--placement", "process",
+                        "--files", "nfs:/x", "--", "true"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "give dbos, or dbos:/ABSOLUTE/PATH" in p.stderr
