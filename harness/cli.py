@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("bench", standalone.cmd_bench, "run a benchmark; every row is reported beside its "
              "floor", True)
-    sp.add_argument("which", choices=["transport", "boot", "dbos", "paging", "gates",
+    sp.add_argument("which", choices=["transport", "boot", "dbos", "dbosfs", "paging", "gates",
                                       "reliability", "apps"],
                     help="the benchmark")
     sp.add_argument("--plot", metavar="PNG",
@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
                     help="samples per row: transport round trips (default: 20000); dbos "
-                         "operations (capped at 2000)")
+                         "operations, dbosfs creates (capped at 2000)")
     sp.add_argument("--rounds", type=int,
                     help="boot: samples per row; paging: runs per sweep point (default: 5); "
-                         "apps: runs per app and cache size (default: 3)")
+                         "apps: runs per app and cache size (default: 3); dbosfs: rounds of "
+                         "seqwrite_1m and git_commit_tree (default: 3)")
     sp.add_argument("--apps", metavar="NAMES",
                     help="apps: a comma-separated subset of redis,xz,python,numpy1t,numpy2t "
                          "(default: all)")

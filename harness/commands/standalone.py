@@ -144,7 +144,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     progress = None if args.json else indented
     if args.rounds is None:
-        args.rounds = 3 if args.which == "apps" else 5
+        args.rounds = 3 if args.which in ("apps", "dbosfs") else 5
     if args.which == "transport":
         from harness.bench import transport
 
@@ -171,6 +171,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from harness.bench import dbos
 
         rep = dbos.run(placement=args.placement, n=min(args.n, 2000), progress=progress)
+    elif args.which == "dbosfs":
+        from harness.bench import dbosfs
+
+        if args.placement != "process":
+            raise HarnessError("bench dbosfs runs on the host (--placement process): the "
+                               "guests have no FUSE yet")
+        rep = dbosfs.run(n=min(args.n, 2000), rounds=args.rounds, progress=progress)
     elif args.which == "reliability":
         from harness.bench import reliability
 

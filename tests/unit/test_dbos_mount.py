@@ -441,3 +441,13 @@ def test_harness_run_files_dbos_gives_the_program_the_mount_and_takes_it_away(tm
                         "--files", "nfs:/x", "--", "true"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode != 0 and "give dbos, or dbos:/ABSOLUTE/PATH" in p.stderr
+
+
+def test_bench_dbosfs_reports_every_row_beside_ext4(tmp_path):
+    from harness.bench import dbosfs
+
+    rep = dbosfs.run_here(tmp_path, n=10, rounds=1, seconds=0.2, file_mib=4, seq_mib=4,
+                          tree=Path(shutil.__file__).parent / "json")
+    assert [r.metric for r in rep.rows] == ["fs_create", "randread_4k", "randwrite_4k_fsync",
+                                            "seqwrite_1m", "analytics_query", "git_commit_tree"]
+    assert all(r.floor and r.floor_p50 and r.ratio for r in rep.rows)
