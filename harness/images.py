@@ -338,7 +338,9 @@ def build(progress: Progress | None = None, force: bool = False) -> Image:
         base = module_load_order(modroot, recipe["modules"])
         disk = [m for m in module_load_order(modroot, recipe.get("disk_modules", []))
                 if m not in base]
-        order = base + disk
+        lazy = [m for m in module_load_order(modroot, recipe.get("lazy_modules", []))
+                if m not in base + disk]
+        order = base + disk + lazy
         images_dir().mkdir(parents=True, exist_ok=True)
         tmp_out = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=images_dir()))
         tmp_out.chmod(0o755)
@@ -353,7 +355,8 @@ def build(progress: Progress | None = None, force: bool = False) -> Image:
                 (tmp_out / "vmlinux").unlink()
             say(f"writing the initramfs ({len(order)} modules)")
             (tmp_out / "initramfs.cpio").write_bytes(build_initramfs(
-                busybox, init_text, modroot, {"modules.load": base, "modules.disk": disk}))
+                busybox, init_text, modroot, {"modules.load": base, "modules.disk": disk,
+                                                  "modules.lazy": lazy}))
             img = Image(kernel=str(out / "vmlinuz"), vmlinux=str(out / "vmlinux") if pvh else None,
                         initramfs=str(out / "initramfs.cpio"), kernel_version=kver,
                         kernel_package=f"{pkg}={version}",

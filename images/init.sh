@@ -53,7 +53,10 @@ for p in $(arg dh.keep | tr , ' '); do
 done
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
 mount -t tmpfs -o mode=755 run /newroot/run
-mkdir -p /newroot/run/dh/run /newroot/run/dh/disk
+mkdir -p /newroot/run/dh/run /newroot/run/dh/disk /newroot/run/dh/modules
+for m in $(cat /etc/modules.lazy); do  # for the guest to load when it needs them
+    cp "/lib/modules/$m" /newroot/run/dh/modules/ && echo "$m" >> /newroot/run/dh/modules/order
+done
 mount --move /rundir /newroot/run/dh/run
 for f in /keep/*.path; do
     [ -e "$f" ] || continue

@@ -132,28 +132,32 @@ def _files_path(spec: str | None) -> str | None:
 
 
 @contextmanager
-def _files(c, path: str | None, argv: list[str]) -> Iterator[int | None]:
-    """The snode's DBOS file system mounted at path on the pnode for the
-    run, its events under a new DBOS task (yielded)."""
+def _files(c, path: str | None, argv: list[str]) -> Iterator[tuple[int | None, dict | None]]:
+    """The snode's DBOS file system mounted at path on the pnode for the run,
+    its events under a new DBOS task. Yields (task, files): for a pnode
+    process the mount is this host's, served here (files is None); for a
+    pnode guest, files is what Cluster.exec hands the pnode's agent, which
+    mounts it over its own snode link."""
     if path is None:
-        yield None
+        yield None, None
         return
-    from harness.dbos.mount import mounted
-
     if c.snode() is None:
         raise NotSupported(f"--files dbos: {c.name} has no snode to keep the files")
-    if next(n for n in c.topology.nodes if n.role == "pnode").placement != "process":
-        raise NotSupported("--files dbos mounts on the host, so it needs the pnode at "
-                           "--placement process (the pnode guest has no FUSE yet)")
-    made = not os.path.exists(path)
-    os.makedirs(path, exist_ok=True)
     now = time.time()
     [[task]] = c.sql("INSERT INTO tasks (state, command, created, started) VALUES "
                      "('running', ?, ?, ?) RETURNING task_id", (json.dumps(argv), now, now),
                      write=True)
+    source = f"{c.name}/{c.snode()}"
+    if next(n for n in c.topology.nodes if n.role == "pnode").placement != "process":
+        yield task, {"path": path, "task": task, "source": source}
+        return
+    from harness.dbos.mount import mounted
+
+    made = not os.path.exists(path)
+    os.makedirs(path, exist_ok=True)
     try:
-        with mounted(c.dbos.vfs, path, task=task, source=f"{c.name}/{c.snode()}"):
-            yield task
+        with mounted(c.dbos.vfs, path, task=task, source=source):
+            yield task, None
     finally:
         if made:
             with suppress(OSError):
@@ -171,9 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     say = (lambda m: to_stderr(f"[run] {m}")) if sys.stderr.isatty() else None
     if args.memory == "local" and not args.client and not args.stats_json:
         with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
-                          progress=say) as c, _files(c, files, argv) as task:
+                          progress=say) as c, _files(c, files, argv) as (task, mount):
             pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
-            r = c.exec(pnode, argv, timeout=args.timeout)
+            r = c.exec(pnode, argv, timeout=args.timeout, files=mount)
             if task is not None:
                 c.sql("UPDATE tasks SET state = ?, result = ?, finished = ? WHERE task_id = ?",
                       ("done" if r.returncode == 0 else "failed",
@@ -185,11 +189,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
                       memory_channels=args.channels, progress=say) as c, \
-            _files(c, files, argv) as task:
+            _files(c, files, argv) as (task, mount):
         res = run_program(c, argv, memory=args.memory, cache=parse_size(args.cache),
                           policy=args.policy, prefetch=args.prefetch,
                           client=shlex.split(args.client) if args.client else None,
-                          timeout=args.timeout, capture=False, task=task)
+                          timeout=args.timeout, capture=False, task=task, files=mount)
     sys.stdout.buffer.write(res.stdout)
     sys.stderr.buffer.write(res.stderr)
     if res.client_returncode is not None:

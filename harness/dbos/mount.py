@@ -277,6 +277,39 @@ class DBOSMount(pyfuse3.Operations):
         return out
 
 
+GUEST_MODULES = Path("/run/dh/modules")  # what a guest's init left to load on demand
+SYS_FINIT_MODULE = 313  # x86_64
+
+
+def ensure_fuse() -> None:
+    """/dev/fuse, loading the fuse module in a guest that has it in
+    GUEST_MODULES (finit_module: the guest's root has no modprobe for its
+    kernel)."""
+    if os.path.exists("/dev/fuse"):
+        return
+    order = GUEST_MODULES / "order"
+    names = order.read_text().split() if order.is_file() else []
+    if not any(n.startswith("fuse") for n in names):
+        raise DBOSError("/dev/fuse is missing: load the fuse module (modprobe fuse) and "
+                        "install fuse3")
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for n in names:
+        fd = os.open(GUEST_MODULES / n, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            loaded = libc.syscall(SYS_FINIT_MODULE, fd, b"", 0) == 0
+            if not loaded and ctypes.get_errno() != errno.EEXIST:
+                raise DBOSError(f"cannot load {n}: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+    deadline = time.monotonic() + 5  # devtmpfs makes the node
+    while not os.path.exists("/dev/fuse"):
+        if time.monotonic() > deadline:
+            raise DBOSError("the fuse module is loaded but /dev/fuse never appeared")
+        time.sleep(0.01)
+
+
 def clear_stale(mountpoint: str) -> None:
     """A mount of ours whose daemon died ("Transport endpoint is not
     connected") is unmounted; anything else mounted there is an error."""
@@ -305,6 +338,7 @@ def serve(vfs: Any, mountpoint: str, task: int | None = None,
     /proc/mounts as dbos:SOURCE."""
     if not os.path.isdir(mountpoint):
         raise DBOSError(f"mount point {mountpoint} is not a directory: mkdir it first")
+    ensure_fuse()
     clear_stale(mountpoint)
     vfs.purge_orphans()
     ops = DBOSMount(vfs, task)

@@ -255,11 +255,14 @@ class Cluster:
         return rows
 
     def exec(self, node: str, argv: Sequence[str], timeout: float = 60.0,
-             stdin: bytes = b"") -> ExecResult:
-        """Runs a command on a node and returns its status and output."""
+             stdin: bytes = b"", files: dict | None = None) -> ExecResult:
+        """Runs a command on a node and returns its status and output. files
+        ({"path", "task", "source"}): the snode's DBOS file system mounted
+        at path on that node while the command runs (a pnode)."""
         if not argv:
             raise ValueError("exec needs a command")
-        req = {"argv": list(argv), "timeout": timeout, "stdin": base64.b64encode(stdin).decode()}
+        req = {"argv": list(argv), "timeout": timeout, "stdin": base64.b64encode(stdin).decode(),
+               "files": files}
         r = json.loads(self.call(node, Op.EXEC, json.dumps(req).encode(), timeout=timeout + 5))
         return ExecResult(r["returncode"], base64.b64decode(r["stdout"]),
                           base64.b64decode(r["stderr"]), r["truncated"])

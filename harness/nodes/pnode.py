@@ -5,6 +5,7 @@ for one), runs its command and reports how it ended."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 from harness._native.transport import Op
@@ -58,6 +59,33 @@ class PNode(Role):
                 if not self.agent.stop.is_set():
                     print(f"dh-agent: {name}: task worker stopped: {exc}", flush=True)
                 return
+
+    def files_mount(self, files: dict):
+        """The snode's DBOS file system at files["path"] for one EXEC, each
+        operation an RPC over this node's snode link."""
+        import sys
+
+        # A guest's agent starts with -S: no site.py, so neither the venv
+        # (where pyfuse3 lives) nor its packages are on the path.
+        venv = os.path.dirname(os.path.dirname(sys.executable))
+        site = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                            "site-packages")
+        if os.path.exists(os.path.join(venv, "pyvenv.cfg")) and site not in sys.path:
+            sys.path.append(site)
+        from harness.dbos.mount import mounted
+        from harness.dbos.remote import RemoteDBOS
+
+        if self.snode is None:
+            return super().files_mount(files)
+        path = files["path"]
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"{self.agent.spec.name}: cannot make the mount point {path} "
+                               f"({exc.strerror}); a guest's root is the host's, read-only: "
+                               "give a path under /tmp or /run, or one the host has") from exc
+        db = RemoteDBOS(lambda p: self.agent.call(self.snode, Op.SQL, p, timeout=60.0))
+        return mounted(db.vfs, path, files.get("task"), files.get("source", self.snode))
 
     @staticmethod
     def _run(argv: list[str]) -> tuple[bool, str]:

@@ -268,14 +268,15 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
                 policy: str = "fifo", prefetch: int | None = None,
                 client: list[str] | None = None, env: dict[str, str] | None = None,
                 timeout: float = 600.0, capture: bool = True,
-                task: int | None = None) -> ProgramResult:
+                task: int | None = None, files: dict | None = None) -> ProgramResult:
     """Runs argv on the cluster's pnode: a host process beside process-placed
     nodes, or inside the pnode guest. With memory="remote" its anonymous
     memory lives on the first mnode behind an ExCache of `cache` bytes per
     process, and the run is recorded in DBOS (a task, its regions and pages).
     `client` runs alongside, on local memory, once the program listens on a
     TCP port; when it exits the program gets SIGTERM (a server and its load).
-    `task`: an existing DBOS task to record the run in, instead of a new one."""
+    `task`: an existing DBOS task to record the run in, instead of a new one.
+    `files`: in a pnode guest, the DBOS mount for the run (Cluster.exec)."""
     if not argv:
         raise HarnessError("give the program to run")
     opts = Options(memory, cache, policy, DEFAULT_PREFETCH if prefetch is None else prefetch,
@@ -296,7 +297,7 @@ def run_program(cluster, argv: list[str], memory: str = "local", cache: int = 16
         opts.capture = True  # the agent returns the guest's output when the program ends
         req = json.dumps({"argv": argv, "options": asdict(opts)})
         r = cluster.exec(pnode.name, [sys.executable, "-m", "harness.nodes.program", req],
-                         timeout=timeout + 60)
+                         timeout=timeout + 60, files=files)
         lines = r.stdout.decode(errors="replace").strip().splitlines()
         failed = remote_errors.decode(lines[-1], pnode.name) if lines else None
         if failed is not None:

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from contextlib import nullcontext
 
 from harness._native.transport import Op
 from harness.errors import HarnessError
@@ -106,9 +107,10 @@ class Role:
         try:
             # A workload finds this node's links (its ExCache channel) from here.
             env = {**os.environ, "HARNESS_NODE_SPEC": self.agent.spec_path}
-            p = subprocess.run(argv, capture_output=True, timeout=timeout,
-                               input=base64.b64decode(req.get("stdin", "")),
-                               cwd=req.get("cwd"), check=False, env=env)
+            with self.files_mount(req["files"]) if req.get("files") else nullcontext():
+                p = subprocess.run(argv, capture_output=True, timeout=timeout,
+                                   input=base64.b64decode(req.get("stdin", "")),
+                                   cwd=req.get("cwd"), check=False, env=env)
         except FileNotFoundError as exc:
             raise HarnessError(f"{self.agent.spec.name}: no such program: {argv[0]}") from exc
         except subprocess.TimeoutExpired as exc:
@@ -119,6 +121,12 @@ class Role:
         err, err_cut = _clip(p.stderr)
         return json.dumps({"returncode": p.returncode, "stdout": out, "stderr": err,
                            "truncated": out_cut or err_cut}).encode()
+
+    def files_mount(self, files: dict):
+        """A context manager: the DBOS file system mounted for one EXEC
+        (files: path, task, source). Only a node with an snode link has one."""
+        raise HarnessError(f"{self.agent.spec.name} ({self.agent.spec.role}) has no snode "
+                           "link to mount DBOS files from")
 
     def shutdown(self, _payload: bytes) -> bytes:
         return b""  # the agent stops once this reply is sent
