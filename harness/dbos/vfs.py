@@ -18,6 +18,8 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from harness.dbos.fs import BLOCK, MAX_READ, read_blocks, truncate_blocks, write_blocks
@@ -55,9 +57,16 @@ def _name(name: bytes | str) -> str:
 class VFS:
     def __init__(self, db: Store) -> None:
         self.db = db
+        self.unsynced = False  # a commit since the last sync()
         with db.tx(write=False) as con:
             self.orphans = con.execute("SELECT dir_id FROM dirs WHERE parent_id IS NULL AND "
                                        "name = '.orphans'").fetchone()[0]
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self.db.tx() as con:
+            yield con
+        self.unsynced = True
 
     # ---- attributes ---------------------------------------------------------
 
@@ -175,7 +184,7 @@ class VFS:
 
     def _new_file(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int,
                   target: bytes | None = None) -> dict:
-        with self.db.tx() as con:
+        with self._tx() as con:
             d, name = self._dir_of(con, parent), _name(name)
             if self._entry(con, d, name) is not None:
                 raise FSError(errno.EEXIST, name)
@@ -201,7 +210,7 @@ class VFS:
 
     def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int = 0,
               gid: int = 0) -> dict:
-        with self.db.tx() as con:
+        with self._tx() as con:
             d, name = self._dir_of(con, parent), _name(name)
             if self._entry(con, d, name) is not None:
                 raise FSError(errno.EEXIST, name)
@@ -224,7 +233,7 @@ class VFS:
 
     def unlink(self, parent: int, name: bytes | str, keep: bool = True) -> int:
         """Removes a file's name; returns its inode."""
-        with self.db.tx() as con:
+        with self._tx() as con:
             d, name = self._dir_of(con, parent), _name(name)
             ino = self._entry(con, d, name)
             if ino is None:
@@ -237,7 +246,7 @@ class VFS:
             return ino
 
     def rmdir(self, parent: int, name: bytes | str) -> None:
-        with self.db.tx() as con:
+        with self._tx() as con:
             d, name = self._dir_of(con, parent), _name(name)
             ino = self._entry(con, d, name)
             if ino is None:
@@ -258,7 +267,7 @@ class VFS:
         """POSIX rename: replaces a file, or an empty directory by a
         directory; never moves a directory below itself. Returns the inode
         of the file it replaced, if any."""
-        with self.db.tx() as con:
+        with self._tx() as con:
             od, old = self._dir_of(con, old_parent), _name(old)
             nd, new = self._dir_of(con, new_parent), _name(new)
             src = self._entry(con, od, old)
@@ -299,13 +308,13 @@ class VFS:
     def forget(self, ino: int) -> None:
         """The kernel no longer knows this inode: an orphan goes for good."""
         if not ino % 2:
-            with self.db.tx() as con:
+            with self._tx() as con:
                 con.execute("DELETE FROM files WHERE file_id = ? AND dir_id = ?",
                             (ino // 2, self.orphans))
 
     def purge_orphans(self) -> int:
         """Deletes every orphan (no kernel knows them after a mount ends)."""
-        with self.db.tx() as con:
+        with self._tx() as con:
             return con.execute("DELETE FROM files WHERE dir_id = ?", (self.orphans,)).rowcount
 
     # ---- attributes and data ------------------------------------------------
@@ -313,7 +322,7 @@ class VFS:
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime: float | None = None,
                 mtime: float | None = None) -> dict:
-        with self.db.tx() as con:
+        with self._tx() as con:
             now = time.time()
             if ino % 2:
                 if size is not None:
@@ -357,7 +366,7 @@ class VFS:
         if offset < 0:
             raise FSError(errno.EINVAL, f"inode {ino}")
         data = bytes(memoryview(data))
-        with self.db.tx() as con:
+        with self._tx() as con:
             fid, _, _ = self._file_of(con, ino)
             end = write_blocks(con, fid, offset, data)
             now = time.time()
@@ -371,7 +380,7 @@ class VFS:
         """Provenance events, one transaction for the batch: each is (time,
         kind, inode, pid, program, task)."""
         if events:
-            with self.db.tx() as con:
+            with self._tx() as con:
                 con.executemany(
                     "INSERT INTO events (time, node, task_id, kind, detail, pid, program) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -381,14 +390,17 @@ class VFS:
     def sync(self) -> None:
         """Makes every committed transaction durable: the store commits
         without waiting for the disk (synchronous=NORMAL), and fsync of the
-        log here is what a program's fsync waits for."""
+        WAL here is what a program's fsync waits for. The database file
+        needs none: with synchronous=NORMAL SQLite syncs it at every
+        checkpoint, before the WAL starts over. Nothing committed since the
+        last sync: nothing to do."""
         with self.db.lock:
-            for path in (self.db.path + "-wal", self.db.path):
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if not self.unsynced:
+                return
+            wal = self.db.path + "-wal"
+            fd = os.open(wal if os.path.exists(wal) else self.db.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.unsynced = False
