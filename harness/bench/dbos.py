@@ -192,6 +192,12 @@ def _dispatch_row(db: DBOS, tasks: int = 20000, batch: int = 500) -> Row:
     return Row.of("sched_dispatch_rate", "tasks/s", rates)
 
 
+def fs_of(path: Path) -> str:
+    """The file system holding path and its source, e.g. "ext4 /dev/vda"."""
+    return subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(path)],
+                          capture_output=True, text=True).stdout.strip()
+
+
 def run_here(workdir: Path, n: int = 200, progress: Progress | None = None) -> Report:
     """The benchmark in this process, on the file system holding workdir."""
     say = progress or silent
@@ -210,9 +216,7 @@ def run_here(workdir: Path, n: int = 200, progress: Progress | None = None) -> R
         say("scheduler dispatch")
         rep.rows.append(_dispatch_row(db))
         db.close()
-        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(d)],
-                                capture_output=True, text=True).stdout.strip()
-        rep.notes.append(f"on {fstype} at {workdir}; SQLite {sqlite3.sqlite_version} in WAL "
+        rep.notes.append(f"on {fs_of(d)} at {workdir}; SQLite {sqlite3.sqlite_version} in WAL "
                          f"mode, synchronous=FULL; fsync on both sides; {WARM} creates on each "
                          "side before measuring")
         return rep

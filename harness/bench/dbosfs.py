@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.bench.dbos import fs_of
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError
 from harness.progress import Progress, silent
@@ -163,9 +164,7 @@ def run_here(workdir: Path, n: int = 300, rounds: int = 3, seconds: float = 4.0,
             rep.rows.append(Row.of("git_commit_tree", "ms", g[mnt], "ext4_git_commit_tree",
                                    g[ext4]))
         db.close()
-        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(d)],
-                                capture_output=True, text=True).stdout.strip()
-        rep.notes.append(f"the mount's database and the ext4 side on {fstype} at {workdir}; "
+        rep.notes.append(f"the mount's database and the ext4 side on {fs_of(d)} at {workdir}; "
                          f"the tree is {nfiles} files of {tree or 'the standard library'}; fio "
                          "--ioengine=psync, buffered, one job")
         return rep

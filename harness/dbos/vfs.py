@@ -182,12 +182,18 @@ class VFS:
 
     # ---- making and removing names ------------------------------------------
 
+    def _free_name(self, con: sqlite3.Connection, parent: int, name: bytes | str
+                   ) -> tuple[int, str]:
+        """(directory, name) for a new entry; EEXIST if the name is taken."""
+        d, name = self._dir_of(con, parent), _name(name)
+        if self._entry(con, d, name) is not None:
+            raise FSError(errno.EEXIST, name)
+        return d, name
+
     def _new_file(self, parent: int, name: bytes | str, mode: int, uid: int, gid: int,
                   target: bytes | None = None) -> dict:
         with self._tx() as con:
-            d, name = self._dir_of(con, parent), _name(name)
-            if self._entry(con, d, name) is not None:
-                raise FSError(errno.EEXIST, name)
+            d, name = self._free_name(con, parent, name)
             now = time.time()
             fid = con.execute("INSERT INTO files (dir_id, name, size, created, modified, mode, "
                               "uid, gid, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -211,9 +217,7 @@ class VFS:
     def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int = 0,
               gid: int = 0) -> dict:
         with self._tx() as con:
-            d, name = self._dir_of(con, parent), _name(name)
-            if self._entry(con, d, name) is not None:
-                raise FSError(errno.EEXIST, name)
+            d, name = self._free_name(con, parent, name)
             now = time.time()
             nd = con.execute("INSERT INTO dirs (parent_id, name, created, modified, mode, uid, "
                              "gid) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING dir_id",
