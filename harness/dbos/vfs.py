@@ -371,11 +371,15 @@ class VFS:
             raise FSError(errno.EINVAL, f"inode {ino}")
         data = bytes(memoryview(data))
         with self._tx() as con:
-            fid, _, _ = self._file_of(con, ino)
+            fid, size, _ = self._file_of(con, ino)
             end = write_blocks(con, fid, offset, data)
             now = time.time()
-            con.execute("UPDATE files SET size = max(size, ?), modified = ?, changed = ? "
-                        "WHERE file_id = ?", (end, now, now, fid))
+            if end > size:
+                con.execute("UPDATE files SET size = ?, modified = ?, changed = ? "
+                            "WHERE file_id = ?", (end, now, now, fid))
+            else:  # size not SET: SQLite then leaves the files_size index alone
+                con.execute("UPDATE files SET modified = ?, changed = ? WHERE file_id = ?",
+                            (now, now, fid))
         return len(data)
 
     # ---- provenance and durability ------------------------------------------
