@@ -60,7 +60,9 @@ def _program(pid: int) -> str:
 
 def _fuse(fn: Callable) -> Callable:
     """Turns an FSError from the VFS into the errno the kernel returns, and
-    a lost snode (any other harness error) into EIO, said on stderr."""
+    a lost snode (any other harness error) into EIO, said on stderr. Any
+    other exception is a bug: EIO and its traceback, and the mount goes on
+    (pyfuse3 would end its loop, and every program would lose the mount)."""
     async def call(self: Any, *args: Any) -> Any:
         try:
             return fn(self, *args)
@@ -69,6 +71,12 @@ def _fuse(fn: Callable) -> Callable:
         except HarnessError as exc:
             print(f"[mount] {fn.__name__}: {exc} (the program sees EIO)", file=sys.stderr,
                   flush=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            import traceback
+
+            print(f"[mount] {fn.__name__} failed (the program sees EIO):\n"
+                  f"{traceback.format_exc()}", file=sys.stderr, flush=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
     call.__name__ = fn.__name__
     return call

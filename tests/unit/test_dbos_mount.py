@@ -451,3 +451,26 @@ def test_bench_dbosfs_reports_every_row_beside_ext4(tmp_path):
     assert [r.metric for r in rep.rows] == ["fs_create", "randread_4k", "randwrite_4k_fsync",
                                             "seqwrite_1m", "analytics_query", "git_commit_tree"]
     assert all(r.floor and r.floor_p50 and r.ratio for r in rep.rows)
+
+
+def test_a_failing_request_is_eio_and_the_mount_goes_on(tmp_path, capfd):
+    from harness.dbos import DBOS
+    from harness.dbos.mount import mounted
+    from harness.dbos.vfs import VFS
+
+    class Broken(VFS):  # a real VFS whose read path has a bug
+        def read(self, ino, offset, size):
+            raise RuntimeError("a bug in read")
+
+    db = DBOS.open(tmp_path / "fs.sqlite", synchronous="normal")
+    (tmp_path / "mnt").mkdir()
+    try:
+        with mounted(Broken(db), str(tmp_path / "mnt"), source="broken"):
+            (tmp_path / "mnt/f").write_bytes(b"data")
+            with pytest.raises(OSError) as e:
+                (tmp_path / "mnt/f").read_bytes()
+            assert e.value.errno == errno.EIO
+            assert os.stat(tmp_path / "mnt/f").st_size == 4  # still served
+    finally:
+        db.close()
+    assert "a bug in read" in capfd.readouterr().err
