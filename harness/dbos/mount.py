@@ -118,13 +118,21 @@ class DBOSMount(pyfuse3.Operations):
             self.names[pid] = _program(pid)
 
     def flush_log(self) -> None:
-        if self.pending:
-            events = [(t, kind, ino, pid, self.names.get(pid, "?"), self.task)
-                      for (kind, ino, pid), t in sorted(self.pending.items(),
-                                                        key=lambda kv: kv[1])]
-            self.pending.clear()
-            self.names.clear()
+        """Writes the pending events in one transaction; while the snode is
+        unreachable they stay pending (at most one per operation, file and
+        process) for the next flush."""
+        if not self.pending:
+            return
+        events = [(t, kind, ino, pid, self.names.get(pid, "?"), self.task)
+                  for (kind, ino, pid), t in sorted(self.pending.items(), key=lambda kv: kv[1])]
+        try:
             self.vfs.log(events)
+        except HarnessError as exc:
+            print(f"[mount] provenance: {exc}; {len(events)} events kept for the next flush",
+                  file=sys.stderr, flush=True)
+            return
+        self.pending.clear()
+        self.names.clear()
 
     # ---- operations ---------------------------------------------------------
 
