@@ -42,6 +42,14 @@ INTERPOSER = Extension(
     extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
 
 
+# The floor of `harness bench dbosfs`: a FUSE file system that stores
+# nothing, loaded with ctypes (libfuse3-dev, which scripts/setup.sh installs).
+FUSE_NULL = Extension(
+    "harness._native.dh_fuse_null", sources("fusenull"),
+    include_dirs=["/usr/include/fuse3"], libraries=["fuse3"],
+    extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
+
+
 class BuildExt(build_ext):
     """The interposer compiles the core's sources with other macros: its
     objects go to a directory of their own, or a later build_clib would
@@ -73,5 +81,5 @@ setup(
     libraries=[CORE],
     cmdclass={"build_ext": BuildExt},
     ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
-                            compiler_directives={"language_level": "3"}), INTERPOSER],
+                            compiler_directives={"language_level": "3"}), INTERPOSER, FUSE_NULL],
 )

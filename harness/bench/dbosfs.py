@@ -3,8 +3,10 @@
 that holds the database, in the same run and at the same durability.
 
   fs_create          create + fsync(file) + fsync(dir), per file   vs the same on ext4
+  fs_create_fuse_null  the same on a FUSE file system in C that stores nothing
+                     (native/fusenull): what FUSE's round trips alone cost here
   randread_4k        fio, psync, 4 KiB random reads of a 64 MiB file (clat)
-  randwrite_4k_fsync fio, psync, 4 KiB random writes, fsync after each (clat)
+  randwrite_4k_fsync fio, psync, 4 KiB random writes, fsync after each (clat + fsync)
   seqwrite_1m        fio, 1 MiB sequential writes of 128 MiB, fsync at the end (MB/s;
                      a ratio below 1 is slower than ext4)
   analytics_query    the ten largest files and the total size of a tree written
@@ -21,8 +23,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.bench.dbos import fs_of
@@ -34,21 +39,62 @@ STDLIB_SKIP = {"test", "site-packages", "idlelib", "lib2to3", "tkinter", "ensure
                "__pycache__", "turtledemo", "pydoc_data"}
 
 
+CREATE_LOOP = """
+import json, os, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+os.mkdir(d)
+dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+out = []
+for i in range(n):
+    t0 = time.perf_counter_ns()
+    fd = os.open(f"{d}/f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.fsync(fd)
+    os.close(fd)
+    os.fsync(dfd)
+    out.append((time.perf_counter_ns() - t0) / 1000)
+print(json.dumps(out))
+"""
+
+
 def _create_samples(d: Path, n: int) -> list[float]:
-    d.mkdir()
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    out = []
+    """µs per create + fsync + close + fsync(dir), timed by a process of its
+    own, as a program on the mount would be (not a thread beside the mount's
+    own, which would share its interpreter)."""
+    p = subprocess.run([sys.executable, "-c", CREATE_LOOP, str(d), str(n)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise HarnessError(f"creating files in {d} failed: {p.stderr.strip()[-500:]}")
+    return json.loads(p.stdout)
+
+
+@contextmanager
+def _null_mount(mnt: Path, timeout: float = 10.0) -> Iterator[None]:
+    """native/fusenull's file system that stores nothing, mounted at mnt by
+    a process of its own (as `harness mount` is) for a with block."""
+    from harness._native import shared_object
+
+    so = shared_object("dh_fuse_null")
+    p = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; "
+                          "sys.exit(ctypes.CDLL(sys.argv[1]).dh_fuse_null(sys.argv[2].encode()))",
+                          str(so), str(mnt)], stderr=subprocess.PIPE, text=True)
     try:
-        for i in range(n):
-            t0 = time.perf_counter_ns()
-            fd = os.open(d / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.fsync(fd)
-            os.close(fd)
-            os.fsync(dfd)
-            out.append((time.perf_counter_ns() - t0) / 1000)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mnt):
+            if p.poll() is not None:
+                raise HarnessError(f"the null FUSE file system did not mount at {mnt}: "
+                                   f"{p.stderr.read().strip()}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"the null FUSE file system was not mounted at {mnt} "
+                                   f"in {timeout:g} s")
+            time.sleep(0.01)
+        yield
     finally:
-        os.close(dfd)
-    return out
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=timeout)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _fio(d: Path, name: str, *opts: str) -> dict:
@@ -62,9 +108,12 @@ def _fio(d: Path, name: str, *opts: str) -> dict:
     return json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
 
 
-def _clat_row(metric: str, floor: str, ours: dict, ext4: dict, rw: str) -> Row:
+def _lat_row(metric: str, floor: str, ours: dict, ext4: dict, rw: str) -> Row:
+    """fio's completion latency of each I/O, plus its fsync's latency when
+    the job fsyncs after each: the percentiles of the two, added."""
     def us(job: dict, q: str) -> float:
-        return job[rw]["clat_ns"]["percentile"][q] / 1000
+        sync = job.get("sync", {}).get("lat_ns", {}).get("percentile", {}).get(q, 0)
+        return (job[rw]["clat_ns"]["percentile"][q] + sync) / 1000
     p50, fp50 = us(ours, "50.000000"), us(ext4, "50.000000")
     return Row(metric, "us", p50, us(ours, "99.000000"), ours[rw]["total_ios"], floor, fp50,
                p50 / fp50 if fp50 else None)
@@ -115,17 +164,24 @@ def run_here(workdir: Path, n: int = 300, rounds: int = 3, seconds: float = 4.0,
         db = DBOS.open(d / "fs.sqlite", synchronous="normal", node="bench")
         rep = Report("dbosfs", placement="process")
         with mounted(db.vfs, str(mnt), source=str(d / "fs.sqlite")):
-            say(f"fs_create: {n} files on each side")
+            say(f"fs_create: {n} files on each side, and on a FUSE file system that "
+                "stores nothing")
+            on_ext4 = _create_samples(ext4 / "c", n)
             rep.rows.append(Row.of("fs_create", "us", _create_samples(mnt / "c", n),
-                                   "ext4_create_fsync", _create_samples(ext4 / "c", n)))
+                                   "ext4_create_fsync", on_ext4))
+            (d / "null").mkdir()
+            with _null_mount(d / "null"):
+                rep.rows.append(Row.of("fs_create_fuse_null", "us",
+                                       _create_samples(d / "null" / "c", n),
+                                       "ext4_create_fsync", on_ext4))
             rt = ["--time_based", f"--runtime={int(seconds * 1000)}ms", f"--size={file_mib}M",
                   "--bs=4k"]
             say(f"fio randread_4k, randwrite_4k_fsync: {seconds:g} s each side")
             ours, base = (_fio(x, "randread", "--rw=randread", *rt) for x in (mnt, ext4))
-            rep.rows.append(_clat_row("randread_4k", "ext4_randread_4k", ours, base, "read"))
+            rep.rows.append(_lat_row("randread_4k", "ext4_randread_4k", ours, base, "read"))
             ours, base = (_fio(x, "randwrite", "--rw=randwrite", "--fsync=1", *rt)
                           for x in (mnt, ext4))
-            rep.rows.append(_clat_row("randwrite_4k_fsync", "ext4_randwrite_4k_fsync", ours,
+            rep.rows.append(_lat_row("randwrite_4k_fsync", "ext4_randwrite_4k_fsync", ours,
                                       base, "write"))
             say(f"fio seqwrite_1m: {rounds} rounds of {seq_mib} MiB each side")
             bw = {x: [] for x in (mnt, ext4)}

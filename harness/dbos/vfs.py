@@ -408,7 +408,7 @@ class VFS:
             wal = self.db.path + "-wal"
             fd = os.open(wal if os.path.exists(wal) else self.db.path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                os.fdatasync(fd)  # as SQLite syncs its WAL: the data and the size
             finally:
                 os.close(fd)
             self.unsynced = False

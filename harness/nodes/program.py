@@ -86,13 +86,9 @@ class Options:
 
 def interposer() -> Path:
     """The interposer's shared object, built with the package."""
-    import harness._native as native
+    from harness._native import shared_object
 
-    found = sorted(Path(native.__file__).parent.glob("dh_interpose*.so"))
-    if not found:
-        raise HarnessError("the interposer (harness/_native/dh_interpose*.so) is not built; "
-                           "run `bash scripts/setup.sh`")
-    return found[0]
+    return shared_object("dh_interpose")
 
 
 def mimalloc() -> Path:
