@@ -8,7 +8,10 @@ same thing on the same ext4, in the same run.
       synchronous=FULL (each commit fsyncs its WAL); the OS side fsyncs the
       file and, for a create, its directory.
   ipc_rtt          DBOS send + receive, there and back between two threads
-                                                              vs a socketpair round trip
+                                                              vs a unary gRPC echo (grpcio)
+  ipc_rtt_vs_socketpair  the same round trips                 vs a socketpair round trip
+      A send is durable when it returns; a receive's commit is not waited
+      for (harness.dbos.ipc): two fsyncs per round trip.
   analytics_query  the ten largest files under a tree of thousands, and the
                    tree's total size: one recursive SQL query
                                                               vs `find -printf` walking ext4
@@ -92,7 +95,7 @@ def _fs_rows(db: DBOS, osdir: Path, n: int) -> list[Row]:
     return rows
 
 
-def _ipc_row(db: DBOS, n: int) -> Row:
+def _ipc_rows(db: DBOS, n: int) -> list[Row]:
     def echo() -> None:
         for _ in range(n):
             m = db.ipc.recv("b", timeout=10)
@@ -125,7 +128,36 @@ def _ipc_row(db: DBOS, n: int) -> Row:
     th.join()
     s1.close()
     s2.close()
-    return Row.of("ipc_rtt", "us", a, "socketpair_rtt", b)
+    g = _grpc_rtt(n)
+    return [Row.of("ipc_rtt", "us", a, "ipc_rtt_grpc", g),
+            Row.of("ipc_rtt_vs_socketpair", "us", a, "socketpair_rtt", b)]
+
+
+def _grpc_rtt(n: int) -> list[float]:
+    """µs per unary gRPC echo of the same 64 bytes (grpcio, a server thread
+    in this process, over a unix socket): what DBOS compared its IPC with."""
+    try:
+        import grpc
+    except ImportError:
+        raise HarnessError("the gRPC floor needs grpcio: `bash scripts/setup.sh` installs "
+                           "it") from None
+    from concurrent import futures
+
+    d = tempfile.mkdtemp(prefix="dh-grpc-")
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "dh.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)})])
+    srv.add_insecure_port(f"unix:{d}/echo.sock")
+    srv.start()
+    try:
+        with grpc.insecure_channel(f"unix:{d}/echo.sock") as ch:
+            echo = ch.unary_unary("/dh.Echo/Echo")
+            for _ in range(max(10, n // 10)):  # the channel connected and warm
+                echo(b"x" * 64, timeout=10)
+            return [_time(lambda: echo(b"x" * 64, timeout=10)) for _ in range(n)]
+    finally:
+        srv.stop(None).wait(10)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _tree(db: DBOS, root: Path, dirs: int, files: int) -> None:
@@ -210,7 +242,7 @@ def run_here(workdir: Path, n: int = 200, progress: Progress | None = None) -> R
         say(f"file system: {n} creates, writes and reads on each side")
         rep.rows += _fs_rows(db, d / "os", n)
         say("ipc round trips")
-        rep.rows.append(_ipc_row(db, n))
+        rep.rows += _ipc_rows(db, n)
         say("analytics: a tree of 5,000 files")
         rep.rows.append(_analytics_row(db, d / "tree", max(5, n // 20)))
         say("scheduler dispatch")

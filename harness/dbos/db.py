@@ -11,7 +11,8 @@ class DBOS(Store):
     """A DBOS database and its services: sched, ipc, fs (by path), vfs (by
     inode, for mounts), prov, state."""
 
-    def __init__(self, con: sqlite3.Connection, path: str, node: str = "") -> None:
+    def __init__(self, con: sqlite3.Connection, path: str, node: str = "",
+                 synchronous: str = "full") -> None:
         # Here, not at the top: a node that only reaches DBOS remotely
         # (through harness.dbos) never pays for the services in a guest.
         from harness.dbos.fs import FileSystem
@@ -20,7 +21,7 @@ class DBOS(Store):
         from harness.dbos.services import Provenance, State
         from harness.dbos.vfs import VFS
 
-        super().__init__(con, path, node)
+        super().__init__(con, path, node, synchronous)
         self.sched = Scheduler(self)
         self.ipc = IPC(self)
         self.fs = FileSystem(self)

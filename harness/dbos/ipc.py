@@ -1,6 +1,12 @@
 """IPC as SQL: send inserts a row; receive selects and deletes the oldest
 message for the receiver in one transaction, so a message is delivered
-exactly once."""
+exactly once while the store runs.
+
+A send returns once its message is on disk. A receive's commit does not
+wait for the disk (the next durable commit carries it): a crash can undo
+the receives of its last moments, and those messages are delivered again,
+at least once; no sent message is lost. This halves the fsyncs of a round
+trip (two, not four)."""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ class IPC:
         return mid
 
     def _take(self, receiver: str, task: int | None) -> dict | None:
-        with self.db.tx() as con:
+        with self.db.tx(durable=False) as con:
             row = con.execute("DELETE FROM messages WHERE message_id = (SELECT message_id "
                               "FROM messages WHERE receiver_id = ? ORDER BY message_id LIMIT 1) "
                               "RETURNING message_id, sender_id, data", (receiver,)).fetchone()

@@ -3,7 +3,9 @@
 Durability: `PRAGMA synchronous=FULL` with WAL makes every COMMIT fsync the
 log before it returns, so a committed transaction survives a crash of the
 process, the VM or the machine; an uncommitted one is never visible. A
-benchmark may ask for "normal" or "off" and says so."""
+benchmark may ask for "normal" or "off" and says so. A transaction that a
+crash may undo without losing anything (`tx(durable=False)`: IPC's receive)
+commits without the fsync; the next durable commit syncs it with its own."""
 
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ class Store:
     """The SQLite file under DBOS: transactions, the provenance log, SQL.
     The services take a Store, so they never import the DBOS that holds them."""
 
-    def __init__(self, con: sqlite3.Connection, path: str, node: str = "") -> None:
+    def __init__(self, con: sqlite3.Connection, path: str, node: str = "",
+                 synchronous: str = "full") -> None:
         self.con = con
+        self.synchronous = synchronous
         self.path = path
         self.node = node
         self.lock = threading.RLock()
@@ -60,7 +64,7 @@ class Store:
             migrate(con)
         except sqlite3.Error as exc:
             raise DBOSError(f"{path}: cannot open as a DBOS database: {exc}") from exc
-        return cls(con, path, node)
+        return cls(con, path, node, synchronous)
 
     def checkpoint(self, mode: str = "PASSIVE") -> None:
         """Copies the WAL into the database file (RESTART: and starts the WAL
@@ -75,16 +79,25 @@ class Store:
             self.con.close()
 
     @contextmanager
-    def tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction; rolled back whole on any error."""
+    def tx(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; rolled back whole on any error. durable=False
+        commits without waiting for the disk (synchronous=NORMAL for this
+        one commit) where the store would otherwise wait."""
         with self.lock:
-            self.con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            lax = not durable and self.synchronous == "full"
+            if lax:
+                self.con.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.con
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
-            self.con.execute("COMMIT")
+                self.con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield self.con
+                except BaseException:
+                    self.con.execute("ROLLBACK")
+                    raise
+                self.con.execute("COMMIT")
+            finally:
+                if lax:
+                    self.con.execute("PRAGMA synchronous=FULL")
 
     def log(self, con: sqlite3.Connection, kind: str, detail: str,
             task: int | None = None) -> None:

@@ -154,6 +154,21 @@ def test_messages_arrive_once_in_order(db):
     assert db.ipc.recv("c")["sender"] == "a"
 
 
+def test_a_receive_commits_without_the_fsync_and_a_send_with_it(db):
+    modes = []
+    with db.tx(durable=False) as con:
+        modes.append(con.execute("PRAGMA synchronous").fetchone()[0])
+    with pytest.raises(RuntimeError):
+        with db.tx(durable=False):
+            raise RuntimeError("rolled back")
+    with db.tx() as con:
+        modes.append(con.execute("PRAGMA synchronous").fetchone()[0])
+    assert modes == [1, 2]  # NORMAL for that one commit, FULL again after (an error too)
+    db.ipc.send("a", "b", b"m")
+    assert db.ipc.recv("b")["data"] == b"m"
+    assert db.sql("PRAGMA synchronous").rows == [[2]]
+
+
 def test_blocking_receive_times_out_or_wakes(db):
     t0 = time.monotonic()
     assert db.ipc.recv("x", timeout=0.2) is None
