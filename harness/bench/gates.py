@@ -1,7 +1,8 @@
 """`harness bench gates`: a gate round trip into another compartment, for
 each backend this host (or guest) really has, beside its floor in the same
-run. Each sample is the mean of 100 round trips (the clocks cost more than
-a call); rows come in TSC cycles and in ns.
+run, their samples taken in alternating parts. Each sample is the mean of
+100 round trips (the clocks cost more than a call); rows come in TSC cycles
+and in ns.
 
   gate_none       floor: an indirect call of the same empty function
   gate_mprotect   floor: the four mprotect calls the round trip makes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 from harness._native import pkey
 from harness.bench import transport
@@ -30,12 +32,27 @@ def _rows(metric: str, floor: str, s: tuple, f: tuple) -> list[Row]:
             Row.of(f"{metric}_ns", "ns", s[1], floor, f[1])]
 
 
+def _paired(gate: Callable[[int], tuple], floor: Callable[[int], tuple], n: int,
+            parts: int = 20) -> tuple[tuple, tuple]:
+    """n samples of a gate and of its floor, taken in alternating parts, so
+    a change of the machine's pace during the run (another tenant, the
+    clock) falls on both alike instead of on whichever ran second."""
+    g: tuple[list, list] = ([], [])
+    f: tuple[list, list] = ([], [])
+    for i in range(min(parts, n)):
+        k = n // parts + (i < n % parts) if n >= parts else 1
+        for out, fn in ((g, gate), (f, floor)):
+            for acc, got in zip(out, fn(k), strict=True):
+                acc.extend(got)
+    return g, f
+
+
 def run_here(n: int = 2000, progress: Progress | None = None) -> Report:
     say = progress or silent
     rep = Report("gates")
     say("gate_none")
     none = pkey.Compartment("none", "none", 1 << 16)
-    rep.rows += _rows("gate_none", "function_call", none.bench_gate(n), pkey.floor_call(n))
+    rep.rows += _rows("gate_none", "function_call", *_paired(none.bench_gate, pkey.floor_call, n))
     say("gate_mprotect")
     a = pkey.Compartment("caller", "mprotect", 1 << 16)
     b = pkey.Compartment("callee", "mprotect", 1 << 16)
@@ -49,8 +66,8 @@ def run_here(n: int = 2000, progress: Progress | None = None) -> Report:
     if pkey.pkey_available():
         say("gate_mpk_light and gate_mpk_stack")
         m = pkey.Compartment("mpk", "mpk", 1 << 16, 64 << 10)
-        wr = pkey.floor_wrpkru_pair(n)
-        rep.rows += _rows("gate_mpk_light", "wrpkru_pair+call", m.bench_gate(n), wr)
+        light, wr = _paired(m.bench_gate, pkey.floor_wrpkru_pair, n)
+        rep.rows += _rows("gate_mpk_light", "wrpkru_pair+call", light, wr)
         rep.rows += _rows("gate_mpk_stack", "wrpkru_pair+call", m.bench_gate(n, True), wr)
     else:
         rep.notes.append("no mpk rows: pkey_alloc fails here (no PKU); run with "
