@@ -200,6 +200,38 @@ def test_file_operations(db):
     assert fs.listdir("/a") == [] and fs.stat("/a")["type"] == "dir"
 
 
+def test_cached_reads_see_every_commit_from_this_connection_and_others(db, tmp_path):
+    fs = db.fs
+    fs.create("/f")
+    fs.write("/f", 0, b"a" * 4096 + b"b" * 100)
+    for _ in range(2):  # the second time from the cache
+        assert fs.read("/f", 0, 4096) == b"a" * 4096 and fs.read("/f", 4090, 20) == \
+            b"a" * 6 + b"b" * 14
+    assert db.vfs.read(db.vfs.lookup(1, "f")["ino"], 4096, 4096) == b"b" * 100
+    assert fs.cache.blocks and db.vfs.cache.blocks  # they were cached
+    fs.write("/f", 4096, b"c")  # this connection commits
+    assert fs.read("/f", 4096, 2) == b"cb"
+    fs.truncate("/f", 2)
+    assert fs.read("/f") == b"aa"
+    # Another process changes a block and the size behind the store's back.
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sqlite3
+        con = sqlite3.connect({str(db.path)!r}, isolation_level=None)
+        con.execute("UPDATE blocks SET bytes = x'7a7a7a' WHERE block_number = 0")
+        con.execute("UPDATE files SET size = 3 WHERE name = 'f'")
+        """)], check=True, timeout=60)
+    assert fs.read("/f") == b"zzz"
+    assert db.vfs.read(db.vfs.lookup(1, "f")["ino"], 0, 10) == b"zzz"
+
+
+def test_an_in_memory_store_reads_without_a_cache():
+    mem = DBOS.open(":memory:")
+    mem.fs.create("/f")
+    mem.fs.write("/f", 0, b"x" * 5000)
+    assert mem.fs.read("/f", 4000, 2000) == b"x" * 1000 and not mem.fs.cache.blocks
+    mem.close()
+
+
 @pytest.mark.parametrize("op,err", [
     (lambda fs: fs.open("/nope"), errno.ENOENT),
     (lambda fs: fs.create("/d"), errno.EEXIST),
