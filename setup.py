@@ -70,16 +70,22 @@ class BuildExt(build_ext):
 CORE_FILES = [*CORE[1]["sources"], *(str(p) for p in NATIVE.glob("**/*.h"))]
 
 
-def ext(name: str) -> Extension:
-    return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx"],
+def ext(name: str, more: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> Extension:
+    return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx", *more],
                      depends=CORE_FILES, include_dirs=[str(NATIVE / "include")],
-                     libraries=["dh", "pthread"],
+                     libraries=["dh", "pthread", *libs],
                      extra_compile_args=["-O2", "-D_GNU_SOURCE"])
+
+
+# The pkey binding holds SQLite's compartment too (native/sqlbox, Debian's
+# libsqlite3 from libsqlite3-dev): its gates need the pkey state of the same
+# copy of the core.
+PKEY = ext("pkey", tuple(sources("sqlbox")), ("sqlite3",))
 
 
 setup(
     libraries=[CORE],
     cmdclass={"build_ext": BuildExt},
-    ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), ext("pkey")],
+    ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), PKEY],
                             compiler_directives={"language_level": "3"}), INTERPOSER, FUSE_NULL],
 )

@@ -101,23 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("bench", standalone.cmd_bench, "run a benchmark; every row is reported beside its "
              "floor", True)
     sp.add_argument("which", choices=["transport", "boot", "dbos", "dbosfs", "paging", "gates",
-                                      "reliability", "apps"],
+                                      "sqlite", "reliability", "apps"],
                     help="the benchmark")
     sp.add_argument("--plot", metavar="PNG",
                     help="paging, apps: where to draw the cache-size sweep (default: "
                          "paging-sweep.png, apps-slowdown.png; '' for none)")
     sp.add_argument("--placement", choices=["process", "vm"], default="process",
-                    help="dbos, gates: on the host or in a guest; paging, apps: the mnode and "
-                         "the workload as processes, or both in VMs (default: process)")
+                    help="dbos, gates, sqlite: on the host or in a guest; paging, apps: the "
+                         "mnode and the workload as processes, or both in VMs (default: "
+                         "process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
     sp.add_argument("-n", type=int, default=20000,
                     help="samples per row: transport round trips (default: 20000); dbos "
                          "operations, dbosfs creates (capped at 2000)")
     sp.add_argument("--rounds", type=int,
-                    help="boot: samples per row; paging: runs per sweep point (default: 5); "
-                         "apps: runs per app and cache size (default: 3); dbosfs: rounds of "
-                         "seqwrite_1m and git_commit_tree (default: 3)")
+                    help="boot: samples per row; paging: runs per sweep point; sqlite: rounds "
+                         "per backend (default: 5); apps: runs per app and cache size "
+                         "(default: 3); dbosfs: rounds of seqwrite_1m and git_commit_tree "
+                         "(default: 3)")
     sp.add_argument("--apps", metavar="NAMES",
                     help="apps: a comma-separated subset of redis,xz,python,numpy1t,numpy2t "
                          "(default: all)")

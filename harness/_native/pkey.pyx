@@ -4,8 +4,10 @@
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport uint8_t, uint64_t
 
-from harness._native.errors cimport DH_EACCES, DH_ENOSYS, check
+from harness._native.errors cimport DH_EACCES, DH_EIO, DH_ENOSYS, DH_ETOOBIG, check
 from harness._native.transport cimport Samples
+
+from harness.errors import HarnessError
 
 BACKENDS = {"none": DH_BACKEND_NONE, "mprotect": DH_BACKEND_MPROTECT, "mpk": DH_BACKEND_MPK}
 SI_CODES = {1: "SEGV_MAPERR", 2: "SEGV_ACCERR", 4: "SEGV_PKUERR"}
@@ -134,3 +136,6 @@ def floor_mprotect(Compartment a not None, Compartment b not None, size_t n) -> 
     cdef _Samples s = _Samples(n)
     check(dh_floor_mprotect(a._c, b._c, s.cycles.v, s.ns.v, n), "mprotect floor")
     return s.lists()
+
+
+include "sqlbox.pxi"

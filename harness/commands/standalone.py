@@ -154,6 +154,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         rep = gates.run(placement=args.placement, n=min(args.n, 20000),
                         deterministic=args.deterministic, progress=progress)
+    elif args.which == "sqlite":
+        from harness.bench import sqlite
+
+        rep = sqlite.run(placement=args.placement, rounds=args.rounds, progress=progress)
     elif args.which == "paging":
         from harness.bench import paging
 

@@ -55,7 +55,7 @@ class Domain:
                 "(`harness boot`, TCG -cpu max has protection keys) or choose 'mprotect'")
         if s["backend"] == "rpc":
             return RpcCompartment(s["name"], s["heap"])
-        stack = 64 << 10 if s.get("private_stack") else 0
+        stack = 256 << 10 if s.get("private_stack") else 0  # room for SQLite (sqlbox)
         return pkey.Compartment(s["name"], s["backend"], s["heap"], stack)
 
     def __enter__(self) -> Domain:

@@ -1,0 +1,68 @@
+"""SQLite in an mpk compartment, in a TCG guest with protection keys: the
+same answers as plain SQLite, SEGV_PKUERR from the application, the
+private-stack gate, and `bench sqlite --placement vm`'s rows."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+IN_GUEST = textwrap.dedent("""
+    import json
+    from harness._native import pkey
+    from harness.errors import IsolationFault
+    from harness.isolation.compartments import Domain, parse
+    out = {}
+    for stack in (False, True):
+        d = Domain(parse({"compartments": [
+            {"name": "app", "backend": "mpk"},
+            {"name": "sqlite", "backend": "mpk", "heap": "16MiB", "private_stack": stack}]},
+            "<guest>"))
+        d.enter("app")
+        box = pkey.SQLiteBox(d["sqlite"], private_stack=stack)
+        box.execute("CREATE TABLE t(a INTEGER, b TEXT)")
+        for i in range(200):
+            box.execute(f"INSERT INTO t VALUES ({i}, 'v{i}')")
+        rows = box.execute("SELECT count(*), sum(a), group_concat(b) FROM t")
+        try:
+            d.probe("app", "sqlite")
+            fault = None
+        except IsolationFault as e:
+            fault = str(e)
+        out[str(stack)] = {"rows": rows, "fault": fault}
+        box.close()
+        d.close()
+    print("RESULT", json.dumps(out))
+""")
+
+
+def test_sqlite_in_an_mpk_compartment(tmp_path):
+    import sqlite3
+
+    script = tmp_path / "sqlbox_check.py"
+    script.write_text(IN_GUEST)
+    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    con = sqlite3.connect(":memory:")
+    con.execute("CREATE TABLE t(a INTEGER, b TEXT)")
+    con.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(200)])
+    want = [[str(v) for v in con.execute("SELECT count(*), sum(a), group_concat(b) FROM t")
+             .fetchone()]]
+    for stack in ("False", "True"):
+        assert out[stack]["rows"] == want, stack
+        assert "compartment 'app' (mpk) touched the memory of 'sqlite' (mpk)" in \
+            out[stack]["fault"] and "SEGV_PKUERR" in out[stack]["fault"]
+
+
+def test_bench_sqlite_in_a_guest_has_the_mpk_rows():
+    r = subprocess.run([*HARNESS, "bench", "sqlite", "--placement", "vm", "--rounds", "1",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["placement"] == "vm"
+    assert [row["metric"] for row in rep["rows"]] == [
+        f"sqlite_insert_5000_{b}" for b in ("none", "mprotect", "mpk_light", "mpk_stack", "rpc")]
