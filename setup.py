@@ -18,7 +18,7 @@ def sources(*dirs: str) -> list[str]:
 
 
 CORE = ("dh", {
-    "sources": [str(NATIVE / "error.c"), *sources("transport", "excache", "pkey")],
+    "sources": [str(NATIVE / "error.c"), *sources("transport", "excache", "pkey", "sqlbox")],
     "include_dirs": [str(NATIVE / "include"), str(NATIVE / "transport")],
     "cflags": CORE_FLAGS,
 })
@@ -70,17 +70,17 @@ class BuildExt(build_ext):
 CORE_FILES = [*CORE[1]["sources"], *(str(p) for p in NATIVE.glob("**/*.h"))]
 
 
-def ext(name: str, more: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> Extension:
-    return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx", *more],
+def ext(name: str, libs: tuple[str, ...] = ()) -> Extension:
+    return Extension(f"harness._native.{name}", [f"harness/_native/{name}.pyx"],
                      depends=CORE_FILES, include_dirs=[str(NATIVE / "include")],
                      libraries=["dh", "pthread", *libs],
                      extra_compile_args=["-O2", "-D_GNU_SOURCE"])
 
 
-# The pkey binding holds SQLite's compartment too (native/sqlbox, Debian's
-# libsqlite3 from libsqlite3-dev): its gates need the pkey state of the same
-# copy of the core.
-PKEY = ext("pkey", tuple(sources("sqlbox")), ("sqlite3",))
+# The pkey binding holds SQLite's compartment too (native/sqlbox, in the core;
+# Debian's libsqlite3 from libsqlite3-dev): its gates need the pkey state of
+# the same copy of the core, and only this binding links libsqlite3.
+PKEY = ext("pkey", libs=("sqlite3",))
 
 
 setup(
