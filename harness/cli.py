@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("inspect", standalone.cmd_inspect, "find WRPKRU/XRSTOR outside registered gates "
              "in ELF files (ERIM's rules); exit 0 clean, 1 findings, 2 unreadable", True)
-    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("files", nargs="*", metavar="FILE")
+    sp.add_argument("--tree", nargs="+", metavar="DIR",
+                    help="ERIM's scan of a distribution: every ELF object under DIR..., "
+                         "summarised (exit 0 once the scan is done)")
     sp.add_argument("--gate", action="append", default=[], metavar="PREFIX",
                     help="functions whose names start with PREFIX are gates (repeatable)")
 

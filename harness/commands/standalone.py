@@ -49,6 +49,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from harness.isolation.inspect import DEFAULT_GATES, as_dicts, inspect_files
 
+    if args.tree:
+        if args.files:
+            raise HarnessError("inspect: give files or --tree DIR..., not both")
+        return _inspect_tree(args)
+    if not args.files:
+        raise HarnessError("inspect: give the ELF files to inspect, or --tree DIR...")
+
     findings, errors = inspect_files(args.files, DEFAULT_GATES + tuple(args.gate))
     if args.json:
         print(json.dumps({"findings": as_dicts(findings), "errors": errors}))
@@ -60,6 +67,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         to_stderr(f"{len(args.files)} file(s): {len(findings)} finding(s)"
                   + (f", {len(errors)} unreadable" if errors else ""))
     return 2 if errors else 1 if findings else 0
+
+
+def _inspect_tree(args: argparse.Namespace) -> int:
+    from harness.isolation.tree_scan import scan_tree
+
+    out = scan_tree(args.tree, progress=None if args.json else indented)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for f in out["files"]:
+        for h in f["hits"]:
+            where = "at an instruction boundary" if h["boundary"] else "inside an instruction"
+            print(f"{f['path']}: {h['kind']} at {h['address']:#x} in {h['section']}, "
+                  f"{h['symbol']}, {where}" + (", checked (safe)" if h["safe"] else ""))
+    w, x = out["wrpkru"], out["xrstor"]
+    print(table(["", "objects", "occurrences", "at a boundary", "inside", "safe"],
+                [["inspected", str(out["objects"]), "", "", "", ""],
+                 ["with WRPKRU", str(w["objects"]), str(w["occurrences"]), str(w["at_boundary"]),
+                  str(w["inside"]), str(w["safe"])],
+                 ["with XRSTOR", str(x["objects"]), str(x["occurrences"]), str(x["at_boundary"]),
+                  str(x["inside"]), ""]], align="lrrrrr"))
+    if out["unreadable"]:
+        to_stderr(f"{len(out['unreadable'])} object(s) could not be parsed, e.g. "
+                  f"{out['unreadable'][0]}")
+    return 0
 
 
 def cmd_explore(args: argparse.Namespace) -> int:

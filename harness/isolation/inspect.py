@@ -14,6 +14,7 @@ with its section, address and enclosing symbol. Exit status: 0 clean,
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -48,18 +49,22 @@ class Finding:
                 f"in {self.section}, {self.symbol}")
 
 
-def _hits(data: bytes) -> Iterator[tuple[int, str]]:
-    i = data.find(WRPKRU)
+def pattern_hits(data: bytes | mmap.mmap, start: int = 0, end: int | None = None
+                 ) -> Iterator[tuple[int, str]]:
+    """(offset, kind) of every WRPKRU and XRSTOR pattern in data[start:end],
+    found with the buffer's own find (a mapped file is not copied)."""
+    end = len(data) if end is None else end
+    i = data.find(WRPKRU, start, end)
     while i >= 0:
         yield i, "WRPKRU"
-        i = data.find(WRPKRU, i + 1)
-    i = data.find(XRSTOR)
+        i = data.find(WRPKRU, i + 1, end)
+    i = data.find(XRSTOR, start, end)
     while i >= 0:
-        if i + 2 < len(data):
+        if i + 2 < end:
             modrm = data[i + 2]
             if (modrm >> 3) & 7 == 5 and modrm >> 6 != 3:
                 yield i, "XRSTOR"
-        i = data.find(XRSTOR, i + 1)
+        i = data.find(XRSTOR, i + 1, end)
 
 
 def _functions(elf: ELFFile) -> list[tuple[int, int, str]]:
@@ -96,7 +101,7 @@ def scan(path: str, gates: Iterable[str] = DEFAULT_GATES) -> list[Finding]:
                 if not sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR or sec["sh_type"] == "SHT_NOBITS":
                     continue
                 data = sec.data()
-                for off, kind in _hits(data):
+                for off, kind in pattern_hits(data):
                     addr = sec["sh_addr"] + off
                     shown, name = _symbol(funcs, addr)
                     if name and name.startswith(gates):
