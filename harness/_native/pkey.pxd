@@ -1,4 +1,4 @@
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 
 cdef extern from "dh_pkey.h" nogil:
     enum:
@@ -20,7 +20,13 @@ cdef extern from "dh_pkey.h" nogil:
     int dh_gate_enter(dh_comp *c)
     int dh_gate_leave_all()
     uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg)
+    uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_fn fn, void *arg)
     int dh_gate_probe(void *addr, int write, int *si_code)
+    uint32_t dh_gate_pkru()
+    void *dh_gate_mpk_address(const dh_comp *callee)
+    uint64_t dh_gate_test_jump(void *target, uint32_t pkru, dh_gate_fn fn, void *arg)
+    int dh_gate_test_signal(int sig)
+    void dh_gate_test_signal_seen(uint32_t *pkru, uintptr_t *sp)
     void dh_segv_report_install()
     int dh_bench_gate(dh_comp *callee, int private_stack, uint64_t *cycles, uint64_t *ns,
                       size_t n)

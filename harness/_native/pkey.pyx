@@ -2,7 +2,7 @@
 """Bindings to native/pkey: compartments, gates, probes, gate benchmarks."""
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from harness._native.errors cimport DH_EACCES, DH_EIO, DH_ENOSYS, DH_ETOOBIG, check
 from harness._native.transport cimport Samples
@@ -70,10 +70,30 @@ cdef class Compartment:
         return None
 
     def call(self, fn):
-        """Calls fn() inside this compartment through a gate and returns its
-        result; rights switch back before an exception from fn propagates."""
+        """Calls fn() inside this compartment through a gate (on its private
+        stack if it has one) and returns its result; rights switch back
+        before an exception from fn propagates."""
         box = [fn, None, None]
-        dh_gate_call(self._c, _trampoline, <void *>box)
+        dh_gate_call_stack(self._c, _trampoline, <void *>box)
+        if box[2] is not None:
+            raise box[2]
+        return box[1]
+
+    def gate_address(self):
+        """Where the light gate from this thread's rights into this (mpk)
+        compartment is, or None (for tests: see jump_into_gate)."""
+        cdef void *g = dh_gate_mpk_address(self._c)
+        return None if g is NULL else <size_t>g
+
+    def jump_into_gate(self, size_t offset, uint32_t pkru, fn):
+        """Jumps to gate_address() + offset (one of the gate's WRPKRUs) with
+        EAX = pkru, as code borrowing the gate's WRPKRU would, and lets the
+        gate go on to call fn(); returns what fn returned."""
+        g = self.gate_address()
+        if g is None:
+            raise ValueError(f"{self.name}: no light mpk gate into it from here")
+        box = [fn, None, None]
+        dh_gate_test_jump(<void *><size_t>(g + offset), pkru, _trampoline, <void *>box)
         if box[2] is not None:
             raise box[2]
         return box[1]
@@ -93,6 +113,24 @@ cdef uint64_t _trampoline(void *arg) noexcept with gil:
     except BaseException as exc:  # carried out of the gate, re-raised after it
         box[2] = exc
     return 0
+
+
+def read_pkru() -> int:
+    """This thread's PKRU now (0 where there are no protection keys)."""
+    return dh_gate_pkru()
+
+
+def test_signal_handler(int sig) -> None:
+    """For tests: a C handler for sig that notes PKRU and where its stack is."""
+    check(dh_gate_test_signal(sig), f"install a handler for signal {sig}")
+
+
+def test_signal_seen() -> tuple:
+    """(PKRU, stack address) the test handler saw when it last ran."""
+    cdef uint32_t pkru = 0
+    cdef uintptr_t sp = 0
+    dh_gate_test_signal_seen(&pkru, &sp)
+    return pkru, sp
 
 
 def leave_all() -> None:

@@ -16,7 +16,7 @@
  * stack tagged with its key (FlexOS's MPK-DSS).
  *
  * Every WRPKRU lives in a function named dh_gate_*, so the binary inspector
- * can tell gates from stray PKRU writes. */
+ * can tell gates from stray PKRU writes, and each is followed by its check. */
 #ifndef DH_PKEY_H
 #define DH_PKEY_H
 
@@ -50,6 +50,21 @@ int dh_gate_leave_all(void);
 uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg);
 /* The same, on the callee's private stack (MPK only). */
 uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_fn fn, void *arg);
+
+/* MPK gates are one per (caller's PKRU, callee's key), both rights
+ * immediates in the code (native/pkey/gates_mpk.c). For tests and tools:
+ * PKRU now (0 without protection keys); the light gate a call from here
+ * into callee takes (NULL if none: not MPK, or PKRU written outside the
+ * gates); and a jump into the middle of a light gate, to `target` (one of
+ * its WRPKRUs), with EAX = pkru and fn(arg) the call the gate goes on to
+ * make, as code trying to borrow the gate's WRPKRU would. */
+uint32_t dh_gate_pkru(void);
+void *dh_gate_mpk_address(const dh_comp *callee);
+uint64_t dh_gate_test_jump(void *target, uint32_t pkru, dh_gate_fn fn, void *arg);
+/* For tests: a handler for sig that notes PKRU and its own stack address
+ * when it runs (installed without SA_ONSTACK), and what it noted last. */
+int dh_gate_test_signal(int sig);
+void dh_gate_test_signal_seen(uint32_t *pkru, uintptr_t *sp);
 
 /* Touches addr from the current compartment, surviving a protection fault:
  * 0 if the access worked, DH_EACCES if it faulted (si_code in *si_code). */

@@ -12,6 +12,7 @@
 
 #include "dh_pkey.h"
 #include "dh_transport.h" /* dh_now_ns */
+#include "gates_mpk.h"
 
 #define MAX_COMPS 64
 #define BATCH DH_GATE_BATCH /* per sample: amortises the clocks */
@@ -96,7 +97,11 @@ int dh_comp_create(int backend, size_t heap_bytes, size_t stack_bytes, dh_comp *
                                             c->pkey)))
             rc = DH_EIO;
         /* Inside: key 0 (the shared domain) and its own key; no other key. */
-        c->pkru = 0xfffffffcu & ~(3u << (2 * c->pkey));
+        c->pkru = DH_PKRU_OF(c->pkey);
+        /* pkey_alloc opened the new key in this thread's PKRU, a value no
+         * gate was built for; the shared view is every key open. */
+        if (!rc && !current)
+            rc = dh_gate_leave_all();
     }
     if (!rc && backend == DH_BACKEND_MPROTECT) {
         c->accessible = 1;
@@ -177,8 +182,8 @@ int dh_gate_enter(dh_comp *c)
 
 int dh_gate_leave_all(void)
 {
-    if (current && current->backend == DH_BACKEND_MPK)
-        set_pkru(0);
+    if (dh_pkey_available())
+        set_pkru(0); /* every key open: a row of the gate table (gates_mpk.c) */
     current = NULL;
     return mprotect_view(NULL);
 }
@@ -195,10 +200,28 @@ __attribute__((noinline)) static uint64_t dh_gate_mpk(uint32_t back, uint32_t to
     return r;
 }
 
-/* The caller's rights: known without RDPKRU when it is an MPK compartment. */
+/* The caller's rights: PKRU itself, which only a gate can have written (not
+ * `current`, which is memory a callee could write). */
 static inline __attribute__((always_inline)) uint32_t caller_pkru(void)
 {
-    return current && current->backend == DH_BACKEND_MPK ? current->pkru : rdpkru();
+    return rdpkru();
+}
+
+/* The gate with immediate rights from the caller's PKRU to callee's key, or
+ * NULL if no gate wrote the caller's PKRU (pkey_set by hand). */
+static dh_gate_mpk_fn mpk_gate(const dh_comp *callee)
+{
+    int row = dh_gate_mpk_row(rdpkru());
+    return row < 0 || callee->pkey < 1 || callee->pkey > 15 ? NULL
+                                                             : dh_gate_mpk_table[row][callee->pkey];
+}
+
+static dh_gate_mpks_fn mpk_stack_gate(const dh_comp *callee)
+{
+    int row = dh_gate_mpk_row(rdpkru());
+    return row < 0 || callee->pkey < 1 || callee->pkey > 15
+               ? NULL
+               : dh_gate_mpks_table[row][callee->pkey];
 }
 
 __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg)
@@ -206,10 +229,12 @@ __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, 
     dh_comp *caller = current;
     uint64_t r;
     switch (callee->backend) {
-    case DH_BACKEND_MPK:
+    case DH_BACKEND_MPK: {
         /* PKRU itself says where we are: no other memory is touched, which
          * matters under TCG, where every WRPKRU flushes the whole TLB. */
-        return dh_gate_mpk(caller_pkru(), callee->pkru, fn, arg);
+        dh_gate_mpk_fn g = mpk_gate(callee);
+        return g ? g(fn, arg) : dh_gate_mpk(caller_pkru(), callee->pkru, fn, arg);
+    }
     case DH_BACKEND_MPROTECT:
         /* The common case, a compartment calling another: two mprotects each
          * way. From the shared view, every other heap is revoked first. */
@@ -249,16 +274,91 @@ static uint64_t call_on_stack(dh_gate_fn fn, void *arg, void *top)
     return ret;
 }
 
+/* A signal that arrives while a thread runs on a private stack (memory of
+ * a key the kernel's default rights close) would have its frame written
+ * there with those rights, and the process would die of it (Linux before
+ * 6.13). So a thread gets an alternate signal stack in the shared domain
+ * before its first private-stack gate, and every handler installed then
+ * gets SA_ONSTACK: handlers run there, with the default rights, and
+ * sigreturn restores the compartment's. A handler installed later without
+ * SA_ONSTACK is not covered (CPython's have it). */
+#define ALTSTACK_BYTES (64 << 10)
+static __thread int altstack_ready;
+
+static void signals_on_altstack(void)
+{
+    stack_t ss;
+    if (altstack_ready)
+        return;
+    altstack_ready = 1;
+    if (sigaltstack(NULL, &ss) == 0 && (ss.ss_flags & SS_DISABLE)) {
+        void *p = mmap(NULL, ALTSTACK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (p != MAP_FAILED) {
+            ss.ss_sp = p;
+            ss.ss_size = ALTSTACK_BYTES;
+            ss.ss_flags = 0;
+            if (sigaltstack(&ss, NULL))
+                munmap(p, ALTSTACK_BYTES);
+        }
+    }
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &sa))
+            continue;
+        if (sa.sa_handler != SIG_DFL && sa.sa_handler != SIG_IGN && !(sa.sa_flags & SA_ONSTACK)) {
+            sa.sa_flags |= SA_ONSTACK;
+            sigaction(sig, &sa, NULL);
+        }
+    }
+}
+
 __attribute__((noinline)) uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_fn fn,
                                                      void *arg)
 {
     if (callee->backend != DH_BACKEND_MPK || !callee->stack)
         return dh_gate_call(callee, fn, arg);
-    uint32_t saved = caller_pkru();
+    signals_on_altstack();
+    dh_gate_mpks_fn g = mpk_stack_gate(callee);
+    if (g)
+        return g(fn, arg, callee->stack + callee->stack_size);
+    uint32_t saved = caller_pkru(); /* no gate wrote PKRU: the general one */
     set_pkru(callee->pkru);
     uint64_t r = call_on_stack(fn, arg, callee->stack + callee->stack_size);
     set_pkru(saved);
     return r;
+}
+
+uint32_t dh_gate_pkru(void) { return dh_pkey_available() ? rdpkru() : 0; }
+
+static volatile uint32_t signal_pkru;
+static volatile uintptr_t signal_sp;
+
+static void on_test_signal(int sig)
+{
+    (void)sig;
+    signal_pkru = rdpkru();
+    signal_sp = (uintptr_t)__builtin_frame_address(0);
+}
+
+int dh_gate_test_signal(int sig)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_test_signal;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, NULL) ? DH_EIO : 0; /* no SA_ONSTACK: the gate adds it */
+}
+
+void dh_gate_test_signal_seen(uint32_t *pkru, uintptr_t *sp)
+{
+    *pkru = signal_pkru;
+    *sp = signal_sp;
+}
+
+void *dh_gate_mpk_address(const dh_comp *callee)
+{
+    return callee->backend == DH_BACKEND_MPK ? (void *)mpk_gate(callee) : NULL;
 }
 
 /* ---- probing and reporting faults ------------------------------------------------ */
@@ -358,16 +458,18 @@ static uint64_t (*volatile target)(void *) = empty; /* an indirect call, as a ga
 /* What a caller compiled against a compartment does. FlexOS fixes each
  * gate's backend when the image is built (a none gate is a plain call); ours
  * is fixed when the compartment is made, so the call site holds it, and the
- * caller's PKRU, in registers rather than loading them per call. */
-static inline __attribute__((always_inline)) uint64_t gate(int backend, uint32_t back,
-                                                           uint32_t to, dh_comp *callee,
-                                                           dh_gate_fn fn, int private_stack)
+ * MPK gate for this caller and callee, rather than choosing them per call. */
+static inline __attribute__((always_inline)) uint64_t gate(int backend, dh_gate_mpk_fn light,
+                                                           dh_gate_mpks_fn stacked,
+                                                           dh_comp *callee, dh_gate_fn fn)
 {
     if (backend == DH_BACKEND_NONE)
         return fn(NULL);
-    if (backend == DH_BACKEND_MPK && !private_stack)
-        return dh_gate_mpk(back, to, fn, NULL);
-    return private_stack ? dh_gate_call_stack(callee, fn, NULL) : dh_gate_call(callee, fn, NULL);
+    if (stacked)
+        return stacked(fn, NULL, callee->stack + callee->stack_size);
+    if (light)
+        return light(fn, NULL);
+    return dh_gate_call(callee, fn, NULL);
 }
 
 int dh_bench_gate(dh_comp *callee, int private_stack, uint64_t *cycles, uint64_t *ns, size_t n)
@@ -375,22 +477,31 @@ int dh_bench_gate(dh_comp *callee, int private_stack, uint64_t *cycles, uint64_t
     if (private_stack && (callee->backend != DH_BACKEND_MPK || !callee->stack))
         return DH_EINVAL;
     const int backend = callee->backend;
-    const uint32_t back = backend == DH_BACKEND_MPK ? caller_pkru() : 0, to = callee->pkru;
+    dh_gate_mpk_fn light = NULL;
+    dh_gate_mpks_fn stacked = NULL;
+    if (backend == DH_BACKEND_MPK) {
+        light = private_stack ? NULL : mpk_gate(callee);
+        stacked = private_stack ? mpk_stack_gate(callee) : NULL;
+        if (private_stack)
+            signals_on_altstack();
+        if (!light && !stacked)
+            return DH_EINVAL; /* PKRU was written outside the gates */
+    }
     /* One loop per backend, each with it as a constant: a call site built
      * for one compartment knows its backend, so it tests nothing per call
      * (a none gate is the plain indirect call its floor makes). */
     switch (backend) {
     case DH_BACKEND_NONE:
-        SAMPLE(gate(DH_BACKEND_NONE, back, to, callee, target, 0))
+        SAMPLE(gate(DH_BACKEND_NONE, NULL, NULL, callee, target))
         break;
     case DH_BACKEND_MPK:
-        if (private_stack)
-            SAMPLE(gate(DH_BACKEND_MPK, back, to, callee, target, 1))
+        if (stacked)
+            SAMPLE(gate(DH_BACKEND_MPK, NULL, stacked, callee, target))
         else
-            SAMPLE(gate(DH_BACKEND_MPK, back, to, callee, target, 0))
+            SAMPLE(gate(DH_BACKEND_MPK, light, NULL, callee, target))
         break;
     default:
-        SAMPLE(gate(backend, back, to, callee, target, private_stack))
+        SAMPLE(gate(backend, NULL, NULL, callee, target))
     }
     return 0;
 }

@@ -87,3 +87,80 @@ def test_deterministic_gate_figures_repeat():
     # last tick (its division is a loop), so they agree to within that.
     for metric in ("gate_none_ns", "gate_mpk_light_ns", "gate_mpk_stack_ns"):
         assert abs(runs[0][metric] - runs[1][metric]) <= 0.2, metric
+
+
+SOUND = textwrap.dedent("""
+    import ctypes, json
+    from harness._native import pkey
+    from harness.isolation.compartments import Domain, parse
+    d = Domain(parse({"compartments": [{"name": n, "backend": "mpk"} for n in "abc"]}, "<g>"))
+    a, b, c = d["a"], d["b"], d["c"]
+    def rights(comp):
+        return 0xfffffffc & ~(3 << (2 * comp.pkey))
+    d.enter("a")
+    out = {"a": pkey.read_pkru() == rights(a)}
+    seen = {}
+    def in_c():
+        seen["c"] = pkey.read_pkru()
+    def in_b():
+        seen["b"] = pkey.read_pkru()
+        c.call(in_c)  # nested: a -> b -> c
+        seen["b_after_c"] = pkey.read_pkru()
+    b.call(in_b)
+    out["nested"] = (seen["b"] == seen["b_after_c"] == rights(b) and seen["c"] == rights(c)
+                     and pkey.read_pkru() == rights(a))
+    b.call(lambda: c.enter())  # the callee rewrites the thread's compartment state
+    out["callee_state"] = pkey.read_pkru() == rights(a)
+    code = ctypes.string_at(b.gate_address(), 96)
+    first = code.find(b"\\x0f\\x01\\xef")
+    second = code.find(b"\\x0f\\x01\\xef", first + 1)
+    got = b.jump_into_gate(first, 0, pkey.read_pkru)  # 0: every key open
+    out["jump_in"] = got == rights(b) and pkey.read_pkru() == rights(a)
+    b.jump_into_gate(second, 0, pkey.read_pkru)  # the return's WRPKRU
+    out["jump_out"] = pkey.read_pkru() == rights(a)
+    d.close()
+    print("SOUND", json.dumps(out))
+""")
+
+
+def test_gates_hold_against_the_code_they_isolate(tmp_path):
+    script = tmp_path / "sound.py"
+    script.write_text(SOUND)
+    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.split("SOUND ", 1)[1])
+    assert out == {"a": True, "nested": True, "callee_state": True, "jump_in": True,
+                   "jump_out": True}
+
+
+SIGNALLED = textwrap.dedent("""
+    import json, os, signal
+    from harness._native import pkey
+    from harness.isolation.compartments import Domain, parse
+    pkey.test_signal_handler(signal.SIGUSR1)  # installed without SA_ONSTACK
+    d = Domain(parse({"compartments": [
+        {"name": "app", "backend": "mpk"},
+        {"name": "lib", "backend": "mpk", "private_stack": True}]}, "<g>"))
+    lib = d["lib"]
+    d.enter("app")
+    def inside():  # on lib's private stack, with lib's rights
+        here = pkey.read_pkru()
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered before kill returns
+        return here, pkey.read_pkru()
+    before, after = d.call("lib", inside)
+    seen, sp = pkey.test_signal_seen()
+    print("SIGNAL", json.dumps({"lib": 0xfffffffc & ~(3 << (2 * lib.pkey)), "before": before,
+                                "after": after, "handler": seen, "sp": sp}))
+""")
+
+
+def test_a_signal_on_a_private_stack_runs_its_handler_with_default_rights(tmp_path):
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED)
+    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # the process lived
+    out = json.loads(r.stdout.split("SIGNAL ", 1)[1])
+    assert out["before"] == out["after"] == out["lib"]  # sigreturn restored lib's rights
+    assert out["handler"] == 0x55555554 and out["sp"]  # the kernel's default: key 0 only
