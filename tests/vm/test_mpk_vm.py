@@ -3,12 +3,10 @@ SEGV_PKUERR, a gate, the private-stack gate, and the inspector on the
 extension that holds the WRPKRUs."""
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
+from .guest_python import HARNESS, run_script, tagged_json
 
 IN_GUEST = textwrap.dedent("""
     import subprocess, sys
@@ -40,13 +38,7 @@ IN_GUEST = textwrap.dedent("""
 
 
 def test_mpk_in_a_guest(tmp_path):
-    script = tmp_path / "mpk_check.py"
-    script.write_text(IN_GUEST)
-    os.chmod(script, 0o644)
-    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
+    out = run_script(tmp_path, IN_GUEST, "mpk_check.py")
     assert "FAULT compartment 'app' (mpk) touched the memory of 'kv' (mpk)" in out
     assert "SEGV_PKUERR" in out
     assert "GATE ok" in out and "AFTER SEGV_PKUERR" in out and "STACKGATE 20" in out
@@ -124,12 +116,7 @@ SOUND = textwrap.dedent("""
 
 
 def test_gates_hold_against_the_code_they_isolate(tmp_path):
-    script = tmp_path / "sound.py"
-    script.write_text(SOUND)
-    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.split("SOUND ", 1)[1])
+    out = tagged_json(run_script(tmp_path, SOUND), "SOUND")
     assert out == {"a": True, "nested": True, "callee_state": True, "jump_in": True,
                    "jump_out": True}
 
@@ -156,11 +143,6 @@ SIGNALLED = textwrap.dedent("""
 
 
 def test_a_signal_on_a_private_stack_runs_its_handler_with_default_rights(tmp_path):
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED)
-    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr  # the process lived
-    out = json.loads(r.stdout.split("SIGNAL ", 1)[1])
+    out = tagged_json(run_script(tmp_path, SIGNALLED), "SIGNAL")  # the process lived
     assert out["before"] == out["after"] == out["lib"]  # sigreturn restored lib's rights
     assert out["handler"] == 0x55555554 and out["sp"]  # the kernel's default: key 0 only

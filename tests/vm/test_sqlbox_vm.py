@@ -4,10 +4,9 @@ private-stack gate, and `bench sqlite --placement vm`'s rows."""
 
 import json
 import subprocess
-import sys
 import textwrap
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
+from .guest_python import HARNESS, run_script, tagged_json
 
 IN_GUEST = textwrap.dedent("""
     import json
@@ -41,12 +40,7 @@ IN_GUEST = textwrap.dedent("""
 def test_sqlite_in_an_mpk_compartment(tmp_path):
     import sqlite3
 
-    script = tmp_path / "sqlbox_check.py"
-    script.write_text(IN_GUEST)
-    r = subprocess.run([*HARNESS, "boot", "--", sys.executable, str(script)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    out = tagged_json(run_script(tmp_path, IN_GUEST), "RESULT")
     con = sqlite3.connect(":memory:")
     con.execute("CREATE TABLE t(a INTEGER, b TEXT)")
     con.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(200)])
