@@ -81,21 +81,21 @@ def run_one(backend: str, n: int = N) -> tuple[float, str]:
     if backend == "rpc":
         return _run_rpc(n)
     from harness._native import pkey
+    from harness.isolation.compartments import Domain, parse
 
     kind = "mpk" if backend.startswith("mpk") else backend
-    app = pkey.Compartment("app", kind, 1 << 20)
-    lib = pkey.Compartment("sqlite", kind, 64 << 20,
-                           256 << 10 if backend == "mpk_stack" else 0)
-    app.enter()
-    try:
-        box = pkey.SQLiteBox(lib, private_stack=backend == "mpk_stack")
+    stack = backend == "mpk_stack"
+    with Domain(parse({"compartments": [
+            {"name": "app", "backend": kind},
+            {"name": "sqlite", "backend": kind, "heap": "64MiB", "private_stack": stack}]},
+            "<bench sqlite>")) as d:
+        d.enter("app")
+        box = pkey.SQLiteBox(d["sqlite"], private_stack=stack)
         try:
             seconds = box.bench_insert(n)
             digest = hashlib.sha256(repr(box.execute(DIGEST)).encode()).hexdigest()
         finally:
             box.close()
-    finally:
-        pkey.leave_all()
     return seconds, digest
 
 

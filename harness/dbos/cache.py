@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import sqlite3
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from harness.dbos.fs import BLOCK, read_blocks
@@ -62,6 +63,25 @@ class ReadCache:
         finally:
             os.close(fd)
         return True
+
+    def read_through(self, key: Any, resolve: Callable[[sqlite3.Connection], tuple],
+                     end_of: Callable[[int], int], offset: int) -> bytes | None:
+        """A read from `offset` of the file `key` names: resolve(con) gives
+        its row (file id, size, ...), end_of(size) where the read stops
+        (and may raise). From the cache where it holds the blocks, else in
+        one read transaction that fills it; None if no cache can be used
+        here (the caller reads the tables itself)."""
+        with self.db.lock:
+            if not self.fresh():
+                return None
+            hit = self.files.get(key)
+            if hit is not None:
+                out = self.cached(hit[0], offset, end_of(hit[1]))
+                if out is not None:
+                    return out
+            with self.db.tx(write=False) as con:
+                row = self.files[key] = resolve(con)
+                return self.read(con, row[0], offset, end_of(row[1]))
 
     def cached(self, fid: int, offset: int, end: int) -> bytes | None:
         """The bytes [offset, end) of a file at least end long if the cache

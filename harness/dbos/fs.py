@@ -84,11 +84,6 @@ def truncate_blocks(con: sqlite3.Connection, fid: int, size: int) -> None:
                     "AND block_number = ?", (tail, fid, nblocks - 1))
 
 
-def _end(fsize: int, offset: int, size: int) -> int:
-    """Where a read of size bytes (-1: to the end) at offset stops."""
-    return fsize if size < 0 else min(fsize, offset + size)
-
-
 class FileSystem:
     def __init__(self, db: Store) -> None:
         from harness.dbos.cache import ReadCache
@@ -196,25 +191,19 @@ class FileSystem:
     def read(self, path: str, offset: int = 0, size: int = -1, task: int | None = None) -> bytes:
         if offset < 0:
             raise FSError(errno.EINVAL, path)
-        if task is None:  # a read that logs nothing may come from the cache
-            with self.db.lock:
-                if self.cache.fresh():
-                    hit = self.cache.files.get(path)
-                    if hit is not None:
-                        out = self.cache.cached(hit[0], offset, _end(hit[1], offset, size))
-                        if out is not None:
-                            return out
-                    with self.db.tx(write=False) as con:
-                        fid, fsize = self.cache.files[path] = self._file(con, path)
-                        end = _end(fsize, offset, size)
-                        if end - offset > MAX_READ:
-                            raise FSError(errno.EFBIG, path)
-                        return self.cache.read(con, fid, offset, end)
-        with self.db.tx(write=task is not None) as con:
-            fid, fsize = self._file(con, path)
-            end = _end(fsize, offset, size)
+        def end_of(fsize: int) -> int:  # where the read stops
+            end = fsize if size < 0 else min(fsize, offset + size)
             if end - offset > MAX_READ:
                 raise FSError(errno.EFBIG, path)
+            return end
+        if task is None:  # a read that logs nothing may come from the cache
+            out = self.cache.read_through(path, lambda con: self._file(con, path), end_of,
+                                          offset)
+            if out is not None:
+                return out
+        with self.db.tx(write=task is not None) as con:
+            fid, fsize = self._file(con, path)
+            end = end_of(fsize)
             out = read_blocks(con, fid, offset, end)
             if task is not None:
                 self.db.log(con, "file_read", f"file:{fid}", task)

@@ -366,19 +366,13 @@ class VFS:
         if offset < 0 or size < 0:
             raise FSError(errno.EINVAL, f"inode {ino}")
         size = min(size, MAX_READ)
-        with self.db.lock:
-            if not self.cache.fresh():
-                with self.db.tx(write=False) as con:
-                    fid, fsize, _ = self._file_of(con, ino)
-                    return read_blocks(con, fid, offset, min(fsize, offset + size))
-            hit = self.cache.files.get(ino)
-            if hit is not None:
-                out = self.cache.cached(hit[0], offset, min(hit[1], offset + size))
-                if out is not None:
-                    return out
-            with self.db.tx(write=False) as con:
-                fid, fsize, _ = self.cache.files[ino] = self._file_of(con, ino)
-                return self.cache.read(con, fid, offset, min(fsize, offset + size))
+        out = self.cache.read_through(ino, lambda con: self._file_of(con, ino),
+                                      lambda fsize: min(fsize, offset + size), offset)
+        if out is not None:
+            return out
+        with self.db.tx(write=False) as con:
+            fid, fsize, _ = self._file_of(con, ino)
+            return read_blocks(con, fid, offset, min(fsize, offset + size))
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         if offset < 0:

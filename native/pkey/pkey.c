@@ -200,28 +200,25 @@ __attribute__((noinline)) static uint64_t dh_gate_mpk(uint32_t back, uint32_t to
     return r;
 }
 
-/* The caller's rights: PKRU itself, which only a gate can have written (not
- * `current`, which is memory a callee could write). */
-static inline __attribute__((always_inline)) uint32_t caller_pkru(void)
+/* The row of the gate tables for a call from here into callee: picked by
+ * PKRU itself, which only a gate can have written (not `current`, memory a
+ * callee could write); -1 if no gate wrote the caller's PKRU (pkey_set by
+ * hand), when the general gates below serve. */
+static int gate_row(const dh_comp *callee)
 {
-    return rdpkru();
+    return callee->pkey < 1 || callee->pkey > 15 ? -1 : dh_gate_mpk_row(rdpkru());
 }
 
-/* The gate with immediate rights from the caller's PKRU to callee's key, or
- * NULL if no gate wrote the caller's PKRU (pkey_set by hand). */
 static dh_gate_mpk_fn mpk_gate(const dh_comp *callee)
 {
-    int row = dh_gate_mpk_row(rdpkru());
-    return row < 0 || callee->pkey < 1 || callee->pkey > 15 ? NULL
-                                                             : dh_gate_mpk_table[row][callee->pkey];
+    int row = gate_row(callee);
+    return row < 0 ? NULL : dh_gate_mpk_table[row][callee->pkey];
 }
 
 static dh_gate_mpks_fn mpk_stack_gate(const dh_comp *callee)
 {
-    int row = dh_gate_mpk_row(rdpkru());
-    return row < 0 || callee->pkey < 1 || callee->pkey > 15
-               ? NULL
-               : dh_gate_mpks_table[row][callee->pkey];
+    int row = gate_row(callee);
+    return row < 0 ? NULL : dh_gate_mpks_table[row][callee->pkey];
 }
 
 __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, void *arg)
@@ -233,7 +230,7 @@ __attribute__((noinline)) uint64_t dh_gate_call(dh_comp *callee, dh_gate_fn fn, 
         /* PKRU itself says where we are: no other memory is touched, which
          * matters under TCG, where every WRPKRU flushes the whole TLB. */
         dh_gate_mpk_fn g = mpk_gate(callee);
-        return g ? g(fn, arg) : dh_gate_mpk(caller_pkru(), callee->pkru, fn, arg);
+        return g ? g(fn, arg) : dh_gate_mpk(rdpkru(), callee->pkru, fn, arg);
     }
     case DH_BACKEND_MPROTECT:
         /* The common case, a compartment calling another: two mprotects each
@@ -322,7 +319,7 @@ __attribute__((noinline)) uint64_t dh_gate_call_stack(dh_comp *callee, dh_gate_f
     dh_gate_mpks_fn g = mpk_stack_gate(callee);
     if (g)
         return g(fn, arg, callee->stack + callee->stack_size);
-    uint32_t saved = caller_pkru(); /* no gate wrote PKRU: the general one */
+    uint32_t saved = rdpkru(); /* no gate wrote PKRU: the general one */
     set_pkru(callee->pkru);
     uint64_t r = call_on_stack(fn, arg, callee->stack + callee->stack_size);
     set_pkru(saved);
