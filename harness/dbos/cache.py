@@ -15,13 +15,15 @@ for. Without a `-shm` file (an in-memory database) nothing is cached."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from harness.dbos.fs import BLOCK, read_blocks
+from harness.dbos.fs import BLOCK, MAX_READ, read_blocks
+from harness.errors import FSError
 
 if TYPE_CHECKING:
     from harness.dbos.store import Store
@@ -29,6 +31,13 @@ if TYPE_CHECKING:
 HEADER = 48  # one copy of the WAL-index header
 MAX_BLOCKS = 16384  # 64 MiB of blocks; the oldest go first
 MAX_SPAN = 32  # blocks: a larger read goes to SQLite alone (FUSE reads 128 KiB at most)
+
+
+def _end(fsize: int, offset: int, size: int, key: Any) -> int:
+    end = fsize if size < 0 else min(fsize, offset + size)
+    if end - offset > MAX_READ:
+        raise FSError(errno.EFBIG, str(key))
+    return end
 
 
 class ReadCache:
@@ -64,24 +73,24 @@ class ReadCache:
             os.close(fd)
         return True
 
-    def read_through(self, key: Any, resolve: Callable[[sqlite3.Connection], tuple],
-                     end_of: Callable[[int], int], offset: int) -> bytes | None:
-        """A read from `offset` of the file `key` names: resolve(con) gives
-        its row (file id, size, ...), end_of(size) where the read stops
-        (and may raise). From the cache where it holds the blocks, else in
-        one read transaction that fills it; None if no cache can be used
-        here (the caller reads the tables itself)."""
+    def read_through(self, key: Any, resolve: Callable[[sqlite3.Connection, Any], tuple],
+                     offset: int, size: int) -> bytes | None:
+        """A read of size bytes (-1: to the end) at offset of the file `key`
+        names; resolve(con, key) gives its row (file id, size, ...). From
+        the cache where it holds the blocks, else in one read transaction
+        that fills it; None if no cache can be used here (the caller reads
+        the tables itself). A read of more than MAX_READ is EFBIG."""
         with self.db.lock:
             if not self.fresh():
                 return None
             hit = self.files.get(key)
             if hit is not None:
-                out = self.cached(hit[0], offset, end_of(hit[1]))
+                out = self.cached(hit[0], offset, _end(hit[1], offset, size, key))
                 if out is not None:
                     return out
             with self.db.tx(write=False) as con:
-                row = self.files[key] = resolve(con)
-                return self.read(con, row[0], offset, end_of(row[1]))
+                row = self.files[key] = resolve(con, key)
+                return self.read(con, row[0], offset, _end(row[1], offset, size, key))
 
     def cached(self, fid: int, offset: int, end: int) -> bytes | None:
         """The bytes [offset, end) of a file at least end long if the cache

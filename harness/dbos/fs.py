@@ -191,19 +191,15 @@ class FileSystem:
     def read(self, path: str, offset: int = 0, size: int = -1, task: int | None = None) -> bytes:
         if offset < 0:
             raise FSError(errno.EINVAL, path)
-        def end_of(fsize: int) -> int:  # where the read stops
-            end = fsize if size < 0 else min(fsize, offset + size)
-            if end - offset > MAX_READ:
-                raise FSError(errno.EFBIG, path)
-            return end
         if task is None:  # a read that logs nothing may come from the cache
-            out = self.cache.read_through(path, lambda con: self._file(con, path), end_of,
-                                          offset)
+            out = self.cache.read_through(path, self._file, offset, size)
             if out is not None:
                 return out
         with self.db.tx(write=task is not None) as con:
             fid, fsize = self._file(con, path)
-            end = end_of(fsize)
+            end = fsize if size < 0 else min(fsize, offset + size)
+            if end - offset > MAX_READ:
+                raise FSError(errno.EFBIG, path)
             out = read_blocks(con, fid, offset, end)
             if task is not None:
                 self.db.log(con, "file_read", f"file:{fid}", task)

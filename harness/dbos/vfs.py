@@ -366,8 +366,7 @@ class VFS:
         if offset < 0 or size < 0:
             raise FSError(errno.EINVAL, f"inode {ino}")
         size = min(size, MAX_READ)
-        out = self.cache.read_through(ino, lambda con: self._file_of(con, ino),
-                                      lambda fsize: min(fsize, offset + size), offset)
+        out = self.cache.read_through(ino, self._file_of, offset, size)
         if out is not None:
             return out
         with self.db.tx(write=False) as con:
