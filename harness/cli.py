@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every node this way (default: as the topology says)")
     sp.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for every node to be ready (default: 60)")
+    sp.add_argument("--cold", action="store_true",
+                    help="boot VM nodes instead of restoring their snapshots")
 
     for name, fn, help_ in (("status", cluster.cmd_status, "list the nodes of a running cluster"),
                             ("down", cluster.cmd_down, "stop a cluster started with `harness up`")):
@@ -99,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--deterministic", action="store_true",
                     help="count instructions (-icount): in-guest timings repeat exactly")
     sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    sp.add_argument("--cold", action="store_true",
+                    help="boot the guest instead of restoring its snapshot")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    sp = add("snapshot", standalone.cmd_snapshot, "saved VM states that nodes and `harness "
+             "boot` start from: taken on first use, cached by what changes them", True)
+    sp.add_argument("action", choices=["build", "list", "clean"])
+    sp.add_argument("topology", nargs="?", default="lego3",
+                    help="build: the topology whose VM nodes to snapshot (default: lego3)")
+    sp.add_argument("--timeout", type=float, default=180.0,
+                    help="build: seconds to wait for the nodes (default: 180)")
 
     sp = add("bench", standalone.cmd_bench, "run a benchmark; every row is reported beside its "
              "floor", True)
@@ -162,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--channels", type=int, default=4,
                     help="memory channels in the pnode guest (placement vm): processes that "
                     "can be on remote memory at once (default: 4)")
+    sp.add_argument("--cold", action="store_true",
+                    help="boot VM nodes instead of restoring their snapshots")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     sp = add("fault", cluster.cmd_fault, "inject a fault into a node of a running cluster")
@@ -174,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("smoke", cluster.cmd_smoke, "the CI smoke boot: VM cluster, a remote page, an MPK "
              "fault, a SQL query; each phase timed")
     sp.add_argument("--timeout", type=float, default=180.0)
+    sp.add_argument("--cold", action="store_true",
+                    help="boot VM nodes instead of restoring their snapshots")
 
     sp = add("demo", cluster.cmd_demo, "the main job: boot the VM cluster, run the workloads, "
              "write a report")

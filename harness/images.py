@@ -34,7 +34,7 @@ from harness.paths import cache_dir
 from harness.progress import Progress, silent
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
-BUILDER_VERSION = 2  # bump when this module changes what it writes
+BUILDER_VERSION = 3  # bump when this module changes what it writes
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
@@ -261,14 +261,27 @@ def _read_module(path: Path) -> bytes:
     return strip_signature(data)
 
 
+FRESH_SOURCE = Path(__file__).resolve().parents[1] / "native" / "fresh" / "dh_fresh.c"
+
+
+def compile_fresh(out: Path) -> Path:
+    """dh-fresh, static: the initramfs has no libc. It is part of the image
+    (its source is in the image's key), not of the Python package."""
+    exe = out / "dh-fresh"
+    _run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(FRESH_SOURCE)],
+         "compiling dh-fresh (gcc and libc6-dev: scripts/setup.sh installs them)")
+    return exe
+
+
 def build_initramfs(busybox: Path, init_text: str, modroot: Path,
-                    lists: dict[str, list[str]]) -> bytes:
+                    lists: dict[str, list[str]], fresh: Path) -> bytes:
     """lists: file name under /etc -> module paths in load order."""
     c = _Cpio()
     for d in ("bin", "dev", "etc", "proc", "sys", "newroot", "lib", "lib/modules"):
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.file("bin/busybox", busybox.read_bytes(), 0o755)
+    c.file("bin/dh-fresh", fresh.read_bytes(), 0o755)
     c.file("init", init_text.encode(), 0o755)
     for listname, order in lists.items():
         names = []
@@ -285,6 +298,7 @@ def _key(package: str, recipe_text: str, init_text: str, busybox: Path) -> str:
     for part in (str(BUILDER_VERSION), package, recipe_text, init_text):
         h.update(part.encode() + b"\0")
     h.update(hashlib.sha256(busybox.read_bytes()).digest())
+    h.update(hashlib.sha256(FRESH_SOURCE.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -338,9 +352,11 @@ def build(progress: Progress | None = None, force: bool = False) -> Image:
         base = module_load_order(modroot, recipe["modules"])
         disk = [m for m in module_load_order(modroot, recipe.get("disk_modules", []))
                 if m not in base]
+        rootimg = [m for m in module_load_order(modroot, recipe.get("root_modules", []))
+                   if m not in base]
         lazy = [m for m in module_load_order(modroot, recipe.get("lazy_modules", []))
-                if m not in base + disk]
-        order = base + disk + lazy
+                if m not in base + disk + rootimg]
+        order = base + disk + [m for m in rootimg if m not in disk] + lazy
         images_dir().mkdir(parents=True, exist_ok=True)
         tmp_out = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=images_dir()))
         tmp_out.chmod(0o755)
@@ -356,7 +372,8 @@ def build(progress: Progress | None = None, force: bool = False) -> Image:
             say(f"writing the initramfs ({len(order)} modules)")
             (tmp_out / "initramfs.cpio").write_bytes(build_initramfs(
                 busybox, init_text, modroot, {"modules.load": base, "modules.disk": disk,
-                                                  "modules.lazy": lazy}))
+                                              "modules.root": rootimg, "modules.lazy": lazy},
+                compile_fresh(root)))
             img = Image(kernel=str(out / "vmlinuz"), vmlinux=str(out / "vmlinux") if pvh else None,
                         initramfs=str(out / "initramfs.cpio"), kernel_version=kver,
                         kernel_package=f"{pkg}={version}",

@@ -43,7 +43,7 @@ else:
 """
 
 
-def run(timeout: float = 180.0) -> int:
+def run(timeout: float = 180.0, cold: bool = False) -> int:
     t0 = time.monotonic()
     phases: list[tuple[str, float]] = []
 
@@ -53,7 +53,7 @@ def run(timeout: float = 180.0) -> int:
 
     try:
         start = time.monotonic()
-        with open_cluster("lego3", placement="vm", timeout=timeout) as c:
+        with open_cluster("lego3", placement="vm", timeout=timeout, cold=cold) as c:
             phase("boot (3 VMs, links answering)", start)
             for name, code in (("remote page round trip", PAGE_ROUND_TRIP),
                                ("MPK fault in the pnode guest", MPK_FAULT)):

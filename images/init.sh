@@ -2,7 +2,8 @@
 # disagg-harness guest init. Mounts the host's root read-only over 9p, shows
 # the harness's run directory at /run/dh/run, and runs one executable from it
 # in a chroot with the host's own programs (the project's own Python, so a
-# code change needs no image rebuild). Kernel parameters:
+# code change needs no image rebuild). Kernel parameters (and, after a
+# snapshot point, the per-start line that dh-fresh prints):
 #   dh.mode=bare      power off at once (the boot benchmark's floor)
 #   dh.script=NAME    run RUN_DIR/NAME (an executable: a shebang script), then
 #                     report "DH-EXIT <status>"
@@ -10,71 +11,136 @@
 #   dh.keep=P1,P2     host paths under /tmp or /run the guest must still see
 #                     (the project, its venv, the caller's directory)
 #   dh.disk=1         load ext4, mount /dev/vda at /run/dh/disk
-/bin/busybox mkdir -p /proc /sys /dev /bin /newroot
+#   dh.snap=1         a snapshot point before 9p is mounted (a mounted export
+#                     blocks migration): print DH-SNAP, wait for the host's
+#                     per-start line on the dh.go port (harness boot)
+#   dh.root=image     the root is the read-only image on the disk with serial
+#                     dhroot; its /.dh/agent starts and waits for its spec (the
+#                     snapshot point of a cluster node); once the host's line
+#                     comes, the host root is mounted at /run/dh/host for the
+#                     programs the node runs, and the disk at /run/dh/disk
+/bin/busybox mkdir -p /proc /sys /dev /bin /newroot /params
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 
-arg() {
-    for w in $(cat /proc/cmdline); do
-        case "$w" in "$1"=*) echo "${w#*=}" ;; esac
+arg() {  # the last word wins: the per-start line comes after the kernel's
+    v=""
+    for w in $(cat /proc/cmdline /params/line 2>/dev/null); do
+        case "$w" in "$1"=*) v="${w#*=}" ;; esac
     done
+    echo "$v"
 }
 finish() {
     echo "DH-EXIT $1" > /dev/console
     sync
     poweroff -f
 }
+fail() {
+    echo "dh-init: $1" > /dev/console
+    finish 125
+}
 
 [ "$(arg dh.mode)" = bare ] && poweroff -f
 
 load() {
     for m in $(cat "$1"); do
+        [ -e "/sys/module/${m%.ko}" ] && continue  # the root's and the disk's lists share some
         insmod "/lib/modules/$m" || echo "dh-init: insmod $m failed" > /dev/console
     done
 }
 load /etc/modules.load
+[ "$(arg dh.root)" = image ] && load /etc/modules.root
 [ "$(arg dh.disk)" = 1 ] && load /etc/modules.disk
 
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /newroot \
-    || { echo "dh-init: cannot mount the host root over 9p" > /dev/console; finish 125; }
-# The run directory usually lives under the host's /tmp or /run, which the
-# guest's own tmpfs mounts below would hide: hold it aside, then move it in.
-mkdir -p /rundir
-mount --bind "/newroot$(arg dh.rundir)" /rundir \
-    || { echo "dh-init: the run directory $(arg dh.rundir) is not visible" > /dev/console; finish 125; }
-i=0
-for p in $(arg dh.keep | tr , ' '); do
-    mkdir -p "/keep/$i"
-    mount --bind "/newroot$p" "/keep/$i" && echo "$p" > "/keep/$i.path"
-    i=$((i + 1))
-done
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
-mount -t tmpfs -o mode=755 run /newroot/run
-mkdir -p /newroot/run/dh/run /newroot/run/dh/disk /newroot/run/dh/modules
-for m in $(cat /etc/modules.lazy); do  # for the guest to load when it needs them
-    cp "/lib/modules/$m" /newroot/run/dh/modules/ && echo "$m" >> /newroot/run/dh/modules/order
-done
-mount --move /rundir /newroot/run/dh/run
-for f in /keep/*.path; do
-    [ -e "$f" ] || continue
-    p=$(cat "$f")
-    mkdir -p "/newroot$p"
-    mount --move "${f%.path}" "/newroot$p"
-done
-mount -t devtmpfs dev /newroot/dev
-mount -t proc proc /newroot/proc
-mount -t sysfs sys /newroot/sys
-mkdir -p /newroot/dev/virtio-ports /newroot/dev/shm
-for p in /sys/class/virtio-ports/*; do
-    [ -e "$p/name" ] && ln -sf "../$(basename "$p")" "/newroot/dev/virtio-ports/$(cat "$p/name")"
-done
-if [ "$(arg dh.disk)" = 1 ]; then
-    mount -t ext4 /dev/vda /newroot/run/dh/disk \
-        || { echo "dh-init: cannot mount /dev/vda" > /dev/console; finish 125; }
+fresh() {  # blocks until the host, having restored this guest, sends its line
+    port=/dev/vport0p1
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = dh.go ] && port="/dev/$(basename "$p")"
+    done
+    /bin/dh-fresh "$port" > /params/line || fail "cannot make the restored guest fresh"
+}
+
+# prepare ROOT: what a root needs around it. The run directory and the kept
+# paths usually live under the host's /tmp or /run, which ROOT's own tmpfs
+# mounts would hide: hold them aside, then move them in.
+prepare() {
+    root=$1
+    rundir=$(arg dh.rundir)
+    mkdir -p /hold/run
+    if [ -n "$rundir" ]; then
+        mount --bind "$root$rundir" /hold/run \
+            || fail "the run directory $rundir is not visible"
+    fi
+    i=0
+    for p in $(arg dh.keep | tr , ' '); do
+        mkdir -p "/hold/$i"
+        mount --bind "$root$p" "/hold/$i" && echo "$p" > "/hold/$i.path"
+        i=$((i + 1))
+    done
+    mount -t tmpfs -o mode=1777 tmp "$root/tmp"
+    mount -t tmpfs -o mode=755 run "$root/run"
+    mkdir -p "$root/run/dh/run" "$root/run/dh/disk" "$root/run/dh/modules" "$root/run/dh/host"
+    for m in $(cat /etc/modules.lazy); do  # for the guest to load when it needs them
+        cp "/lib/modules/$m" "$root/run/dh/modules/" && echo "$m" >> "$root/run/dh/modules/order"
+    done
+    [ -n "$rundir" ] && mount --move /hold/run "$root/run/dh/run"
+    for f in /hold/*.path; do
+        [ -e "$f" ] || continue
+        p=$(cat "$f")
+        mkdir -p "$root$p"
+        mount --move "${f%.path}" "$root$p"
+        rm "$f"
+    done
+    mount -t devtmpfs dev "$root/dev"
+    mount -t proc proc "$root/proc"
+    mount -t sysfs sys "$root/sys"
+    mkdir -p "$root/dev/virtio-ports" "$root/dev/shm"
+    for p in /sys/class/virtio-ports/*; do
+        [ -e "$p/name" ] && ln -sf "../$(basename "$p")" "$root/dev/virtio-ports/$(cat "$p/name")"
+    done
+}
+hostroot() {
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot "$1" \
+        || fail "cannot mount the host root over 9p"
+}
+disk() {
+    [ "$(arg dh.disk)" = 1 ] || return 0
+    blockdev --flushbufs /dev/vda  # blocks cached before a snapshot are another disk's
+    mount -t ext4 /dev/vda "$1" || fail "cannot mount /dev/vda"
+}
+
+if [ "$(arg dh.root)" = image ]; then
+    dev=""
+    for b in /sys/block/vd*; do
+        [ "$(cat "$b/serial" 2>/dev/null)" = dhroot ] && dev="/dev/$(basename "$b")"
+    done
+    [ -n "$dev" ] || fail "no root image disk (serial dhroot)"
+    mount -t erofs -o ro "$dev" /newroot || fail "cannot mount the root image $dev"
+    prepare /newroot
+    chroot /newroot /.dh/agent < /dev/null > /dev/console 2>&1 &
+    agent=$!
+    fresh
+    hostroot /newroot/run/dh/host
+    prepare /newroot/run/dh/host
+    disk /newroot/run/dh/disk
+    [ "$(arg dh.disk)" = 1 ] && mount --bind /newroot/run/dh/disk /newroot/run/dh/host/run/dh/disk
+    : > /newroot/run/dh/fresh  # the agent goes on once this is here
+    wait $agent
+    rc=$?
+    umount /newroot/run/dh/host/run/dh/disk /newroot/run/dh/disk 2>/dev/null
+    finish $rc
 fi
+
+if [ "$(arg dh.snap)" = 1 ]; then
+    echo "DH-SNAP" > /dev/console
+    fresh
+fi
+hostroot /newroot
+prepare /newroot
+disk /newroot/run/dh/disk
 
 out=/dev/console
 err=/dev/console

@@ -50,7 +50,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            f"(pid {state['pid']}); `harness down` first")
     run_dir = control.cluster_dir(topo.name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale one whose `up` died
-    cluster = Cluster(topo, run_dir=run_dir)
+    cluster = Cluster(topo, run_dir=run_dir, cold=args.cold)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -175,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     say = (lambda m: to_stderr(f"[run] {m}")) if sys.stderr.isatty() else None
     if args.memory == "local" and not args.client and not args.stats_json:
         with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
-                          progress=say) as c, _files(c, files, argv) as (task, mount):
+                          progress=say, cold=args.cold) as c, \
+                _files(c, files, argv) as (task, mount):
             pnode = next(n.name for n in c.topology.nodes if n.role == "pnode")
             r = c.exec(pnode, argv, timeout=args.timeout, files=mount)
             if task is not None:
@@ -188,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.nodes.program import run_program, summary
 
     with open_cluster(args.topology, placement=args.placement, timeout=args.timeout,
-                      memory_channels=args.channels, progress=say) as c, \
+                      memory_channels=args.channels, progress=say, cold=args.cold) as c, \
             _files(c, files, argv) as (task, mount):
         res = run_program(c, argv, memory=args.memory, cache=parse_size(args.cache),
                           policy=args.policy, prefetch=args.prefetch,
@@ -218,7 +219,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_smoke(args: argparse.Namespace) -> int:
     from harness import smoke
 
-    return smoke.run(timeout=args.timeout)
+    return smoke.run(timeout=args.timeout, cold=args.cold)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

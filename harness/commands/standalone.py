@@ -159,6 +159,39 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from harness.vm import snapshot
+
+    if args.action == "build":
+        from harness.nodes.cluster import Cluster
+        from harness.topology import load
+
+        # Starting the cluster takes each missing snapshot; it stops at once.
+        topo = load(args.topology).with_placement("vm")
+        say = None if args.json else indented
+        Cluster(topo).start(timeout=args.timeout, progress=say).stop()
+        found = snapshot.list_snapshots()
+    elif args.action == "list":
+        found = snapshot.list_snapshots()
+    else:
+        freed = snapshot.clean()
+        if args.json:
+            print(json.dumps({"freed_bytes": freed}))
+        else:
+            to_stderr(f"removed the snapshots and root images ({freed >> 20} MiB)")
+        return 0
+    if args.json:
+        print(json.dumps({"snapshots": [s.__dict__ for s in found]}))
+    elif found:
+        print(table(["key", "taken for", "state", "taken in", "taken"],
+                    [[s.key, s.node, f"{s.bytes >> 20} MiB", f"{s.build_s:.1f} s",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(s.built))] for s in found]))
+    else:
+        to_stderr("no snapshots yet; the first start of a VM node (or `harness snapshot "
+                  "build`) takes them")
+    return 0
+
+
 def cmd_boot(args: argparse.Namespace) -> int:
     from harness.topology import parse_size
     from harness.vm.boot import boot
@@ -169,7 +202,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
                            "`harness boot -- uname -a`")
     quiet = args.quiet or not sys.stderr.isatty()
     return boot(argv, role=args.role, timeout=args.timeout, deterministic=args.deterministic,
-                memory=parse_size(args.memory),
+                memory=parse_size(args.memory), cold=args.cold,
                 progress=None if quiet else (lambda m: to_stderr(f"[boot] {m}")))
 
 

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from harness.nodes.role import Role
 
 READY = "DH-READY"
+WAITING = "DH-WAITING"  # a snapshot's agent, imported, before its spec
+HOST_ROOT = "/run/dh/host"  # a restored guest's view of the host root (its init mounts it)
+FRESH = "/run/dh/fresh"  # init made the restored guest fresh and mounted its disks
+GUEST_RUN_DIR = "/run/dh/run"
+FRESH_TIMEOUT = 60.0
 
 
 def log(msg: str) -> None:
@@ -41,6 +46,14 @@ def _ivshmem(end: LinkEnd) -> Link:
     import mmap
 
     dev = f"/sys/bus/pci/devices/{end.path}"
+    if not os.path.exists(f"{dev}/resource2"):  # hot-plugged into a restored guest: coming
+        import time
+
+        deadline = time.monotonic() + 20.0
+        while not os.path.exists(f"{dev}/resource2"):
+            if time.monotonic() > deadline:
+                raise HarnessError(f"no ivshmem device at {end.path} for the link to {end.peer}")
+            time.sleep(0.005)
     with open(f"{dev}/enable", "w") as f:  # turns on memory decoding
         f.write("1")
     fd = os.open(f"{dev}/resource2", os.O_RDWR | os.O_SYNC)
@@ -100,10 +113,59 @@ def role_class(name: str) -> type[Role]:
     raise HarnessError(f"unknown role {name!r}")
 
 
+def _read_exact(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            raise HarnessError("the control port closed before the spec came")
+        out += chunk
+    return out
+
+
+def wait_for_spec(port: str) -> AgentSpec:
+    """The agent of a snapshot: imports what any role needs, says WAITING
+    (the snapshot is taken there), then takes its spec from the control port
+    (a 4-byte length and the JSON), and goes on once init has made the
+    restored guest fresh. Before that nothing of a start is in it: no
+    secret, no link."""
+    import struct
+    import time
+
+    for name in ("pnode", "mnode", "snode"):  # one snapshot serves every role
+        role_class(name)
+    # What the roles import when they start; imported now, free after a restore.
+    import base64  # noqa: F401
+    import subprocess  # noqa: F401
+
+    import harness.dbos.fs
+    import harness.dbos.ipc
+    import harness.dbos.sched
+    import harness.dbos.services
+    import harness.dbos.vfs
+    import harness.nodes.auth  # noqa: F401
+
+    fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
+    print(WAITING, flush=True)
+    n = struct.unpack("<I", _read_exact(fd, 4))[0]
+    spec = AgentSpec.from_json(_read_exact(fd, n))
+    deadline = time.monotonic() + FRESH_TIMEOUT
+    while not os.path.exists(FRESH):
+        if time.monotonic() > deadline:
+            raise HarnessError(f"the guest's init did not finish its restore in {FRESH_TIMEOUT:g} "
+                               "s; its console says why")
+        time.sleep(0.002)
+    if "random" in sys.modules:  # seeded before the snapshot: the same in every restore
+        sys.modules["random"].seed()
+    spec.control = LinkEnd("controller", "fd", True, fd=fd)
+    return spec
+
+
 class Agent:
-    def __init__(self, spec: AgentSpec, spec_path: str = "") -> None:
+    def __init__(self, spec: AgentSpec, spec_path: str = "", host_root: str = "") -> None:
         self.spec = spec
         self.spec_path = spec_path
+        self.host_root = host_root  # where the programs this node runs find the host root
         self.stop = threading.Event()
         self.control = open_link(spec.control, spec.nid)
         self.servers: dict[str, Link] = {}
@@ -242,8 +304,15 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--wait":
+        try:
+            spec = wait_for_spec(args[1])
+            return Agent(spec, f"{GUEST_RUN_DIR}/{spec.name}.json", HOST_ROOT).run()
+        except HarnessError as exc:
+            print(f"dh-agent: {exc}", file=sys.stderr)
+            return 1
     if len(args) != 1:
-        print("usage: python -m harness.nodes.agent SPEC.json", file=sys.stderr)
+        print("usage: python -m harness.nodes.agent SPEC.json | --wait PORT", file=sys.stderr)
         return 2
     spec = AgentSpec.load(args[0])
     if spec.parent_pid:  # a host process: it must not outlive the harness

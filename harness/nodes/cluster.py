@@ -74,7 +74,7 @@ class Cluster:
                  cache: str | int | None = None, disk_dir: Path | None = None,
                  deterministic: bool = False, ways: int = 64, policy: str = "fifo",
                  fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH,
-                 memory_channels: int = 1) -> None:
+                 memory_channels: int = 1, cold: bool = False) -> None:
         vm = {n.name for n in topology.nodes if n.placement == "vm"}
         for k in topology.links:
             ends = {k.client, k.server} & vm
@@ -84,6 +84,7 @@ class Cluster:
                     "a virtio-serial stream); place both ends in VMs or both as processes")
         self.topology = topology
         self.deterministic = deterministic
+        self.cold = cold  # VM nodes boot instead of restoring their snapshots
         self.memory = Memory(self, parse_size(cache) if cache is not None else DEFAULT_CACHE,
                              ways, policy, fault_mode, prefetch)
         # Between VMs, channels to the mnode for workloads in the pnode guest:
@@ -111,7 +112,8 @@ class Cluster:
         vm_nodes = [n.name for n in self.topology.nodes if n.placement == "vm"]
         image, probe = guest_kit(vm_nodes, say) if vm_nodes else (None, None)
         for n in self.topology.nodes:
-            runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic)
+            runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic,
+                               self.cold, say)
                       if n.placement == "vm"
                       else ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir))
             self.nodes[n.name] = NodeHandle(n, runner)
@@ -370,7 +372,7 @@ def open_cluster(topology: str | Path | Topology = "lego3", placement: str | Non
                  cache: str | int | None = None, run_dir: Path | None = None,
                  timeout: float = 30.0, progress: Progress | None = None,
                  prefetch: int = DEFAULT_PREFETCH, memory_channels: int = 1,
-                 fault_mode: str = "sigbus") -> Cluster:
+                 fault_mode: str = "sigbus", cold: bool = False) -> Cluster:
     """Starts a cluster and returns it; use it in a `with` block. `cache` and
     `prefetch` (lines a miss brings in, LegoOS's pcache prefetch) shape the
     ExCache behind alloc(); `memory_channels` is how many processes of programs
@@ -381,10 +383,13 @@ def open_cluster(topology: str | Path | Topology = "lego3", placement: str | Non
     (a handler thread). In "sigbus" mode the kernel's own accesses to pages
     not in the cache fail with EFAULT: os.write(fd, region),
     socket.send(region), f.readinto(region). Use fault_mode="thread" for
-    memory the kernel reads or writes."""
+    memory the kernel reads or writes.
+
+    VM nodes start from their snapshots (taken on the first start of each
+    kind of node, see harness.vm.snapshot); `cold` boots them instead."""
     topo = topology if isinstance(topology, Topology) else load(topology)
     if placement is not None:
         topo = topo.with_placement(placement)
     return Cluster(topo, run_dir=run_dir, cache=cache, prefetch=prefetch,
-                   fault_mode=fault_mode,
-                   memory_channels=memory_channels).start(timeout, progress)
+                   fault_mode=fault_mode, memory_channels=memory_channels,
+                   cold=cold).start(timeout, progress)

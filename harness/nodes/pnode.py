@@ -77,7 +77,7 @@ class PNode(Role):
 
         if self.snode is None:
             return super().files_mount(files)
-        path = files["path"]
+        path = self.agent.host_root + files["path"]  # where the program will see it
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
@@ -87,12 +87,12 @@ class PNode(Role):
         db = RemoteDBOS(lambda p: self.agent.call(self.snode, Op.SQL, p, timeout=60.0))
         return mounted(db.vfs, path, files.get("task"), files.get("source", self.snode))
 
-    @staticmethod
-    def _run(argv: list[str]) -> tuple[bool, str]:
+    def _run(self, argv: list[str]) -> tuple[bool, str]:
         import subprocess
 
         try:
-            p = subprocess.run(argv, capture_output=True, timeout=600, check=False)
+            p = subprocess.run(argv, capture_output=True, timeout=600, check=False,
+                               **self.in_host_root())
         except (OSError, subprocess.TimeoutExpired) as exc:
             return False, json.dumps({"error": str(exc)})
         return p.returncode == 0, json.dumps({

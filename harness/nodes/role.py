@@ -30,6 +30,14 @@ def _clip(data: bytes) -> tuple[str, bool]:
     return base64.b64encode(data[:EXEC_OUTPUT_LIMIT]).decode(), len(data) > EXEC_OUTPUT_LIMIT
 
 
+def _enter(root: str, cwd: str) -> None:
+    os.chroot(root)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        os.chdir("/")
+
+
 def rss_kb(pid: int | str = "self") -> int:
     """A process's resident memory (VmRSS), in KiB; 0 if it is gone."""
     try:
@@ -110,7 +118,7 @@ class Role:
             with self.files_mount(req["files"]) if req.get("files") else nullcontext():
                 p = subprocess.run(argv, capture_output=True, timeout=timeout,
                                    input=base64.b64decode(req.get("stdin", "")),
-                                   cwd=req.get("cwd"), check=False, env=env)
+                                   check=False, env=env, **self.in_host_root(req.get("cwd")))
         except FileNotFoundError as exc:
             raise HarnessError(f"{self.agent.spec.name}: no such program: {argv[0]}") from exc
         except subprocess.TimeoutExpired as exc:
@@ -121,6 +129,15 @@ class Role:
         err, err_cut = _clip(p.stderr)
         return json.dumps({"returncode": p.returncode, "stdout": out, "stderr": err,
                            "truncated": out_cut or err_cut}).encode()
+
+    def in_host_root(self, cwd: str | None = None) -> dict:
+        """subprocess arguments that run a program in the host's root: the
+        agent's own, or in a guest restored from a snapshot (whose agent
+        runs from the root image) the host root its init mounted."""
+        root = self.agent.host_root
+        if not root:
+            return {"cwd": cwd}
+        return {"preexec_fn": lambda: _enter(root, cwd or "/")}
 
     def files_mount(self, files: dict):
         """A context manager: the DBOS file system mounted for one EXEC

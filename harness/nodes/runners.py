@@ -12,28 +12,29 @@ import copy
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from harness import images
 from harness._native.transport import Link, create_shm_file
 from harness.errors import ClusterError, HarnessError, NotSupported
 from harness.images import Image
-from harness.nodes.agent import READY
+from harness.nodes.agent import GUEST_RUN_DIR, READY
 from harness.nodes.spec import AgentSpec, LinkEnd
-from harness.progress import Progress
+from harness.progress import Progress, silent
 from harness.topology import Node
-from harness.vm import accel
+from harness.vm import accel, rootfs, snapshot
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import VM
-from harness.vm.qemu import PROJECT, MachineConfig, ivshmem_address
+from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
 READY_RE = re.compile(re.escape(READY.encode()) + rb" (\S+)")  # the agent's line, on a console
 CONTROL_PORT = "dh.ctl"
-GUEST_RUN_DIR = "/run/dh/run"   # where the guest sees the run directory
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
 
 
@@ -176,10 +177,12 @@ def guest_kit(names: list[str], say: Progress) -> tuple[Image, AccelProbe]:
 
 
 class VMRunner:
-    """The agent in a QEMU guest, controlled over a virtio-serial port."""
+    """The agent in a QEMU guest, controlled over a virtio-serial port; the
+    guest restored from its snapshot (taken on the first start) unless cold."""
 
     def __init__(self, node: Node, run_dir: Path, image: Image, accel: AccelProbe,
-                 disk_dir: Path, deterministic: bool = False) -> None:
+                 disk_dir: Path, deterministic: bool = False, cold: bool = False,
+                 progress: Progress = silent) -> None:
         self.node = node
         self.run_dir = run_dir
         self.image = image
@@ -187,6 +190,9 @@ class VMRunner:
         self._probe = accel
         self.disk_dir = disk_dir
         self.deterministic = deterministic
+        self.cold = cold
+        self.say = progress
+        self.restored = False  # the last start came from a snapshot
         self.vm: VM | None = None
 
     @property
@@ -231,8 +237,21 @@ class VMRunner:
                             script=script.name, memory=self.node.memory, cpus=self.node.cpus,
                             disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic,
                             shm=shm, streams=streams)
-        self.vm = VM(cfg).launch()
-        return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
+        self.restored = not self.cold and snapshot.why_not(replace(cfg, shm=[])) is None
+        if not self.restored:
+            self.vm = VM(cfg).launch()
+            return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
+        cfg = replace(cfg, snap=True, root=rootfs.build(self.say).path, script="", shm=[],
+                      ports=[CONTROL_PORT, snapshot.GO_PORT])
+        self.vm = snapshot.start(cfg, snapshot.WAITING_RE, {
+            "dh.rundir": str(self.run_dir.resolve()),
+            "dh.keep": ",".join(map(str, guest_visible()))}, shm, self.say)
+        # The agent's spec (the cluster's secret in it) goes over the control
+        # port, never into the snapshot: a length, then the JSON.
+        spec = (self.run_dir / f"{n}.json").read_bytes()
+        ctl = self.vm.ports[CONTROL_PORT]
+        ctl.sendall(struct.pack("<I", len(spec)) + spec)
+        return Link.from_fd(ctl.fileno(), name=n)
 
     @property
     def alive(self) -> bool:

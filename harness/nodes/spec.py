@@ -70,7 +70,11 @@ class AgentSpec:
     @classmethod
     def load(cls, path) -> AgentSpec:
         with open(path) as f:
-            raw = json.load(f)
+            return cls.from_json(f.read())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AgentSpec:
+        raw = json.loads(text)
         raw["control"] = LinkEnd(**raw["control"])
         raw["links"] = [LinkEnd(**x) for x in raw["links"]]
         return cls(**raw)

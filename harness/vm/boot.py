@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +22,7 @@ from harness import images
 from harness.paths import data_dir, run_root
 from harness.progress import Progress, silent
 from harness.topology import ROLES
-from harness.vm import accel
+from harness.vm import accel, snapshot
 from harness.vm.disk import ensure_ext4
 from harness.vm.machine import EXIT_RE, RUN_RE, VM
 from harness.vm.qemu import MachineConfig, guest_visible
@@ -66,8 +67,9 @@ def _relay(src, dst: BinaryIO) -> None:
 def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
          deterministic: bool = False, memory: int = 512 << 20,
          progress: Progress | None = None, stdout: BinaryIO | None = None,
-         stderr: BinaryIO | None = None) -> int:
-    """Boots a guest, runs argv in it and returns its exit status."""
+         stderr: BinaryIO | None = None, cold: bool = False) -> int:
+    """Boots a guest (restores it from its snapshot unless cold), runs argv
+    in it and returns its exit status."""
     if not argv:
         raise ValueError("harness boot needs a command after --")
     if role not in ROLES:
@@ -84,15 +86,23 @@ def boot(argv: Sequence[str], role: str = "pnode", timeout: float = 300.0,
     script.chmod(0o755)
     disk = ensure_ext4(data_dir() / "disks" / "boot-snode.ext4", SNODE_DISK) \
         if role == "snode" else None
+    keep = guest_visible((Path.cwd(),))
     cfg = MachineConfig(name=f"boot-{role}", image=image, accel=probe, run_dir=run_dir,
                         script="cmd.sh", memory=memory, disk=disk,
-                        ports=["dh.out", "dh.err"], deterministic=deterministic,
-                        keep=guest_visible((Path.cwd(),)))
-    say(f"booting a {role} guest ({probe.accel}"
-        f"{', deterministic' if deterministic else ''}; kernel {image.kernel_version})")
+                        ports=["dh.out", "dh.err"], deterministic=deterministic, keep=keep)
+    if not cold and snapshot.why_not(cfg) is None:
+        cfg = replace(cfg, snap=True, keep=[], ports=[*cfg.ports, snapshot.GO_PORT])
+        say(f"restoring a {role} guest from its snapshot ({probe.accel})")
+        vm = snapshot.start(cfg, snapshot.SNAP_RE, {"dh.rundir": str(run_dir.resolve()),
+                                                    "dh.script": "cmd.sh",
+                                                    "dh.keep": ",".join(map(str, keep))},
+                            say=say)
+    else:
+        say(f"booting a {role} guest ({probe.accel}"
+            f"{', deterministic' if deterministic else ''}; kernel {image.kernel_version})")
+        vm = VM(cfg).launch()
     clean = False
-    with VM(cfg) as vm:
-        vm.launch()
+    with vm:
         relays = [threading.Thread(target=_relay, args=(vm.ports[p], f), daemon=True)
                   for p, f in (("dh.out", out), ("dh.err", err))]
         for r in relays:

@@ -226,6 +226,16 @@ class VM:
             assert self._qmp is not None
             return self._qmp_run(self._qmp.execute(cmd, args or None))
 
+    def qmp_fd(self, name: str, fd: int) -> None:
+        """Hands QEMU a file descriptor under a name (QMP getfd), e.g. for
+        `migrate fd:NAME`: QEMU's sandbox lets it open nothing itself."""
+        with self._qmp_lock:
+            if self._qmp is None:
+                self._qmp_connect()
+            assert self._qmp is not None
+            self._qmp.send_fd_scm(fd)
+            self._qmp_run(self._qmp.execute("getfd", {"fdname": name}))
+
     def _qmp_connect(self) -> None:
         if self._qmp_sock is None:
             raise LaunchError(f"{self.name}: no QMP connection (QEMU is not running)",

@@ -65,6 +65,13 @@ class MachineConfig:
     keep: list[Path] = field(default_factory=guest_visible)  # see guest_visible()
     shm: list[Path] = field(default_factory=list)  # ivshmem files, at PCI slots 0x10, 0x11, ...
     extra_params: str = ""
+    # Snapshot starts (harness/vm/snapshot.py). snap: init stops at a
+    # snapshot point and waits for the per-start line on the dh.go port;
+    # root: the root image (rootfs.py) the guest boots from instead of 9p,
+    # the agent waiting for its spec; incoming: QEMU waits for a saved state.
+    snap: bool = False
+    root: str | None = None
+    incoming: bool = False
 
     def port_socket(self, port: str) -> Path:
         return self.run_dir / f"{self.name}.{port}.sock"
@@ -82,7 +89,10 @@ def command(cfg: MachineConfig) -> list[str]:
     if cfg.mode not in ("run", "bare"):
         raise ValueError(f"mode must be 'run' or 'bare', got {cfg.mode!r}")
     params = [BOOT_PARAMS, f"dh.mode={cfg.mode}"]
-    if cfg.mode == "run":
+    if cfg.snap:  # the run directory, script and kept paths come per start (dh-fresh)
+        if cfg.root is not None and cfg.keep:
+            params.append("dh.keep=" + ",".join(str(p) for p in cfg.keep))
+    elif cfg.mode == "run":
         run_dir = str(cfg.run_dir.resolve())
         keep = ",".join(str(p) for p in cfg.keep)
         if any(c.isspace() or c == "," for c in run_dir + cfg.script + "".join(map(str, cfg.keep))):
@@ -93,6 +103,10 @@ def command(cfg: MachineConfig) -> list[str]:
             params.append(f"dh.keep={keep}")
     if cfg.disk is not None:
         params.append("dh.disk=1")
+    if cfg.root is not None:
+        params.append("dh.root=image")
+    elif cfg.snap:
+        params.append("dh.snap=1")
     if cfg.deterministic:
         params.append("norandmaps")  # address layout changes instruction counts too
     if cfg.extra_params:
@@ -135,6 +149,11 @@ def command(cfg: MachineConfig) -> list[str]:
         if cfg.disk is not None:
             cmd += ["-drive", f"file={cfg.disk},format=raw,if=none,id=disk,cache=writeback",
                     "-device", "virtio-blk-pci,drive=disk"]
+        if cfg.root is not None:
+            cmd += ["-drive", f"file={cfg.root},format=raw,if=none,id=root,readonly=on",
+                    "-device", "virtio-blk-pci,drive=root,serial=dhroot"]
+    if cfg.incoming:
+        cmd += ["-incoming", "defer"]
     # QEMU makes its chardevs in command-line order and QMP's comes last, so
     # once QMP has connected, every socket before it is made (a stream's
     # listening one, too).

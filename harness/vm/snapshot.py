@@ -1,0 +1,270 @@
+"""Snapshot starts: a guest's saved state, taken once at a clean point and
+loaded by every later start instead of a cold TCG boot.
+
+The clean point is before anything that is one start's own exists in the
+guest: for `harness boot`, init with its modules loaded and the host root
+not yet mounted (DH-SNAP); for a cluster node, the agent imported from the
+root image (rootfs.py) and waiting for its spec (DH-WAITING). The state is
+written by `migrate fd:` to a file the harness opens and hands QEMU (QEMU's
+sandbox lets it open nothing; 7.2 has no `file:` migration). The ivshmem
+devices are not in it: they are hot-plugged (ACPI) into the restored guest
+at the PCI slots a cold boot gives them. In the state a region's contents
+would be loaded over a peer's live ring, and with x-ignore-shared QEMU 7.2
+refuses to load a region mapped as a BAR ("Mismatched GPAs": the BAR is
+mapped only after RAM is loaded).
+
+A restored guest is made fresh before it does anything: the host sends one
+line on the dh.go port, which the guest's dh-fresh reads: the wall clock
+(the saved one is old), 64 bytes of host entropy mixed in with an immediate
+CRNG reseed (else two guests from one snapshot share a random stream), and
+the start's own parameters (its run directory, script, kept paths). The
+cluster's secret and links come afterwards in the agent's spec, so no
+secret is ever in a snapshot.
+
+Snapshots are cached by a key over everything that changes the saved state:
+QEMU's command line with this start's paths taken out (the shm files and
+the disk count by size), the QEMU binary, the image and the root image
+(their keys are in their paths), and the source of the modules that make
+the state (this one and the command line's). A snapshot that fails to load
+anyway is dropped and taken again, once."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from harness.errors import BootTimeout, LaunchError
+from harness.paths import cache_dir, run_root
+from harness.progress import Progress, silent
+from harness.vm import qemu
+from harness.vm.machine import VM
+from harness.vm.qemu import IVSHMEM_SLOT, MachineConfig, command
+
+SNAPSHOT_VERSION = 1
+KEEP = 12  # snapshots kept, the most recently used (other checkouts share the cache)
+GO_PORT = "dh.go"
+SNAP_RE = re.compile(rb"DH-SNAP")        # init, before the host root (harness boot)
+WAITING_RE = re.compile(rb"DH-WAITING")  # the agent, before its spec (a cluster node)
+STATE_FD = "dhstate"
+
+
+@dataclass
+class Snapshot:
+    key: str
+    node: str        # the node (or boot role) it was built for
+    state: str       # the saved VM state
+    bytes: int
+    build_s: float   # the cold boot and the save
+    built: float
+
+
+def snapshots_dir() -> Path:
+    return cache_dir() / "snapshots"
+
+
+def why_not(cfg: MachineConfig) -> str | None:
+    """Why this guest cannot start from a snapshot, or None if it can."""
+    if cfg.deterministic:
+        return "deterministic guests count instructions from boot"
+    if cfg.streams:
+        return "its links to other guests are socket streams, joined at QEMU's start"
+    if cfg.shm:
+        return "its ivshmem devices are hot-plugged after a restore: build it without them"
+    return None
+
+
+def key(cfg: MachineConfig) -> str:
+    text = " ".join(command(cfg))
+    subs = [(str(cfg.run_dir.resolve()), "@RUN"), (str(cfg.run_dir), "@RUN")]
+    if cfg.disk is not None:
+        subs.append((str(cfg.disk), f"@DISK:{cfg.disk.stat().st_size}"))
+    for old, new in subs:
+        text = text.replace(old, new)
+    text = re.sub(rf"\b{re.escape(cfg.name)}\b", "@NAME", text)
+    st = Path(os.path.realpath(cfg.accel.qemu)).stat()
+    h = hashlib.sha256(f"{SNAPSHOT_VERSION}\0{text}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    for mod in (__file__, qemu.__file__):
+        h.update(Path(mod).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load(d: Path) -> Snapshot | None:
+    try:
+        snap = Snapshot(**json.loads((d / "meta.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not Path(snap.state).is_file():
+        return None
+    os.utime(d)  # its last use: pruning keeps the recently used
+    return snap
+
+
+def ensure(cfg: MachineConfig, point: re.Pattern[bytes], say: Progress = silent,
+           timeout: float = 120.0) -> Snapshot:
+    """The snapshot for cfg, built by a cold boot to `point` if missing. A
+    lock per key: two starts needing the same one build it once."""
+    k = key(cfg)
+    d = snapshots_dir() / k
+    if (snap := _load(d)) is not None:
+        return snap
+    snapshots_dir().mkdir(parents=True, exist_ok=True)
+    with open(snapshots_dir() / f"{k}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (snap := _load(d)) is not None:
+            return snap
+        return _build(cfg, k, point, say, timeout)
+
+
+def _build(cfg: MachineConfig, k: str, point: re.Pattern[bytes], say: Progress,
+           timeout: float) -> Snapshot:
+    t0 = time.monotonic()
+    say(f"{cfg.name}: no snapshot yet ({k}); booting once to take it")
+    with tempfile.TemporaryDirectory(prefix=f"{k}.", dir=snapshots_dir()) as tmp, \
+            tempfile.TemporaryDirectory(prefix=f"snap-{cfg.name}.", dir=run_root()) as run:
+        work = Path(tmp)
+        # The build guest never gets the start's own disk: a scratch one of
+        # the same size. Its sockets go where socket paths are short.
+        disk = None
+        if cfg.disk is not None:
+            disk = work / "disk"
+            with open(disk, "wb") as f:
+                f.truncate(cfg.disk.stat().st_size)
+        bcfg = replace(cfg, name=f"snap-{cfg.name}", run_dir=Path(run), disk=disk,
+                       incoming=False)
+        state = work / "state"
+        with VM(bcfg) as vm:
+            vm.launch()
+            vm.wait_for(point, timeout, f"{point.pattern.decode()} (the snapshot point)")
+            _save(vm, state)
+        out = work / "out"
+        out.mkdir()
+        state.rename(out / "state")
+        d = snapshots_dir() / k
+        snap = Snapshot(key=k, node=cfg.name, state=str(d / "state"),
+                        bytes=(out / "state").stat().st_size,
+                        build_s=round(time.monotonic() - t0, 2), built=time.time())
+        (out / "meta.json").write_text(json.dumps(asdict(snap), indent=1))
+        shutil.rmtree(d, ignore_errors=True)
+        out.rename(d)  # atomic: a reader sees a whole snapshot or none
+    _prune()
+    say(f"{cfg.name}: snapshot {k} taken in {snap.build_s:.1f} s ({snap.bytes >> 20} MiB)")
+    return snap
+
+
+def _prune() -> None:
+    snaps = sorted((d for d in snapshots_dir().iterdir() if (d / "meta.json").is_file()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in snaps[KEEP:]:
+        shutil.rmtree(d, ignore_errors=True)
+        (snapshots_dir() / f"{d.name}.lock").unlink(missing_ok=True)
+
+
+def _wait_status(vm: VM, cmd: str, want: set[str], timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = vm.qmp(cmd).get("status")  # type: ignore[union-attr]
+        except Exception as exc:  # QMP goes when QEMU exits: say what QEMU said
+            if vm.wait(1.0) is None:
+                raise
+            raise LaunchError(f"{vm.name}: QEMU exited with status {vm.exit_code} during "
+                              f"{what}; it said:\n{vm.console_tail(10)}", cmdline=vm.cmdline,
+                              console=vm.console_tail()) from exc
+        if status in want:
+            return status
+        if status in ("failed", "cancelled"):
+            raise LaunchError(f"{vm.name}: {what} {status}", cmdline=vm.cmdline)
+        if time.monotonic() > deadline:
+            raise BootTimeout(f"{vm.name}: {what} did not finish within {timeout:g} s "
+                              f"(status {status})")
+        time.sleep(0.005)
+
+
+def _save(vm: VM, path: Path) -> None:
+    vm.qmp("stop")  # a still guest: one pass, no dirty-page rounds
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        vm.qmp_fd(STATE_FD, fd)
+    finally:
+        os.close(fd)
+    vm.qmp("migrate", uri=f"fd:{STATE_FD}")
+    _wait_status(vm, "query-migrate", {"completed"}, 120.0, "saving the VM state")
+
+
+def go_line(params: dict[str, str]) -> bytes:
+    """The line dh-fresh reads: the time, fresh entropy, the start's own
+    parameters (key=value, no spaces)."""
+    words = [f"{k}={v}" for k, v in params.items()]
+    if any(c.isspace() for w in words for c in w):
+        raise ValueError(f"per-start parameters must not contain spaces: {words}")
+    return f"{time.time_ns()} {os.urandom(64).hex()} {' '.join(words)}\n".encode()
+
+
+def restore(cfg: MachineConfig, snap: Snapshot, params: dict[str, str],
+            shm: list[Path] = (), timeout: float = 30.0) -> VM:  # type: ignore[assignment]
+    """A running guest from the snapshot, its ivshmem devices (shm: the
+    region files, in slot order) plugged in, sent its per-start line."""
+    vm = VM(replace(cfg, incoming=True))
+    try:
+        vm.launch()
+        fd = os.open(snap.state, os.O_RDONLY)
+        try:
+            vm.qmp_fd(STATE_FD, fd)
+        finally:
+            os.close(fd)
+        vm.qmp("migrate-incoming", uri=f"fd:{STATE_FD}")
+        # The state was saved from a stopped guest, so it loads stopped.
+        if _wait_status(vm, "query-status", {"running", "paused"}, timeout,
+                        "loading the snapshot") == "paused":
+            for i, path in enumerate(shm):  # the guest sees them (ACPI) once it runs
+                vm.qmp("object-add", **{"qom-type": "memory-backend-file", "id": f"shm{i}",
+                                        "mem-path": str(path), "size": path.stat().st_size,
+                                        "share": True})
+                vm.qmp("device_add", driver="ivshmem-plain", id=f"ivshmem{i}", bus="pci.0",
+                       memdev=f"shm{i}", addr=hex(IVSHMEM_SLOT + i))
+            vm.qmp("cont")
+        vm.ports[GO_PORT].sendall(go_line(params))
+    except BaseException:
+        vm.stop()
+        raise
+    return vm
+
+
+def start(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
+          shm: list[Path] = (), say: Progress = silent) -> VM:  # type: ignore[assignment]
+    """A guest restored from cfg's snapshot (taken first if missing)."""
+    snap = ensure(cfg, point, say)
+    try:
+        return restore(cfg, snap, params, shm)
+    except LaunchError as exc:
+        say(f"{cfg.name}: snapshot {snap.key} did not load ({exc}); taking it again")
+        shutil.rmtree(Path(snap.state).parent, ignore_errors=True)
+        return restore(cfg, ensure(cfg, point, say), params, shm)
+
+
+def list_snapshots() -> list[Snapshot]:
+    d = snapshots_dir()
+    found = [_load(p) for p in sorted(d.iterdir()) if p.is_dir()] if d.is_dir() else []
+    return sorted((s for s in found if s is not None), key=lambda s: s.built)
+
+
+def clean() -> int:
+    """Removes every snapshot and root image; returns bytes freed."""
+    from harness.vm.rootfs import roots_dir
+
+    total = 0
+    for d in (snapshots_dir(), roots_dir()):
+        if d.is_dir():
+            total += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            with contextlib.suppress(OSError):
+                shutil.rmtree(d)
+    return total
