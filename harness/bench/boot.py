@@ -9,10 +9,20 @@ nothing, measured in the same run with the same kernel and QEMU flags.
   bare_boot_x3      three bare guests launched together -> all gone (its floor)
   cluster_ready     lego3 with every node in a VM: start -> every node answers
                     and every link answers (floor: bare_boot_x3)
+  vm_restore_ready  launch -> DH-READY, the guest restored from its snapshot
+                    (floor: bare_boot)
+  cluster_restore_ready  lego3 restored from snapshots: start -> every node
+                    and every link answers (floor: bare_boot, one guest)
+  harness_boot_true_restored  `harness boot -- true` end to end from the
+                    snapshot (floor: bare_boot)
   vng_exec_true     (with --vng) virtme-ng's `vng --exec true` on the same
                     kernel under TCG, end to end; its "floor" is
-                    harness_boot_true, `harness boot -- true` end to end, so
-                    the ratio is our speed-up
+                    harness_boot_true, `harness boot --cold -- true` end to
+                    end, so the ratio is our speed-up; vng_exec_true_restored
+                    is the same against the restored boot
+
+The rows without "restore" in their name boot cold (--cold); the snapshots
+are taken before the first round, outside the timings.
 
 Samples of the different rows are interleaved, so that the machine's noise
 falls on all of them alike."""
@@ -71,12 +81,12 @@ def _bare(ctx: _Ctx, count: int) -> float:
             vm.stop()
 
 
-def _ready(ctx: _Ctx, count: int) -> float:
+def _ready(ctx: _Ctx, count: int, cold: bool = True) -> float:
     runners = []
     for _ in range(count):
         node = Node(name=ctx.name("ready"), role="pnode", nid=1, placement="vm")
         runners.append(VMRunner(node, ctx.run_dir, ctx.image, ctx.probe, ctx.run_dir,
-                                ctx.deterministic))
+                                ctx.deterministic, cold=cold))
     t0 = time.monotonic()
     try:
         for r in runners:
@@ -91,12 +101,12 @@ def _ready(ctx: _Ctx, count: int) -> float:
                 r.vm.stop()
 
 
-def _cluster(ctx: _Ctx) -> float:
+def _cluster(ctx: _Ctx, cold: bool = True) -> float:
     from harness.nodes.cluster import Cluster
     from harness.topology import load
 
     t0 = time.monotonic()
-    c = Cluster(load("lego3").with_placement("vm"), deterministic=ctx.deterministic)
+    c = Cluster(load("lego3").with_placement("vm"), deterministic=ctx.deterministic, cold=cold)
     try:
         c.start(timeout=TIMEOUT)
         return time.monotonic() - t0
@@ -108,7 +118,7 @@ def _exec_true(ctx: _Ctx) -> float:
     from harness.vm.boot import boot
 
     t0 = time.monotonic()
-    code = boot(["true"], deterministic=ctx.deterministic)
+    code = boot(["true"], deterministic=ctx.deterministic, cold=True)
     if code != 0:
         raise HarnessError(f"`true` exited with status {code} in the guest")
     return time.monotonic() - t0
@@ -144,12 +154,22 @@ def run(n: int = 5, parallel: bool = True, vng: str | None = None,
             steps += [("bare_boot_x3", lambda: _bare(ctx, 3)),
                       ("vm_boot_ready_x3", lambda: _ready(ctx, 3)),
                       ("cluster_ready", lambda: _cluster(ctx))]
+        boot_true = [sys.executable, "-m", "harness.cli", "boot", "--", "true"]
+        if not deterministic:  # an -icount guest counts from boot: no snapshot
+            say("taking the snapshots (outside the timings)")
+            _ready(ctx, 1, cold=False)
+            _cluster(ctx, cold=False)
+            _command(boot_true)
+            steps += [("vm_restore_ready", lambda: _ready(ctx, 1, cold=False)),
+                      ("harness_boot_true_restored", lambda: _command(boot_true))]
+            if parallel:
+                steps.append(("cluster_restore_ready", lambda: _cluster(ctx, cold=False)))
         if vng:
-            harness_cmd = [sys.executable, "-m", "harness.cli", "boot", "--", "true"]
             kernel = ctx.image.kernel
             # vng exits 255 here even when the command ran (no virtio-serial
             # script ports: it falls back to the console), so only a panic fails it.
-            steps += [("harness_boot_true", lambda: _command(harness_cmd)),
+            steps += [("harness_boot_true", lambda: _command(
+                          [*boot_true[:-2], "--cold", "--", "true"])),
                       ("vng_exec_true", lambda: _command(
                           [vng, "-r", kernel, "--disable-kvm", "--exec", "true"], check=False))]
         for i in range(n):
@@ -160,12 +180,17 @@ def run(n: int = 5, parallel: bool = True, vng: str | None = None,
         shutil.rmtree(run_dir, ignore_errors=True)
     floors = {"vm_boot_ready": "bare_boot", "vm_exec_true": "bare_boot",
               "vm_boot_ready_x3": "bare_boot_x3", "cluster_ready": "bare_boot_x3",
-              "harness_boot_true": "bare_boot",
+              "harness_boot_true": "bare_boot", "vm_restore_ready": "bare_boot",
+              "cluster_restore_ready": "bare_boot", "harness_boot_true_restored": "bare_boot",
               "vng_exec_true": "harness_boot_true"}
     rep = Report("boot", placement="vm", accel=ctx.probe.accel)
     for metric, s in samples.items():
         floor = floors.get(metric)
         rep.rows.append(Row.of(metric, "ms", s, floor, samples[floor] if floor else None))
+    if "vng_exec_true" in samples and "harness_boot_true_restored" in samples:
+        rep.rows.append(Row.of("vng_exec_true_restored", "ms", samples["vng_exec_true"],
+                               "harness_boot_true_restored",
+                               samples["harness_boot_true_restored"]))
     rep.notes.append(f"kernel {ctx.image.kernel_version} booted as "
                      f"{'PVH vmlinux' if ctx.image.vmlinux else 'bzImage'}; {n} rounds; "
                      f"host cpus={os.cpu_count()}"
