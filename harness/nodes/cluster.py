@@ -131,9 +131,12 @@ class Cluster:
                                   self.memory_channels)
             try:
                 # A node that calls over a stream between VMs starts after the
-                # servers: its QEMU joins the sockets theirs listen on.
-                for h in sorted(self.nodes.values(), key=lambda h: any(
-                        e.attach == "dev" and not e.serve for e in ends[h.node.name])):
+                # servers: its QEMU joins the sockets theirs listen on. Nodes
+                # with a disk (the snode: its database to open) go first, so
+                # their start overlaps the others'.
+                for h in sorted(self.nodes.values(), key=lambda h: (any(
+                        e.attach == "dev" and not e.serve for e in ends[h.node.name]),
+                        not h.node.disk)):
                     h.links = ends[h.node.name]
                     self._spawn(h)
             finally:
