@@ -151,12 +151,15 @@ def cmd_images(args: argparse.Namespace) -> int:
         else:
             to_stderr("no images yet; `harness images build` makes one")
     else:
-        freed = images.clean()
-        if args.json:
-            print(json.dumps({"freed_bytes": freed}))
-        else:
-            to_stderr(f"removed the cached images and packages ({freed >> 20} MiB)")
+        _freed(args, images.clean(), "the cached images and packages")
     return 0
+
+
+def _freed(args: argparse.Namespace, freed: int, what: str) -> None:
+    if args.json:
+        print(json.dumps({"freed_bytes": freed}))
+    else:
+        to_stderr(f"removed {what} ({freed >> 20} MiB)")
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -174,11 +177,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "list":
         found = snapshot.list_snapshots()
     else:
-        freed = snapshot.clean()
-        if args.json:
-            print(json.dumps({"freed_bytes": freed}))
-        else:
-            to_stderr(f"removed the snapshots and root images ({freed >> 20} MiB)")
+        _freed(args, snapshot.clean(), "the snapshots and root images")
         return 0
     if args.json:
         print(json.dumps({"snapshots": [s.__dict__ for s in found]}))

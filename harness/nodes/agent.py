@@ -203,6 +203,8 @@ class Agent:
                 authenticate(self.clients[peer], bytes.fromhex(self.spec.secret), peer, timeout)
                 self._unproven.discard(peer)
             link = self.clients[peer]
+            if link.stale:  # the peer was restarted since the last call: reach the new one
+                link = self._reopen(peer, serve=False)
             try:
                 return remote_errors.call(link, opcode, payload, timeout)
             except LinkClosed:
