@@ -8,9 +8,10 @@ from pathlib import Path
 from harness.errors import ImageError
 
 
-def ensure_ext4(path: Path, size: int) -> Path:
+def ensure_ext4(path: Path, size: int, seed: Path | None = None) -> Path:
     """An ext4 image at path: made (sparse) if missing, kept as it is otherwise,
-    so whatever a guest wrote survives the next boot."""
+    so whatever a guest wrote survives the next boot. A new one holds the
+    files of the directory seed (mkfs.ext4 -d), if given."""
     if path.exists():
         return path
     if size < (8 << 20):
@@ -21,7 +22,8 @@ def ensure_ext4(path: Path, size: int) -> Path:
         f.truncate(size)
     try:
         p = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "dh-data",
-                            "-E", "lazy_itable_init=1,lazy_journal_init=1", str(tmp)],
+                            "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                            *(["-d", str(seed)] if seed else []), str(tmp)],
                            capture_output=True, text=True, timeout=120)
     except FileNotFoundError as exc:
         tmp.unlink(missing_ok=True)
