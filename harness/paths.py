@@ -28,6 +28,19 @@ def data_dir() -> Path:
     return _xdg("HARNESS_DATA_DIR", "XDG_DATA_HOME", ".local/share")
 
 
+def prune_newest(parent: Path, marker: str, keep: int) -> list[Path]:
+    """Keeps the `keep` newest (by mtime) entries of a cache directory that
+    hold `marker`, removes the rest (other checkouts share the cache) and
+    returns what it removed."""
+    import shutil
+
+    found = sorted((d for d in parent.iterdir() if (d / marker).is_file()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in found[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+    return found[keep:]
+
+
 def shm_root() -> Path:
     """Where clusters keep their shm channel files (one directory each)."""
     return Path("/dev/shm") / f"disagg-harness-{os.getuid()}"

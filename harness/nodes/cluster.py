@@ -32,6 +32,7 @@ from harness.nodes.spec import LinkEnd
 from harness.paths import private_dir, run_root, shm_root
 from harness.progress import Progress, silent
 from harness.topology import Node, Topology, load, parse_size
+from harness.vm import rootfs
 
 _serial = itertools.count()
 
@@ -111,9 +112,12 @@ class Cluster:
     def _runners(self, say: Progress) -> None:
         vm_nodes = [n.name for n in self.topology.nodes if n.placement == "vm"]
         image, probe = guest_kit(vm_nodes, say) if vm_nodes else (None, None)
+        # One root image for every restored node: checking it stats ~1,800 files.
+        root = (rootfs.build(say).path
+                if vm_nodes and not (self.cold or self.deterministic) else None)
         for n in self.topology.nodes:
             runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic,
-                               self.cold, say)
+                               self.cold, say, root)
                       if n.placement == "vm"
                       else ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir))
             self.nodes[n.name] = NodeHandle(n, runner)

@@ -182,7 +182,7 @@ class VMRunner:
 
     def __init__(self, node: Node, run_dir: Path, image: Image, accel: AccelProbe,
                  disk_dir: Path, deterministic: bool = False, cold: bool = False,
-                 progress: Progress = silent) -> None:
+                 progress: Progress = silent, root: str | None = None) -> None:
         self.node = node
         self.run_dir = run_dir
         self.image = image
@@ -192,6 +192,7 @@ class VMRunner:
         self.deterministic = deterministic
         self.cold = cold
         self.say = progress
+        self.root = root  # the root image of a snapshot start; built here if not given
         self.restored = False  # the last start came from a snapshot
         self.vm: VM | None = None
 
@@ -225,23 +226,23 @@ class VMRunner:
         write_spec(self.node, self.run_dir / f"{n}.json", cluster, secret,
                    LinkEnd("controller", "dev", True, path=f"/dev/virtio-ports/{CONTROL_PORT}"),
                    guest_ends, data_dir=GUEST_DISK_DIR if disk else "")
-        # Straight into Python, no shell: -S skips site.py, whose path
-        # scanning over 9p costs a TCG guest most of a second.
-        script = self.run_dir / f"{n}.agent"
-        script.write_text(f"#!{sys.executable} -S\n"
-                          f"import sys\nsys.path[:0] = [{str(PROJECT)!r}]\n"
-                          "from harness.nodes.agent import main\n"
-                          f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
-        script.chmod(0o755)
         cfg = MachineConfig(name=n, image=self.image, accel=self._probe, run_dir=self.run_dir,
-                            script=script.name, memory=self.node.memory, cpus=self.node.cpus,
-                            disk=disk, ports=[CONTROL_PORT], deterministic=self.deterministic,
+                            memory=self.node.memory, cpus=self.node.cpus, disk=disk,
+                            ports=[CONTROL_PORT], deterministic=self.deterministic,
                             shm=shm, streams=streams)
-        self.restored = not self.cold and snapshot.why_not(replace(cfg, shm=[])) is None
+        self.restored = not self.cold and snapshot.why_not(cfg) is None
         if not self.restored:
-            self.vm = VM(cfg).launch()
+            # Straight into Python, no shell: -S skips site.py, whose path
+            # scanning over 9p costs a TCG guest most of a second.
+            script = self.run_dir / f"{n}.agent"
+            script.write_text(f"#!{sys.executable} -S\n"
+                              f"import sys\nsys.path[:0] = [{str(PROJECT)!r}]\n"
+                              "from harness.nodes.agent import main\n"
+                              f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
+            script.chmod(0o755)
+            self.vm = VM(replace(cfg, script=script.name)).launch()
             return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
-        cfg = replace(cfg, snap=True, root=rootfs.build(self.say).path, script="", shm=[],
+        cfg = replace(cfg, snap=True, root=self.root or rootfs.build(self.say).path, shm=[],
                       ports=[CONTROL_PORT, snapshot.GO_PORT])
         self.vm = snapshot.start(cfg, snapshot.WAITING_RE, {
             "dh.rundir": str(self.run_dir.resolve()),

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.errors import ImageError
-from harness.paths import cache_dir
+from harness.paths import cache_dir, prune_newest
 from harness.progress import Progress, silent
 from harness.vm.qemu import PROJECT
 
@@ -238,15 +238,8 @@ def build(progress: Progress | None = None) -> RootImage:
                                                          "libs": libstats}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         final.rename(out)  # atomic: a reader sees a whole image or none
-    _prune()
+    prune_newest(roots_dir(), "manifest.json", KEEP_ROOTS)
     say(f"root image {key}: {img.files} files, {img.size >> 20} MiB, "
         f"built in {time.monotonic() - t0:.1f} s")
     return img
 
-
-def _prune() -> None:
-    """Keeps the newest few images: other checkouts may share this cache."""
-    olds = sorted((d for d in roots_dir().iterdir() if (d / "manifest.json").is_file()),
-                  key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in olds[KEEP_ROOTS:]:
-        shutil.rmtree(d, ignore_errors=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness.errors import BootTimeout, LaunchError
-from harness.paths import cache_dir, run_root
+from harness.paths import cache_dir, prune_newest, run_root
 from harness.progress import Progress, silent
 from harness.vm import qemu
 from harness.vm.machine import VM
@@ -77,8 +78,6 @@ def why_not(cfg: MachineConfig) -> str | None:
         return "deterministic guests count instructions from boot"
     if cfg.streams:
         return "its links to other guests are socket streams, joined at QEMU's start"
-    if cfg.shm:
-        return "its ivshmem devices are hot-plugged after a restore: build it without them"
     return None
 
 
@@ -92,9 +91,15 @@ def key(cfg: MachineConfig) -> str:
     text = re.sub(rf"\b{re.escape(cfg.name)}\b", "@NAME", text)
     st = Path(os.path.realpath(cfg.accel.qemu)).stat()
     h = hashlib.sha256(f"{SNAPSHOT_VERSION}\0{text}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    for mod in (__file__, qemu.__file__):
-        h.update(Path(mod).read_bytes())
+    h.update(_sources())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def _sources() -> bytes:
+    """The modules that make the saved state, as loaded by this process."""
+    return b"".join(hashlib.sha256(Path(m).read_bytes()).digest()
+                    for m in (__file__, qemu.__file__))
 
 
 def _load(d: Path) -> Snapshot | None:
@@ -161,10 +166,7 @@ def _build(cfg: MachineConfig, k: str, point: re.Pattern[bytes], say: Progress,
 
 
 def _prune() -> None:
-    snaps = sorted((d for d in snapshots_dir().iterdir() if (d / "meta.json").is_file()),
-                   key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in snaps[KEEP:]:
-        shutil.rmtree(d, ignore_errors=True)
+    for d in prune_newest(snapshots_dir(), "meta.json", KEEP):
         (snapshots_dir() / f"{d.name}.lock").unlink(missing_ok=True)
 
 
@@ -254,20 +256,30 @@ def drop(snap: Snapshot) -> None:
 def start(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
           shm: list[Path] = (), say: Progress = silent) -> VM:  # type: ignore[assignment]
     """A running guest restored from cfg's snapshot (taken first if
-    missing); one that does not load is taken again, once."""
-    for attempt in (1, 2):
-        snap = ensure(cfg, point, say)
-        vm = begin(cfg, snap, params)
-        try:
-            finish(vm, shm)
-            return vm
-        except LaunchError as exc:
-            vm.stop()
-            drop(snap)
-            if attempt == 2:
-                raise
-            say(f"{cfg.name}: snapshot {snap.key} did not load ({exc}); taking it again")
-    raise AssertionError("unreachable")
+    missing; its ivshmem devices, shm, are plugged in after the load). One
+    that does not load is dropped and taken again, once."""
+    snap = ensure(cfg, point, say)
+    try:
+        return _restore(cfg, snap, params, shm)
+    except LaunchError as exc:
+        say(f"{cfg.name}: snapshot {snap.key} did not load ({exc}); taking it again")
+    return _restore(cfg, ensure(cfg, point, say), params, shm)
+
+
+def _restore(cfg: MachineConfig, snap: Snapshot, params: dict[str, str],
+             shm: list[Path]) -> VM:
+    """begin() and finish(); a snapshot whose load fails is dropped."""
+    vm = begin(cfg, snap, params)
+    try:
+        finish(vm, shm)
+    except LaunchError:
+        vm.stop()
+        drop(snap)
+        raise
+    except BaseException:
+        vm.stop()
+        raise
+    return vm
 
 
 def list_snapshots() -> list[Snapshot]:
