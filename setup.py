@@ -18,7 +18,8 @@ def sources(*dirs: str) -> list[str]:
 
 
 CORE = ("dh", {
-    "sources": [str(NATIVE / "error.c"), *sources("transport", "excache", "pkey", "sqlbox")],
+    "sources": [str(NATIVE / "error.c"),
+                *sources("transport", "excache", "pkey", "sqlbox", "zbox")],
     "include_dirs": [str(NATIVE / "include"), str(NATIVE / "transport")],
     "cflags": CORE_FLAGS,
 })
@@ -77,10 +78,11 @@ def ext(name: str, libs: tuple[str, ...] = ()) -> Extension:
                      extra_compile_args=["-O2", "-D_GNU_SOURCE"])
 
 
-# The pkey binding holds SQLite's compartment too (native/sqlbox, in the core;
-# Debian's libsqlite3 from libsqlite3-dev): its gates need the pkey state of
-# the same copy of the core, and only this binding links libsqlite3.
-PKEY = ext("pkey", libs=("sqlite3",))
+# The pkey binding holds SQLite's and zlib's compartments too (native/sqlbox
+# and native/zbox, in the core; Debian's libsqlite3-dev and zlib1g-dev): their
+# gates need the pkey state of the same copy of the core, and only this
+# binding links the two libraries.
+PKEY = ext("pkey", libs=("sqlite3", "z"))
 
 
 setup(

@@ -4,7 +4,7 @@
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-from harness._native.errors cimport DH_EACCES, DH_EIO, DH_ENOSYS, DH_ETOOBIG, check
+from harness._native.errors cimport DH_EACCES, DH_EIO, DH_ENOMEM, DH_ENOSYS, DH_ETOOBIG, check
 from harness._native.transport cimport Samples
 
 from harness.errors import HarnessError
@@ -177,3 +177,4 @@ def floor_mprotect(Compartment a not None, Compartment b not None, size_t n) -> 
 
 
 include "sqlbox.pxi"
+include "zbox.pxi"

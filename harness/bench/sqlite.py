@@ -41,34 +41,21 @@ def _backends() -> list[str]:
             "rpc"]
 
 
-_remote: list = []  # in an rpc compartment's node: its compartment and box
-
-
-def _remote_open() -> None:
-    from harness._native import pkey
-
-    lib = pkey.Compartment("sqlite", "none", 64 << 20)
-    _remote[:] = [lib, pkey.SQLiteBox(lib)]
-
-
-def _remote_exec(sql: str) -> list:
-    return _remote[1].execute(sql)
-
-
 def _run_rpc(n: int) -> tuple[float, str]:
     import time
 
+    from harness.isolation import libs
     from harness.isolation.rpc_gate import RpcCompartment
 
     rpc = RpcCompartment("sqlite", 1 << 20)
     try:
-        rpc.call(_remote_open)
-        rpc.call(_remote_exec, "CREATE TABLE t(a INTEGER, b TEXT)")
+        rpc.call(libs.remote_open, "sqlite")
+        rpc.call(libs.remote_sqlite, "CREATE TABLE t(a INTEGER, b TEXT)")
         t0 = time.perf_counter_ns()
         for i in range(n):
-            rpc.call(_remote_exec, f"INSERT INTO t VALUES ({i}, 'row {i * 7}')")
+            rpc.call(libs.remote_sqlite, f"INSERT INTO t VALUES ({i}, 'row {i * 7}')")
         seconds = (time.perf_counter_ns() - t0) / 1e9
-        digest = hashlib.sha256(repr(rpc.call(_remote_exec, DIGEST)).encode()).hexdigest()
+        digest = hashlib.sha256(repr(rpc.call(libs.remote_sqlite, DIGEST)).encode()).hexdigest()
     finally:
         rpc.close()
     return seconds, digest
@@ -80,7 +67,7 @@ def run_one(backend: str, n: int = N) -> tuple[float, str]:
     table). In this process SQLite must not have started (one box a process)."""
     if backend == "rpc":
         return _run_rpc(n)
-    from harness._native import pkey
+    from harness.isolation import libs
     from harness.isolation.compartments import Domain, parse
 
     kind = "mpk" if backend.startswith("mpk") else backend
@@ -90,7 +77,7 @@ def run_one(backend: str, n: int = N) -> tuple[float, str]:
             {"name": "sqlite", "backend": kind, "heap": "64MiB", "private_stack": stack}]},
             "<bench sqlite>")) as d:
         d.enter("app")
-        box = pkey.SQLiteBox(d["sqlite"], private_stack=stack)
+        box = libs.open_box("sqlite", d["sqlite"], private_stack=stack)
         try:
             seconds = box.bench_insert(n)
             digest = hashlib.sha256(repr(box.execute(DIGEST)).encode()).hexdigest()

@@ -100,19 +100,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     if not 0 < args.budget <= 1:
         raise HarnessError(f"--budget is a fraction of the fastest throughput, in (0, 1]; "
                            f"got {args.budget}")
-    if args.placement == "vm":
-        from harness.guest_run import guest_json
-
-        raw = guest_json([sys.executable, "-m", "harness.isolation.explore",
-                          str(Path(args.config).resolve()), "--budget", str(args.budget)],
-                         "explore", progress=None if args.json else indented)
-        outcomes = [ex.Outcome(c["assignment"], c["requests_per_s"], c["safest_in_budget"],
-                               c["dominated_by"]) for c in raw["configurations"]]
-        notes = [*raw["notes"], "measured in a TCG guest (protection keys for mpk)"]
-    else:
-        cfg = ex.load(args.config)
-        outcomes, notes = ex.explore(cfg["requests"], cfg["value"], cfg["backends"],
-                                     args.budget)
+    outcomes, notes = ex.run(args.config, args.placement, args.budget,
+                             progress=None if args.json else indented)
     if args.plot:
         notes.append(f"plot: {ex.plot(outcomes, Path(args.plot))}")
     if args.json:

@@ -1,5 +1,4 @@
 /* SQLite in a compartment. See dh_sqlbox.h. */
-#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,108 +6,38 @@
 #include <sys/mman.h>
 
 #include "dh_error.h"
+#include "dh_heap.h"
 #include "dh_sqlbox.h"
 #include "dh_transport.h" /* dh_now_ns */
 
 /* ---- the allocator SQLite is given: all of it inside the compartment ----------- */
 
-#define ALIGN 16
-#define NCLASS 17 /* 16 B << 0 .. 16: up to 1 MiB from free lists by size class */
-#define SMALL_MAX ((size_t)ALIGN << (NCLASS - 1))
-
-struct block {
-    size_t size; /* usable bytes after this header */
-    struct block *next; /* on a free list */
-};
-
-/* At the start of the compartment's heap: only code inside the compartment
- * (SQLite, and this allocator called by it) can read or change it. */
-struct heap {
-    pthread_mutex_t mu;
-    uint8_t *bump, *end;
-    size_t used;
-    struct block *free_small[NCLASS];
-    struct block *free_big; /* larger than SMALL_MAX, page multiples, first fit */
+/* SQLite's allocator hooks carry no context: the heap's state (in the
+ * compartment, where only SQLite and this code reach it) is found from here. */
+struct state {
+    dh_heap *heap;
     sqlite3 *db;
 };
 
-static int class_of(size_t n)
-{
-    int c = 0;
-    while (((size_t)ALIGN << c) < n)
-        c++;
-    return c;
-}
+static struct state *the_state; /* set once, before SQLite starts: read only after */
 
-static size_t roundup(size_t n)
-{
-    if (n <= SMALL_MAX)
-        return (size_t)ALIGN << class_of(n ? n : 1);
-    return (n + 4095) & ~(size_t)4095;
-}
-
-static struct heap *the_heap; /* set once, before SQLite starts: read only after */
-
-static void *h_malloc(int n)
-{
-    struct heap *h = the_heap;
-    if (n <= 0)
-        return NULL;
-    size_t size = roundup((size_t)n);
-    struct block *b = NULL, **link;
-    pthread_mutex_lock(&h->mu);
-    if (size <= SMALL_MAX) {
-        link = &h->free_small[class_of(size)];
-        if ((b = *link))
-            *link = b->next;
-    } else {
-        for (link = &h->free_big; *link; link = &(*link)->next)
-            if ((*link)->size >= size) {
-                b = *link;
-                *link = b->next;
-                break;
-            }
-    }
-    if (!b && (size_t)(h->end - h->bump) >= size + sizeof *b) {
-        b = (struct block *)h->bump;
-        b->size = size;
-        h->bump += size + sizeof *b;
-    }
-    if (b)
-        h->used += b->size;
-    pthread_mutex_unlock(&h->mu);
-    return b ? b + 1 : NULL;
-}
-
-static void h_free(void *p)
-{
-    struct heap *h = the_heap;
-    if (!p)
-        return;
-    struct block *b = (struct block *)p - 1, **link;
-    pthread_mutex_lock(&h->mu);
-    h->used -= b->size;
-    link = b->size <= SMALL_MAX ? &h->free_small[class_of(b->size)] : &h->free_big;
-    b->next = *link;
-    *link = b;
-    pthread_mutex_unlock(&h->mu);
-}
-
-static int h_size(void *p) { return p ? (int)((struct block *)p - 1)->size : 0; }
+static void *h_malloc(int n) { return n > 0 ? dh_heap_alloc(the_state->heap, (size_t)n) : NULL; }
+static void h_free(void *p) { dh_heap_free(the_state->heap, p); }
+static int h_size(void *p) { return (int)dh_heap_size(p); }
 
 static void *h_realloc(void *p, int n)
 {
-    if (p && (size_t)n <= (size_t)h_size(p))
+    if (p && (size_t)n <= dh_heap_size(p))
         return p;
     void *q = h_malloc(n);
     if (q && p) {
-        memcpy(q, p, (size_t)h_size(p));
+        memcpy(q, p, dh_heap_size(p));
         h_free(p);
     }
     return q;
 }
 
-static int h_roundup(int n) { return (int)roundup((size_t)n); }
+static int h_roundup(int n) { return (int)dh_heap_roundup((size_t)n); }
 static int h_init(void *app) { (void)app; return SQLITE_OK; }
 static void h_shutdown(void *app) { (void)app; }
 
@@ -132,7 +61,7 @@ struct call {
 struct dh_sqlbox {
     dh_comp *lib;
     int private_stack;
-    struct heap *heap; /* inside lib: the app cannot dereference it */
+    void *heap; /* inside lib: the app cannot dereference it */
     struct call *call; /* the shared buffer */
     size_t shared_bytes;
 };
@@ -151,7 +80,7 @@ static void put(struct call *c, const void *p, size_t n)
 static uint64_t in_exec(void *arg)
 {
     struct call *c = arg;
-    sqlite3 *db = the_heap->db;
+    sqlite3 *db = the_state->db;
     const char *sql = c->sql, *end = c->sql + c->len;
     c->rc = SQLITE_OK;
     c->rows_len = 0;
@@ -192,10 +121,10 @@ static uint64_t in_open(void *arg)
     struct call *c = arg;
     c->rc = sqlite3_initialize();
     if (c->rc == SQLITE_OK)
-        c->rc = sqlite3_open_v2(":memory:", &the_heap->db,
+        c->rc = sqlite3_open_v2(":memory:", &the_state->db,
                                 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
     if (c->rc != SQLITE_OK)
-        snprintf(c->err, sizeof c->err, "%s", the_heap->db ? sqlite3_errmsg(the_heap->db)
+        snprintf(c->err, sizeof c->err, "%s", the_state->db ? sqlite3_errmsg(the_state->db)
                                                            : sqlite3_errstr(c->rc));
     return 0;
 }
@@ -203,8 +132,8 @@ static uint64_t in_open(void *arg)
 static uint64_t in_close(void *arg)
 {
     (void)arg;
-    sqlite3_close_v2(the_heap->db);
-    the_heap->db = NULL;
+    sqlite3_close_v2(the_state->db);
+    the_state->db = NULL;
     sqlite3_shutdown();
     return 0;
 }
@@ -222,12 +151,12 @@ static void gate(dh_sqlbox *b, dh_gate_fn fn)
 static uint64_t in_layout(void *arg)
 {
     dh_comp *lib = arg;
-    struct heap *h = dh_comp_heap(lib);
-    memset(h, 0, sizeof *h);
-    pthread_mutex_init(&h->mu, NULL);
-    h->bump = (uint8_t *)h + ((sizeof *h + ALIGN - 1) & ~(size_t)(ALIGN - 1));
-    h->end = (uint8_t *)h + dh_comp_heap_size(lib);
-    the_heap = h;
+    dh_heap *h = dh_heap_init(dh_comp_heap(lib), dh_comp_heap_size(lib));
+    the_state = h ? dh_heap_alloc(h, sizeof *the_state) : NULL;
+    if (the_state) {
+        the_state->heap = h;
+        the_state->db = NULL;
+    }
     return 0;
 }
 
@@ -266,6 +195,13 @@ int dh_sqlbox_open(dh_comp *lib, int private_stack, size_t shared_bytes, dh_sqlb
     b->call->rows = (char *)(b->call + 1);
     b->call->rows_cap = shared_bytes - sizeof(struct call);
     dh_gate_call(lib, in_layout, lib);
+    if (!the_state) {
+        snprintf(err, errlen, "the compartment's heap is too small for SQLite's allocator");
+        sqlite3_config(SQLITE_CONFIG_MALLOC, &saved);
+        munmap(b->call, shared_bytes);
+        free(b);
+        return DH_EINVAL;
+    }
     opened = 1;
     gate(b, in_open);
     if (b->call->rc != SQLITE_OK) {
@@ -333,7 +269,7 @@ void *dh_sqlbox_heap(const dh_sqlbox *b) { return b->heap; }
 
 static uint64_t in_used(void *arg)
 {
-    *(size_t *)arg = the_heap->used;
+    *(size_t *)arg = dh_heap_used(the_state->heap);
     return 0;
 }
 

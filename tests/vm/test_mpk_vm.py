@@ -60,8 +60,8 @@ def test_explore_in_a_guest_includes_mpk(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assignments = [c["assignment"] for c in json.loads(r.stdout)["configurations"]]
-    assert {"kv": "mpk", "log": "mpk"} in assignments
-    assert {"kv": "mprotect", "log": "mprotect"} in assignments
+    assert {"sqlite": "mpk", "zlib": "mpk"} in assignments
+    assert {"sqlite": "mprotect", "zlib": "mprotect"} in assignments
 
 
 def test_deterministic_gate_figures_repeat():

@@ -1,10 +1,12 @@
-"""SQLite in an mpk compartment, in a TCG guest with protection keys: the
-same answers as plain SQLite, SEGV_PKUERR from the application, the
-private-stack gate, and `bench sqlite --placement vm`'s rows."""
+"""SQLite and zlib in mpk compartments, in a TCG guest with protection keys:
+the same answers as plain SQLite and zlib, SEGV_PKUERR from the
+application, the private-stack gate, and `bench sqlite --placement vm`'s
+rows."""
 
 import json
 import subprocess
 import textwrap
+import zlib
 
 from .guest_python import HARNESS, run_script, tagged_json
 
@@ -17,7 +19,8 @@ IN_GUEST = textwrap.dedent("""
     for stack in (False, True):
         d = Domain(parse({"compartments": [
             {"name": "app", "backend": "mpk"},
-            {"name": "sqlite", "backend": "mpk", "heap": "16MiB", "private_stack": stack}]},
+            {"name": "sqlite", "backend": "mpk", "heap": "16MiB", "private_stack": stack},
+            {"name": "zlib", "backend": "mpk", "heap": "2MiB", "private_stack": stack}]},
             "<guest>"))
         d.enter("app")
         box = pkey.SQLiteBox(d["sqlite"], private_stack=stack)
@@ -25,19 +28,24 @@ IN_GUEST = textwrap.dedent("""
         for i in range(200):
             box.execute(f"INSERT INTO t VALUES ({i}, 'v{i}')")
         rows = box.execute("SELECT count(*), sum(a), group_concat(b) FROM t")
-        try:
-            d.probe("app", "sqlite")
-            fault = None
-        except IsolationFault as e:
-            fault = str(e)
-        out[str(stack)] = {"rows": rows, "fault": fault}
+        z = pkey.ZBox(d["zlib"], private_stack=stack)
+        packed = z.compress(b"record 7: page fault node " * 100).hex()
+        faults = {}
+        for lib in ("sqlite", "zlib"):
+            try:
+                d.probe("app", lib)
+                faults[lib] = None
+            except IsolationFault as e:
+                faults[lib] = str(e)
+        out[str(stack)] = {"rows": rows, "packed": packed, "faults": faults}
+        z.close()
         box.close()
         d.close()
     print("RESULT", json.dumps(out))
 """)
 
 
-def test_sqlite_in_an_mpk_compartment(tmp_path):
+def test_sqlite_and_zlib_in_mpk_compartments(tmp_path):
     import sqlite3
 
     out = tagged_json(run_script(tmp_path, IN_GUEST), "RESULT")
@@ -46,10 +54,14 @@ def test_sqlite_in_an_mpk_compartment(tmp_path):
     con.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(200)])
     want = [[str(v) for v in con.execute("SELECT count(*), sum(a), group_concat(b) FROM t")
              .fetchone()]]
+    packed = zlib.compress(b"record 7: page fault node " * 100, 6).hex()
     for stack in ("False", "True"):
         assert out[stack]["rows"] == want, stack
-        assert "compartment 'app' (mpk) touched the memory of 'sqlite' (mpk)" in \
-            out[stack]["fault"] and "SEGV_PKUERR" in out[stack]["fault"]
+        assert out[stack]["packed"] == packed, stack
+        for lib in ("sqlite", "zlib"):
+            fault = out[stack]["faults"][lib]
+            assert f"compartment 'app' (mpk) touched the memory of '{lib}' (mpk)" in fault \
+                and "SEGV_PKUERR" in fault
 
 
 def test_bench_sqlite_in_a_guest_has_the_mpk_rows():
