@@ -65,28 +65,35 @@ static int predicted_dirty(dh_excache *c, struct region *r, uint64_t idx)
 
 /* ---- the requests to the memory node -------------------------------------- */
 
-/* Fetches n pages from idx into c->page, carrying a dirty victim's
- * write-back along (its page is write-protected by now, still mapped). */
-static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n,
-                 struct line *dirty_victim)
+/* Fetches n pages from idx into c->page, carrying the write-backs of the
+ * ndirty victims in c->dv (their pages write-protected by now, still
+ * mapped) along. */
+static int fetch(dh_excache *c, struct region *r, uint64_t idx, uint32_t n, uint32_t ndirty)
 {
     if (!c->link) { /* the floor: a local store */
-        if (dirty_victim)
-            memcpy(dirty_victim->r->local + ex_page_index(dirty_victim->r, dirty_victim->page) *
-                       DH_PAGE, (void *)dirty_victim->page, DH_PAGE);
+        for (uint32_t i = 0; i < ndirty; i++)
+            memcpy(c->dv[i]->r->local + ex_page_index(c->dv[i]->r, c->dv[i]->page) * DH_PAGE,
+                   (void *)c->dv[i]->page, DH_PAGE);
         memcpy(c->page, r->local + idx * DH_PAGE, (size_t)n * DH_PAGE);
         return 0;
     }
-    if (dirty_victim) {
+    if (ndirty) {
         struct p2m_miss_flush *q = &c->req->miss_flush;
         q->region = r->id;
-        q->flush_region = dirty_victim->r->id;
-        q->page = idx;
-        q->flush_page = ex_page_index(dirty_victim->r, dirty_victim->page);
-        memcpy(q->data, (void *)dirty_victim->page, DH_PAGE);
         q->n = n;
-        c->st.piggybacked++;
-        return ex_rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH, sizeof *q, n * DH_PAGE);
+        q->page = idx;
+        q->nflush = ndirty;
+        q->zero = 0;
+        for (uint32_t i = 0; i < ndirty; i++) {
+            const struct line *v = c->dv[i];
+            q->ref[i] = (struct p2m_flush_ref){.region = v->r->id,
+                                               .page = ex_page_index(v->r, v->page)};
+            memcpy(q->data[i], (void *)v->page, DH_PAGE);
+        }
+        c->st.piggybacked += ndirty;
+        return ex_rpc(c, DH_OP_P2M_PCACHE_MISS_FLUSH,
+                      (uint32_t)(offsetof(struct p2m_miss_flush, data) + ndirty * DH_PAGE),
+                      n * DH_PAGE);
     }
     c->req->miss = (struct p2m_miss){.region = r->id, .n = n, .page = idx};
     return ex_rpc(c, DH_OP_P2M_PCACHE_MISS, sizeof c->req->miss, n * DH_PAGE);
@@ -182,9 +189,11 @@ struct line *ex_resident_line(dh_excache *c, struct line *set, uintptr_t page)
 }
 
 /* How many lines a remote miss at page idx brings in: the following pages
- * while they are on the memory node, not resident, and their victims clean.
- * Their victims go to c->pf[1..]. Consecutive pages fall in distinct sets
- * (the window is at most nsets), so no victim is chosen twice. */
+ * while they are on the memory node and not resident. Their victims go to
+ * c->pf[1..]; dirty ones are written back by the same request (LegoOS
+ * piggybacks one; a window of them keeps a stream of misses long while it
+ * evicts written pages). Consecutive pages fall in distinct sets (the
+ * window is at most nsets), so no victim is chosen twice. */
 static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
 {
     uint32_t n = 1;
@@ -197,10 +206,7 @@ static uint32_t window(dh_excache *c, struct region *r, uint64_t idx)
         struct line *set = ex_set_of(c, q);
         if (ex_resident_line(c, set, q))
             break;
-        struct line *v = victim_of(c, set);
-        if (v->page && v->dirty)
-            break;
-        c->pf[n] = v;
+        c->pf[n] = victim_of(c, set);
     }
     return n;
 }
@@ -281,53 +287,48 @@ int ex_serve_fault(dh_excache *c, struct region *r, uintptr_t addr, int wp)
     }
     c->st.misses++;
     struct line *v = victim_of(c, set);
-    struct line *dirty_victim = NULL;
-    if (v->page) {
+    c->pf[0] = v;
+    uint64_t idx = ex_page_index(r, page);
+    int fresh = !on_mnode(r, idx); /* zero-filled: written soon, so maybe dirty at once */
+    uint32_t n = fresh ? 1 : window(c, r, idx), ndirty = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct line *l = c->pf[i];
+        if (!l->page)
+            continue;
         c->st.evictions++;
-        if (v->dirty) {
+        if (l->dirty) {
             /* Stop writers first, so no store lands after the copy. */
-            if ((rc = ex_protect(c, v->page, 1)))
+            if ((rc = ex_protect(c, l->page, 1)))
                 goto out;
-            dirty_victim = v;
+            c->dv[ndirty++] = l;
             c->st.dirty_flushes++;
         } else {
             c->st.clean_drops++;
         }
     }
-    uint64_t idx = ex_page_index(r, page);
-    uint32_t n = 1;
-    int fresh = !on_mnode(r, idx); /* zero-filled: written soon, so maybe dirty at once */
     if (!fresh) {
-        n = window(c, r, idx);
-        rc = fetch(c, r, idx, n, dirty_victim);
+        rc = fetch(c, r, idx, n, ndirty);
         c->st.remote_fetches++;
     } else {
-        if (dirty_victim)
-            rc = flush_one(c, dirty_victim);
+        if (ndirty)
+            rc = flush_one(c, c->dv[0]);
         memset(c->page, 0, DH_PAGE);
         c->st.zero_fills++;
     }
     if (rc)
         goto out;
-    if (dirty_victim) {
-        struct region *vr = dirty_victim->r;
-        uint64_t vi = ex_page_index(vr, v->page);
-        mark_written_back(vr, vi, dirty_victim);
-        if ((rc = mirror(c, vr, vi, v->page)))
+    for (uint32_t i = 0; i < ndirty; i++) {
+        struct line *d = c->dv[i];
+        uint64_t vi = ex_page_index(d->r, d->page);
+        mark_written_back(d->r, vi, d);
+        if ((rc = mirror(c, d->r, vi, d->page)))
             goto out;
     }
-    c->pf[0] = v;
     uintptr_t run = 0;
     uint64_t len = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (!c->pf[i]->page)
-            continue;
-        if (i) {
-            c->st.evictions++;
-            c->st.clean_drops++;
-        }
-        drop(c, c->pf[i], &run, &len);
-    }
+    for (uint32_t i = 0; i < n; i++)
+        if (c->pf[i]->page)
+            drop(c, c->pf[i], &run, &len);
     if (len)
         madvise((void *)run, len, MADV_DONTNEED);
     int dirty = fresh ? c->predict_writes : predicted_dirty(c, r, idx);

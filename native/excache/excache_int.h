@@ -47,7 +47,8 @@ struct dh_excache {
     const char *why;   /* the local call that failed (for the fatal message), or NULL */
     int why_errno;
     struct line *lines;
-    struct line *pf[DH_PREFETCH_MAX]; /* a miss's prefetch victims (under the lock) */
+    struct line *pf[DH_PREFETCH_MAX]; /* a miss's victims, one per line of its window */
+    struct line *dv[DH_PREFETCH_MAX]; /* those that are dirty (under the lock) */
     struct region regions[DH_EXCACHE_MAX_REGIONS];
     atomic_flag lock;
     uint64_t clock;

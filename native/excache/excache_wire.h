@@ -47,15 +47,25 @@ struct WIRE p2m_flush {
     uint8_t data[DH_PAGE];
 };
 
-/* P2M_PCACHE_MISS_FLUSH -> n pages: a miss carrying its dirty victim's
- * write-back, applied first (the miss may be that page). */
+/* Where a write-back carried by a miss goes. */
+struct WIRE p2m_flush_ref {
+    uint32_t region;
+    uint32_t zero;
+    uint64_t page;
+};
+
+/* P2M_PCACHE_MISS_FLUSH -> n pages (1..DH_PREFETCH_MAX) from page on: a miss
+ * carrying the write-backs of the dirty victims of its window (nflush,
+ * 1..DH_PREFETCH_MAX: ref[i] for data[i]), applied first (the miss may be
+ * one of those pages). Its length: offsetof(data) + nflush pages. */
 struct WIRE p2m_miss_flush {
     uint32_t region;
-    uint32_t flush_region;
+    uint32_t n;
     uint64_t page;
-    uint64_t flush_page;
-    uint8_t data[DH_PAGE];
-    uint32_t n; /* optional: one */
+    uint32_t nflush;
+    uint32_t zero;
+    struct p2m_flush_ref ref[DH_PREFETCH_MAX];
+    uint8_t data[DH_PREFETCH_MAX][DH_PAGE];
 };
 
 /* The answer to ALLOC and CLONE. */
@@ -84,7 +94,8 @@ struct WIRE m2m_forward {
     uint32_t zero2;
 };
 
-/* The writes a forward carries (a MISS_FLUSH's flush goes as a FLUSH). */
+/* The writes a forward carries (a MISS_FLUSH goes whole; the replica
+ * applies its write-backs and answers with no pages). */
 struct WIRE m2m_forward_msg {
     struct m2m_forward hdr;
     union {
@@ -92,6 +103,7 @@ struct WIRE m2m_forward_msg {
         struct p2m_clone clone;
         struct p2m_free free;
         struct p2m_flush flush;
+        struct p2m_miss_flush miss_flush;
     } body;
 };
 
@@ -104,11 +116,14 @@ static_assert(sizeof(struct p2m_clone) == 12, "P2M_CLONE: u32 region, u64 token"
 static_assert(sizeof(struct p2m_free) == 4, "P2M_FREE: u32 region");
 static_assert(sizeof(struct p2m_miss) == 16, "P2M_PCACHE_MISS: u32 region, u32 n, u64 page");
 static_assert(sizeof(struct p2m_flush) == 16 + DH_PAGE, "P2M_PCACHE_FLUSH: 16 bytes, a page");
-static_assert(sizeof(struct p2m_miss_flush) == 28 + DH_PAGE, "P2M_PCACHE_MISS_FLUSH");
+static_assert(sizeof(struct p2m_flush_ref) == 16, "u32 region, u32 zero, u64 page");
+static_assert(sizeof(struct p2m_miss_flush) == 24 + DH_PREFETCH_MAX * (16 + DH_PAGE),
+              "P2M_PCACHE_MISS_FLUSH");
 static_assert(sizeof(union p2m_request) == sizeof(struct p2m_miss_flush), "the largest");
 static_assert(sizeof(struct p2m_region) == 4, "a region id");
 static_assert(sizeof(struct m2m_forward) == 16, "M2M_REPLICA's own fields");
-static_assert(sizeof(struct m2m_forward_msg) == 16 + 16 + DH_PAGE, "a forwarded FLUSH");
+static_assert(sizeof(struct m2m_forward_msg) == 16 + sizeof(struct p2m_miss_flush),
+              "a forwarded MISS_FLUSH");
 static_assert(sizeof(struct m2m_joined) == 4, "an epoch");
 
 #endif

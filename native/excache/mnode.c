@@ -47,6 +47,9 @@ struct dh_mstore {
     uint32_t replica_epoch; /* the replica's epoch, on every forward */
     int made;               /* the last make_region made one (not a token's repeat) */
     struct m2m_forward_msg fwd; /* the forward being sent */
+    int pending;              /* a forward was sent and its answer is awaited */
+    uint64_t pending_req;     /* its request id */
+    uint32_t pending_id;      /* the region it made, for an ALLOC or CLONE */
     union { /* the replica's answer to it */
         struct p2m_region made;
         struct m2m_joined joined;
@@ -167,13 +170,36 @@ static void drop_region(dh_mstore *m, struct vregion *r)
     *r = (struct vregion){0};
 }
 
+/* A MISS_FLUSH's write-backs, checked whole before any is applied: 0 and
+ * where each goes in dst, or -1 for a bad request. */
+static int check_flushes(dh_mstore *m, const struct p2m_miss_flush *mf, uint32_t len,
+                         uint8_t **dst)
+{
+    if (len < offsetof(struct p2m_miss_flush, data) || mf->nflush < 1 ||
+        mf->nflush > DH_PREFETCH_MAX ||
+        len != offsetof(struct p2m_miss_flush, data) + (size_t)mf->nflush * DH_PAGE)
+        return -1;
+    for (uint32_t i = 0; i < mf->nflush; i++)
+        if (!(dst[i] = page_at(m, mf->ref[i].region, mf->ref[i].page)))
+            return -1;
+    return 0;
+}
+
+static void apply_flushes(dh_mstore *m, const struct p2m_miss_flush *mf, uint8_t **dst)
+{
+    for (uint32_t i = 0; i < mf->nflush; i++)
+        memcpy(dst[i], mf->data[i], DH_PAGE);
+    m->st.flushes += mf->nflush;
+    m->st.pages_stored += mf->nflush;
+}
+
 /* Handles one request; returns the reply length or -1 for a bad request.
  * id: where an ALLOC or CLONE puts its region (a forward's), 0: anywhere. */
 static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint8_t *out,
                   uint32_t id)
 {
     const union p2m_request *q = (const void *)in; /* read only once len says it is there */
-    uint8_t *p, *dst;
+    uint8_t *p;
     struct vregion *r;
     uint32_t n;
     switch (op) {
@@ -221,22 +247,15 @@ static int handle(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, ui
         return 0;
     case DH_OP_P2M_PCACHE_MISS_FLUSH: {
         const struct p2m_miss_flush *mf = &q->miss_flush;
-        if (len == sizeof *mf)
-            n = mf->n;
-        else if (len == offsetof(struct p2m_miss_flush, n))
-            n = 1;
-        else
+        uint8_t *dst[DH_PREFETCH_MAX];
+        if (check_flushes(m, mf, len, dst) || mf->n < 1 || mf->n > DH_PREFETCH_MAX ||
+            !(p = page_at(m, mf->region, mf->page)) ||
+            !page_at(m, mf->region, mf->page + mf->n - 1))
             return -1;
-        if (n < 1 || n > DH_PREFETCH_MAX || !(p = page_at(m, mf->region, mf->page)) ||
-            !page_at(m, mf->region, mf->page + n - 1) ||
-            !(dst = page_at(m, mf->flush_region, mf->flush_page)))
-            return -1;
-        memcpy(dst, mf->data, DH_PAGE); /* the flush first: the miss may be that page */
-        memcpy(out, p, (size_t)n * DH_PAGE);
-        m->st.flushes++;
-        m->st.pages_stored++;
+        apply_flushes(m, mf, dst); /* first: the miss may be one of those pages */
+        memcpy(out, p, (size_t)mf->n * DH_PAGE);
         m->st.misses_served++;
-        return (int)(n * DH_PAGE);
+        return (int)(mf->n * DH_PAGE);
     }
     default:
         return -1;
@@ -267,33 +286,37 @@ static void lose_replica(dh_mstore *m)
         "to that replica");
 }
 
-/* Sends a write to the replica (under mu) and waits for its answer: 0 when
- * it is there or the replica failed (this store goes on alone), -1 when the
- * replica refused it (this store refuses it too; m->st.fenced if the replica
- * took over). id: an ALLOC's or CLONE's region, made here already. */
-static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint32_t id)
+/* Sends a write to the replica (under mu), without waiting: 0 when it went,
+ * or the replica failed (this store goes on alone, m->pending stays 0), -1
+ * for a request too large to be one. */
+static int forward_start(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len,
+                         uint32_t id)
 {
     struct m2m_forward_msg *f = &m->fwd;
-    if (op == DH_OP_P2M_PCACHE_MISS_FLUSH) { /* its flush, as a FLUSH */
-        const struct p2m_miss_flush *mf = (const void *)in;
-        if (len < offsetof(struct p2m_miss_flush, n))
-            return -1;
-        f->body.flush.region = mf->flush_region;
-        f->body.flush.zero = 0;
-        f->body.flush.page = mf->flush_page;
-        memcpy(f->body.flush.data, mf->data, DH_PAGE);
-        op = DH_OP_P2M_PCACHE_FLUSH;
-        len = sizeof f->body.flush;
-    } else {
-        if (len > sizeof f->body)
-            return -1;
-        memcpy(&f->body, in, len);
-    }
+    if (len > sizeof f->body)
+        return -1;
+    memcpy(&f->body, in, len);
     f->hdr = (struct m2m_forward){.op = op, .epoch = m->replica_epoch, .id = id};
+    m->pending_id = id;
+    if (dh_rpc_start(m->replica, DH_OP_M2M_REPLICA, f, sizeof f->hdr + len, &m->pending_req,
+                     m->replica_timeout_ms))
+        lose_replica(m);
+    else
+        m->pending = 1;
+    return 0;
+}
+
+/* Waits for the replica's answer to the forward under way: 0 when it holds
+ * the write or failed (this store goes on alone), -1 when it refused it
+ * (this store refuses it too; m->st.fenced if the replica took over). */
+static int forward_finish(dh_mstore *m)
+{
+    if (!m->pending)
+        return 0;
+    m->pending = 0;
     uint32_t got = 0, flags = 0;
-    int rc = dh_rpc_call(m->replica, DH_OP_M2M_REPLICA, f, sizeof f->hdr + len, &m->rbuf,
-                         sizeof m->rbuf, &got, &flags, m->replica_timeout_ms);
-    if (rc) {
+    if (dh_rpc_finish(m->replica, m->pending_req, &m->rbuf, sizeof m->rbuf, &got, &flags,
+                      m->replica_timeout_ms)) {
         lose_replica(m);
         return 0;
     }
@@ -304,10 +327,18 @@ static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, u
         say("its replica took over (a cache switched to it): it refuses every request now");
         return -1;
     }
+    uint32_t id = m->pending_id;
     if ((flags & DH_F_ERROR) || (id && (got != sizeof m->rbuf.made || m->rbuf.made.id != id)))
         return -1; /* the stores disagree: refuse it */
     m->st.replicated++;
     return 0;
+}
+
+/* A write to the replica, waited for. id: an ALLOC's or CLONE's region,
+ * made here already. */
+static int forward(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t len, uint32_t id)
+{
+    return forward_start(m, op, in, len, id) ? -1 : forward_finish(m);
 }
 
 /* A cache's request, on a primary or a lone store. */
@@ -329,6 +360,14 @@ static int serve_request(dh_mstore *m, uint16_t op, const uint8_t *in, uint32_t 
         if (made && r)
             drop_region(m, r);
         return -1;
+    }
+    if (op == DH_OP_P2M_PCACHE_FLUSH || op == DH_OP_P2M_PCACHE_MISS_FLUSH) {
+        /* Page writes: applied here (and the miss's pages read) while the
+         * replica applies them, answered only once it holds them too. */
+        if (forward_start(m, op, in, len, 0))
+            return -1;
+        int n = handle(m, op, in, len, out, 0);
+        return forward_finish(m) ? -1 : n;
     }
     return forward(m, op, in, len, 0) ? -1 : handle(m, op, in, len, out, 0);
 }
@@ -353,9 +392,17 @@ static int serve_forward(dh_mstore *m, const uint8_t *in, uint32_t len, uint8_t 
         *flags |= DH_F_FENCED;
         return -1;
     }
-    if (!is_write(f->op) || f->op == DH_OP_P2M_PCACHE_MISS_FLUSH ||
+    if (!is_write(f->op) ||
         ((f->op == DH_OP_P2M_ALLOC || f->op == DH_OP_P2M_CLONE) != (f->id != 0)))
         return -1;
+    if (f->op == DH_OP_P2M_PCACHE_MISS_FLUSH) { /* only its write-backs: no pages back */
+        const struct p2m_miss_flush *mf = (const void *)(in + sizeof *f);
+        uint8_t *dst[DH_PREFETCH_MAX];
+        if (check_flushes(m, mf, len - sizeof *f, dst))
+            return -1;
+        apply_flushes(m, mf, dst);
+        return 0;
+    }
     return handle(m, f->op, in + sizeof *f, len - sizeof *f, out, f->id);
 }
 

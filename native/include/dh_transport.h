@@ -152,6 +152,13 @@ int dh_link_send_raw(dh_link *l, const void *bytes, uint32_t n, int timeout_ms);
 int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
                 void *resp, uint32_t resp_cap, uint32_t *resp_len,
                 uint32_t *resp_flags, int timeout_ms);
+/* dh_rpc_call in two halves, so the caller can work while the peer does:
+ * start sends the request (its id in *req_id), finish waits for its reply.
+ * (finish's timeout counts from its own start.) */
+int dh_rpc_start(dh_link *l, uint16_t op, const void *req, uint32_t req_len, uint64_t *req_id,
+                 int timeout_ms);
+int dh_rpc_finish(dh_link *l, uint64_t req_id, void *resp, uint32_t resp_cap,
+                  uint32_t *resp_len, uint32_t *resp_flags, int timeout_ms);
 int dh_rpc_reply(dh_link *l, const dh_frame_hdr *req, uint32_t flags,
                  const void *payload, uint32_t len, int timeout_ms);
 /* A request handler for dh_rpc_serve: sets *reply (and returns its length)

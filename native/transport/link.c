@@ -160,28 +160,32 @@ int dh_link_recv(dh_link *l, dh_frame_hdr *h, void *buf, uint32_t cap,
 
 /* ---- RPC ---------------------------------------------------------------- */
 
-int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
-                void *resp, uint32_t resp_cap, uint32_t *resp_len,
-                uint32_t *resp_flags, int timeout_ms)
+int dh_rpc_start(dh_link *l, uint16_t op, const void *req, uint32_t req_len, uint64_t *req_id,
+                 int timeout_ms)
 {
     dh_timeout t = dh_timeout_ms(timeout_ms);
     dh_frame_hdr h = {.opcode = op, .req_id = ++l->next_req};
-    int rc = link_send(l, &h, req, req_len, &t);
-    if (rc)
-        return rc;
+    *req_id = h.req_id;
+    return link_send(l, &h, req, req_len, &t);
+}
+
+int dh_rpc_finish(dh_link *l, uint64_t req_id, void *resp, uint32_t resp_cap,
+                  uint32_t *resp_len, uint32_t *resp_flags, int timeout_ms)
+{
+    dh_timeout t = dh_timeout_ms(timeout_ms);
     for (;;) {
         dh_frame_hdr r;
-        rc = link_recv(l, &r, resp, resp_cap, &t);
+        int rc = link_recv(l, &r, resp, resp_cap, &t);
         if (rc)
             return rc;
-        if ((r.flags & DH_F_REPLY) && r.req_id == h.req_id) {
+        if ((r.flags & DH_F_REPLY) && r.req_id == req_id) {
             if (resp_len)
                 *resp_len = r.length;
             if (resp_flags)
                 *resp_flags = r.flags;
             return 0;
         }
-        if ((r.flags & DH_F_REPLY) && r.req_id < h.req_id) {
+        if ((r.flags & DH_F_REPLY) && r.req_id < req_id) {
             l->st.stale_replies++; /* answer to a call that timed out */
             continue;
         }
@@ -190,6 +194,15 @@ int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
         dh_link_close(l);
         return DH_EPROTO;
     }
+}
+
+int dh_rpc_call(dh_link *l, uint16_t op, const void *req, uint32_t req_len,
+                void *resp, uint32_t resp_cap, uint32_t *resp_len,
+                uint32_t *resp_flags, int timeout_ms)
+{
+    uint64_t id;
+    int rc = dh_rpc_start(l, op, req, req_len, &id, timeout_ms);
+    return rc ? rc : dh_rpc_finish(l, id, resp, resp_cap, resp_len, resp_flags, timeout_ms);
 }
 
 int dh_rpc_reply(dh_link *l, const dh_frame_hdr *req, uint32_t flags,

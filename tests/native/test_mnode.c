@@ -13,6 +13,9 @@
 
 #include "check.h"
 
+/* A MISS_FLUSH carrying n write-backs: its length on the wire. */
+#define MISS_FLUSH_LEN(n) ((uint32_t)(offsetof(struct p2m_miss_flush, data) + (n) * DH_PAGE))
+
 struct served {
     dh_mstore *m;
     dh_link *server, *client;
@@ -111,16 +114,22 @@ static void test_alloc_write_read_clone_free(void)
     CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS, &miss, sizeof miss, NULL) == 3 * DH_PAGE);
     CHECK(pages_are(3, (const uint8_t[]){0, 0xa2, 0xa3}));
 
-    /* A miss that carries its victim's write-back, which lands first. */
+    /* A miss that carries its victims' write-backs, which land first. */
     static struct p2m_miss_flush mf;
-    mf = (struct p2m_miss_flush){.region = a, .flush_region = a, .page = 4, .flush_page = 4,
-                                 .n = 2};
-    memset(mf.data, 0xa4, DH_PAGE);
-    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, sizeof mf, NULL) == 2 * DH_PAGE);
+    mf = (struct p2m_miss_flush){.region = a, .page = 4, .n = 2, .nflush = 2,
+                                 .ref = {{.region = a, .page = 4}, {.region = a, .page = 6}}};
+    memset(mf.data[0], 0xa4, DH_PAGE);
+    memset(mf.data[1], 0xa6, DH_PAGE);
+    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, MISS_FLUSH_LEN(2), NULL) ==
+          2 * DH_PAGE);
     CHECK(pages_are(2, (const uint8_t[]){0xa4, 0}));
-    mf.flush_page = 5; /* without its optional count: one page */
-    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, offsetof(struct p2m_miss_flush, n),
-              NULL) == DH_PAGE);
+    miss = (struct p2m_miss){.region = a, .n = 1, .page = 6};
+    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS, &miss, sizeof miss, NULL) == DH_PAGE);
+    CHECK(pages_are(1, (const uint8_t[]){0xa6}));
+    mf.nflush = 1; /* one write-back: its length says so too */
+    mf.ref[0].page = 5;
+    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, MISS_FLUSH_LEN(1), NULL) ==
+          2 * DH_PAGE);
 
     /* A clone holds the pages written so far, and is a region of its own. */
     struct p2m_clone cl = {.region = a};
@@ -134,7 +143,7 @@ static void test_alloc_write_read_clone_free(void)
 
     dh_mstore_stats st;
     dh_mstore_get_stats(m, &st);
-    CHECK(st.regions == 3 && st.bytes_reserved == 20 * DH_PAGE && st.pages_stored == 5);
+    CHECK(st.regions == 3 && st.bytes_reserved == 20 * DH_PAGE && st.pages_stored == 6);
 
     /* FREE twice (a retry) is done; a FREE of an id never given out is not. */
     struct p2m_free fr = {.region = a};
@@ -170,7 +179,8 @@ static void test_bad_requests(void)
         {DH_OP_P2M_CLONE, 3}, {DH_OP_P2M_CLONE, 8}, {DH_OP_P2M_FREE, 0},
         {DH_OP_P2M_FREE, 8}, {DH_OP_P2M_PCACHE_MISS, 15}, {DH_OP_P2M_PCACHE_MISS, 17},
         {DH_OP_P2M_PCACHE_FLUSH, 16}, {DH_OP_P2M_PCACHE_FLUSH, 16 + DH_PAGE - 1},
-        {DH_OP_P2M_PCACHE_MISS_FLUSH, 24}, {DH_OP_P2M_PCACHE_MISS_FLUSH, 25 + DH_PAGE},
+        {DH_OP_P2M_PCACHE_MISS_FLUSH, 24}, {DH_OP_P2M_PCACHE_MISS_FLUSH, MISS_FLUSH_LEN(0)},
+        {DH_OP_P2M_PCACHE_MISS_FLUSH, MISS_FLUSH_LEN(1) - 1},
         {DH_OP_M2M_REPLICA, 0}, {DH_OP_M2M_REPLICA, 15},
     };
     for (size_t i = 0; i < sizeof truncated / sizeof truncated[0]; i++) {
@@ -193,11 +203,14 @@ static void test_bad_requests(void)
     CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS, &q, sizeof q.miss, NULL) == -1);
     CHECK(flush(s.client, a, 4, 1) == -1);
     CHECK(flush(s.client, 0, 0, 1) == -1);
-    q.miss_flush = (struct p2m_miss_flush){.region = a, .flush_region = a, .flush_page = 9,
-                                           .n = 1};
-    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &q, sizeof q.miss_flush, NULL) == -1);
-    q.miss_flush.flush_page = 0;
+    q.miss_flush = (struct p2m_miss_flush){.region = a, .n = 1, .nflush = 2,
+                                           .ref = {{.region = a}, {.region = a, .page = 9}}};
+    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &q, MISS_FLUSH_LEN(2), NULL) == -1);
+    q.miss_flush.ref[1].page = 1;
     q.miss_flush.n = 0;
+    CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &q, MISS_FLUSH_LEN(2), NULL) == -1);
+    q.miss_flush.n = 1;
+    q.miss_flush.nflush = DH_PREFETCH_MAX + 1;
     CHECK(ask(s.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &q, sizeof q.miss_flush, NULL) == -1);
     q.clone = (struct p2m_clone){.region = a + 7};
     CHECK(ask(s.client, DH_OP_P2M_CLONE, &q, sizeof q.clone, NULL) == -1);
@@ -235,10 +248,11 @@ static void test_replication(void)
     CHECK(flags & DH_F_REPLICATED);
     uint32_t a = ((struct p2m_region *)(void *)reply)->id;
     static struct p2m_miss_flush mf;
-    mf = (struct p2m_miss_flush){.region = a, .flush_region = a, .page = 1, .flush_page = 0};
-    memset(mf.data, 0x5a, DH_PAGE);
-    CHECK(ask(p.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, offsetof(struct p2m_miss_flush, n),
-              &flags) == DH_PAGE);
+    mf = (struct p2m_miss_flush){.region = a, .page = 1, .n = 1, .nflush = 1,
+                                 .ref = {{.region = a, .page = 0}}};
+    memset(mf.data[0], 0x5a, DH_PAGE);
+    CHECK(ask(p.client, DH_OP_P2M_PCACHE_MISS_FLUSH, &mf, MISS_FLUSH_LEN(1), &flags) ==
+          DH_PAGE);
 
     dh_mstore_stats st;
     dh_mstore_get_stats(replica, &st);
