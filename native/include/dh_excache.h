@@ -136,7 +136,7 @@ void dh_mstore_destroy(dh_mstore *m);
 /* Serves the ExCache protocol on l until *stop, the link closes or SHUTDOWN.
  * Several links may share one store. */
 int dh_mstore_serve(dh_mstore *m, dh_link *l, volatile int *stop);
-/* Every write (ALLOC, FREE, CLONE, FLUSH, and a MISS_FLUSH's flush) is sent
+/* Every write (ALLOC, FREE, CLONE, FLUSH, and a MISS_FLUSH's write-backs) is sent
  * to the replica, another store, and acknowledged by it before this store
  * answers; each answer then carries DH_F_REPLICATED. If the replica fails,
  * this store goes on alone (counted in replica_errors; its answers no longer
