@@ -3,10 +3,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "dh_error.h"
-#include "dh_heap.h"
+#include "dh_box.h"
 #include "dh_sqlbox.h"
 #include "dh_transport.h" /* dh_now_ns */
 
@@ -59,11 +58,9 @@ struct call {
 };
 
 struct dh_sqlbox {
-    dh_comp *lib;
-    int private_stack;
+    dh_box box;
     void *heap; /* inside lib: the app cannot dereference it */
-    struct call *call; /* the shared buffer */
-    size_t shared_bytes;
+    struct call *call; /* box.shared */
 };
 
 static int opened; /* one box per process: SQLite's allocator is process-wide */
@@ -138,14 +135,6 @@ static uint64_t in_close(void *arg)
     return 0;
 }
 
-static void gate(dh_sqlbox *b, dh_gate_fn fn)
-{
-    if (b->private_stack)
-        dh_gate_call_stack(b->lib, fn, b->call);
-    else
-        dh_gate_call(b->lib, fn, b->call);
-}
-
 /* Outside any gate, before SQLite starts: the compartment's heap must be
  * reachable to lay the allocator out in it. */
 static uint64_t in_layout(void *arg)
@@ -182,28 +171,24 @@ int dh_sqlbox_open(dh_comp *lib, int private_stack, size_t shared_bytes, dh_sqlb
     dh_sqlbox *b = calloc(1, sizeof *b);
     if (!b)
         return DH_ENOMEM;
-    b->lib = lib;
-    b->private_stack = private_stack;
     b->heap = dh_comp_heap(lib);
-    b->shared_bytes = shared_bytes;
-    b->call = mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
-    if (b->call == MAP_FAILED) {
+    if (dh_box_open(&b->box, lib, private_stack, shared_bytes)) {
         free(b);
         return DH_ENOMEM;
     }
+    b->call = b->box.shared;
     b->call->rows = (char *)(b->call + 1);
     b->call->rows_cap = shared_bytes - sizeof(struct call);
     dh_gate_call(lib, in_layout, lib);
     if (!the_state) {
         snprintf(err, errlen, "the compartment's heap is too small for SQLite's allocator");
         sqlite3_config(SQLITE_CONFIG_MALLOC, &saved);
-        munmap(b->call, shared_bytes);
+        dh_box_close(&b->box, NULL);
         free(b);
         return DH_EINVAL;
     }
     opened = 1;
-    gate(b, in_open);
+    dh_box_call(&b->box, in_open, b->call);
     if (b->call->rc != SQLITE_OK) {
         snprintf(err, errlen, "%s", b->call->err);
         dh_sqlbox_close(b);
@@ -217,8 +202,7 @@ void dh_sqlbox_close(dh_sqlbox *b)
 {
     if (!b)
         return;
-    gate(b, in_close);
-    munmap(b->call, b->shared_bytes);
+    dh_box_close(&b->box, in_close);
     free(b);
     sqlite3_config(SQLITE_CONFIG_MALLOC, &saved); /* SQLite is shut down: allowed */
     opened = 0;
@@ -236,7 +220,7 @@ int dh_sqlbox_exec(dh_sqlbox *b, const char *sql, size_t len, const char **rows,
     c->sql = text;
     c->len = len;
     c->rows_cap -= len;
-    gate(b, in_exec);
+    dh_box_call(&b->box, in_exec, c);
     c->rows_cap += len;
     *rows = c->rows;
     *rows_len = c->rows_len;
@@ -276,6 +260,6 @@ static uint64_t in_used(void *arg)
 size_t dh_sqlbox_heap_used(const dh_sqlbox *b)
 {
     size_t *used = (size_t *)b->call->rows; /* the shared buffer: reachable inside */
-    dh_gate_call(b->lib, in_used, used);
+    dh_gate_call(b->box.lib, in_used, used);
     return *used;
 }

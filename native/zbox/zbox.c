@@ -1,11 +1,10 @@
 /* zlib in a compartment. See dh_zbox.h. */
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <zlib.h>
 
 #include "dh_error.h"
-#include "dh_heap.h"
+#include "dh_box.h"
 #include "dh_zbox.h"
 
 /* Inside the compartment: the allocator and the stream. */
@@ -27,10 +26,8 @@ struct call {
 };
 
 struct dh_zbox {
-    dh_comp *lib;
-    int private_stack;
-    struct call *call;
-    size_t shared_bytes;
+    dh_box box;
+    struct call *call; /* box.shared */
 };
 
 static voidpf z_alloc(voidpf opaque, uInt items, uInt size)
@@ -91,14 +88,6 @@ static uint64_t in_used(void *arg)
     return 0;
 }
 
-static void gate(dh_zbox *b, dh_gate_fn fn)
-{
-    if (b->private_stack)
-        dh_gate_call_stack(b->lib, fn, b->call);
-    else
-        dh_gate_call(b->lib, fn, b->call);
-}
-
 int dh_zbox_open(dh_comp *lib, int private_stack, int level, size_t shared_bytes,
                  dh_zbox **out)
 {
@@ -107,19 +96,15 @@ int dh_zbox_open(dh_comp *lib, int private_stack, int level, size_t shared_bytes
     dh_zbox *b = calloc(1, sizeof *b);
     if (!b)
         return DH_ENOMEM;
-    b->lib = lib;
-    b->private_stack = private_stack;
-    b->shared_bytes = shared_bytes;
-    b->call = mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
-    if (b->call == MAP_FAILED) {
+    if (dh_box_open(&b->box, lib, private_stack, shared_bytes)) {
         free(b);
         return DH_ENOMEM;
     }
+    b->call = b->box.shared;
     b->call->lib = lib;
     b->call->level = level;
     b->call->in = (uint8_t *)(b->call + 1);
-    gate(b, in_open);
+    dh_box_call(&b->box, in_open, b->call);
     if (b->call->rc) {
         int rc = b->call->rc;
         dh_zbox_close(b);
@@ -133,8 +118,7 @@ void dh_zbox_close(dh_zbox *b)
 {
     if (!b)
         return;
-    gate(b, in_close);
-    munmap(b->call, b->shared_bytes);
+    dh_box_close(&b->box, in_close);
     free(b);
 }
 
@@ -142,7 +126,7 @@ int dh_zbox_compress(dh_zbox *b, const void *in, size_t len, const uint8_t **out
                      size_t *out_len)
 {
     struct call *c = b->call;
-    size_t room = b->shared_bytes - sizeof *c;
+    size_t room = b->box.shared_bytes - sizeof *c;
     if (len >= room || len > UINT32_MAX)
         return DH_ETOOBIG;
     memcpy(c->in, in, len);
@@ -151,16 +135,16 @@ int dh_zbox_compress(dh_zbox *b, const void *in, size_t len, const uint8_t **out
     c->out_cap = room - len;
     if (c->out_cap > UINT32_MAX)
         c->out_cap = UINT32_MAX;
-    gate(b, in_compress);
+    dh_box_call(&b->box, in_compress, c);
     *out = c->out;
     *out_len = c->out_len;
     return c->rc;
 }
 
-void *dh_zbox_heap(const dh_zbox *b) { return dh_comp_heap(b->lib); }
+void *dh_zbox_heap(const dh_zbox *b) { return dh_comp_heap(b->box.lib); }
 
 size_t dh_zbox_heap_used(const dh_zbox *b)
 {
-    gate((dh_zbox *)b, in_used);
+    dh_box_call(&b->box, in_used, b->call);
     return b->call->used;
 }

@@ -1,9 +1,12 @@
-/* A compartment heap's allocator. See dh_heap.h. */
+/* What a boxed library is built from: its heap's allocator and its shared
+ * buffer and gate. See dh_box.h. */
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
-#include "dh_heap.h"
+#include "dh_box.h"
+#include "dh_error.h"
 
 #define ALIGN 16
 #define NCLASS 17 /* 16 B << 0 .. 16: up to 1 MiB from free lists by size class */
@@ -96,3 +99,23 @@ void dh_heap_free(dh_heap *h, void *p)
 size_t dh_heap_size(const void *p) { return p ? ((const struct block *)p - 1)->size : 0; }
 
 size_t dh_heap_used(const dh_heap *h) { return h->used; }
+
+int dh_box_open(dh_box *b, dh_comp *lib, int private_stack, size_t shared_bytes)
+{
+    *b = (dh_box){.lib = lib, .private_stack = private_stack, .shared_bytes = shared_bytes};
+    b->shared = mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    return b->shared == MAP_FAILED ? DH_ENOMEM : 0;
+}
+
+uint64_t dh_box_call(const dh_box *b, dh_gate_fn fn, void *arg)
+{
+    return b->private_stack ? dh_gate_call_stack(b->lib, fn, arg) : dh_gate_call(b->lib, fn, arg);
+}
+
+void dh_box_close(dh_box *b, dh_gate_fn close_fn)
+{
+    if (close_fn)
+        dh_box_call(b, close_fn, b->shared);
+    munmap(b->shared, b->shared_bytes);
+}
