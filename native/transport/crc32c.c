@@ -92,11 +92,11 @@ static void crc_init(void)
         v = (v >> 8) ^ crc_table[0][v & 0xff];
     }
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("pclmul") &&
-        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq"))
-        crc_best = DH_CRC_FOLD512;
-    else if (__builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("pclmul"))
-        crc_best = DH_CRC_3WAY;
+    if (__builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("pclmul"))
+        crc_best = __builtin_cpu_supports("avx512f") &&
+                           __builtin_cpu_supports("vpclmulqdq")
+                       ? DH_CRC_FOLD512
+                       : DH_CRC_3WAY;
     else if (__builtin_cpu_supports("sse4.2"))
         crc_best = DH_CRC_SSE42;
     else

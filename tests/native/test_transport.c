@@ -196,11 +196,11 @@ static uint32_t crc32c_bitwise(uint32_t crc, const uint8_t *p, size_t n)
     return ~crc;
 }
 
-/* Every path this CPU has (folding, three-stream, one-stream, table) against the
- * bitwise reference: known vectors, every length 0..4200 at a random
- * alignment and starting CRC (past the 512-byte fold threshold), lengths
- * past one 6 KiB three-stream block,
- * and a buffer split in two anywhere. */
+/* Every path this CPU has (folding, three-stream, one-stream, table)
+ * against the bitwise reference: known vectors, every length 0..4200 (past
+ * the 512-byte fold threshold) at a random alignment and starting CRC,
+ * lengths past one 6 KiB three-stream block, and a buffer split in two
+ * anywhere. */
 static void test_crc32c(void)
 {
     enum dh_crc_path best = dh_crc32c_best();
