@@ -58,10 +58,16 @@ typedef struct dh_frame_hdr {
     uint32_t checksum;
 } dh_frame_hdr;
 
-/* CRC32C (Castagnoli), incremental: pass 0 to start. Three interleaved
- * streams of the SSE4.2 crc32 instruction joined by PCLMULQDQ where the CPU
- * has both, one stream with SSE4.2 only, a table otherwise; same values. */
+/* CRC32C (Castagnoli), incremental: pass 0 to start. 512-bit carry-less
+ * folding with AVX-512 VPCLMULQDQ, three interleaved streams of the SSE4.2
+ * crc32 instruction joined by PCLMULQDQ, one stream with SSE4.2 only, a
+ * table otherwise; same values. */
 uint32_t dh_crc32c(uint32_t crc, const void *buf, size_t n);
+/* Copies n bytes from src to dst (no overlap) and returns dh_crc32c(crc)
+ * of the bytes dst now holds: in one pass from DH_CRC_COPY_FUSED bytes on
+ * where the CPU folds, else a copy and then a CRC pass over dst. */
+#define DH_CRC_COPY_FUSED 512u
+uint32_t dh_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n);
 
 int dh_op_known(uint16_t opcode);
 

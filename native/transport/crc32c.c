@@ -38,6 +38,11 @@
  * block, so the last 256 bytes of registers are stored and run through
  * the three-lane path with the tail; no separate reduction is needed.
  *
+ * dh_crc32c_copy copies a buffer and computes its CRC in the same pass:
+ * the folding loop stores each 64 bytes it loads, so the source is read
+ * once, and the CRC is of the bytes the copy holds even if the source
+ * changes under it (a peer writing into a shared ring).
+ *
  * Without PCLMUL the one-stream instruction is used, without SSE4.2
  * slicing-by-8 tables; all four give the same values. */
 #include <pthread.h>
@@ -176,46 +181,88 @@ crc_3way(uint32_t c, const uint8_t *p, size_t n)
 
 #define FOLD_STEP 256u
 
+/* Loads 64 bytes of the next step, stores them to *dst when copying, and
+ * folds x into them: the CRC is of exactly the bytes the copy holds. */
 __attribute__((target("avx512f,vpclmulqdq"))) static inline __m512i
-fold_lane(__m512i x, __m512i k, const uint8_t *next)
+fold_lane(__m512i x, __m512i k, const uint8_t *next, uint8_t *dst)
 {
+    __m512i d = _mm512_loadu_si512(next);
+    if (dst)
+        _mm512_storeu_si512(dst, d);
     __m512i lo = _mm512_clmulepi64_epi128(x, k, 0x00);
     __m512i hi = _mm512_clmulepi64_epi128(x, k, 0x11);
     /* 0x96: a ^ b ^ c */
-    return _mm512_ternarylogic_epi64(lo, hi, _mm512_loadu_si512(next), 0x96);
+    return _mm512_ternarylogic_epi64(lo, hi, d, 0x96);
 }
 
-__attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq"))) static uint32_t
-crc_fold512(uint32_t c, const uint8_t *p, size_t n)
+__attribute__((target("avx512f"))) static inline __m512i
+load_lane(const uint8_t *p, uint8_t *dst)
 {
-    if (n < 2 * FOLD_STEP)
-        return crc_3way(c, p, n);
+    __m512i d = _mm512_loadu_si512(p);
+    if (dst)
+        _mm512_storeu_si512(dst, d);
+    return d;
+}
+
+/* The CRC of p[0..n), and with dst also a copy of it to dst: one pass over
+ * the source instead of a copy and a CRC pass (inlined twice, so the dst
+ * tests fold away). */
+__attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq"))) static inline uint32_t
+fold512(uint32_t c, const uint8_t *p, size_t n, uint8_t *dst)
+{
+    _Static_assert(DH_CRC_COPY_FUSED == 2 * FOLD_STEP, "fused from the fold's threshold");
+    if (n < 2 * FOLD_STEP) {
+        if (!dst)
+            return crc_3way(c, p, n);
+        memcpy(dst, p, n);
+        return crc_3way(c, dst, n);
+    }
     /* The state is xored into the first 4 bytes: a reflected CRC from state
      * c over M equals one from 0 over M with c added to its start. */
-    __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(p),
+    __m512i x0 = _mm512_xor_si512(load_lane(p, dst),
                                   _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)c)));
-    __m512i x1 = _mm512_loadu_si512(p + 64);
-    __m512i x2 = _mm512_loadu_si512(p + 128);
-    __m512i x3 = _mm512_loadu_si512(p + 192);
+    __m512i x1 = load_lane(p + 64, dst ? dst + 64 : NULL);
+    __m512i x2 = load_lane(p + 128, dst ? dst + 128 : NULL);
+    __m512i x3 = load_lane(p + 192, dst ? dst + 192 : NULL);
     /* Q0 (the low qword of each lane) meets x^2079, Q1 meets x^2015. */
     __m512i k = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)crc_fold[1],
                                                       (long long)crc_fold[0]));
     p += FOLD_STEP;
     n -= FOLD_STEP;
+    if (dst)
+        dst += FOLD_STEP;
     while (n >= FOLD_STEP) {
-        x0 = fold_lane(x0, k, p);
-        x1 = fold_lane(x1, k, p + 64);
-        x2 = fold_lane(x2, k, p + 128);
-        x3 = fold_lane(x3, k, p + 192);
+        x0 = fold_lane(x0, k, p, dst);
+        x1 = fold_lane(x1, k, p + 64, dst ? dst + 64 : NULL);
+        x2 = fold_lane(x2, k, p + 128, dst ? dst + 128 : NULL);
+        x3 = fold_lane(x3, k, p + 192, dst ? dst + 192 : NULL);
         p += FOLD_STEP;
         n -= FOLD_STEP;
+        if (dst)
+            dst += FOLD_STEP;
     }
     _Alignas(64) uint8_t rest[FOLD_STEP];
     _mm512_store_si512(rest, x0);
     _mm512_store_si512(rest + 64, x1);
     _mm512_store_si512(rest + 128, x2);
     _mm512_store_si512(rest + 192, x3);
-    return crc_3way(crc_3way(0, rest, FOLD_STEP), p, n);
+    c = crc_3way(0, rest, FOLD_STEP);
+    if (!dst)
+        return crc_3way(c, p, n);
+    memcpy(dst, p, n); /* the tail, checked on the copy */
+    return crc_3way(c, dst, n);
+}
+
+__attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq"))) static uint32_t
+crc_fold512(uint32_t c, const uint8_t *p, size_t n)
+{
+    return fold512(c, p, n, NULL);
+}
+
+__attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq"))) static uint32_t
+crc_fold512_copy(uint32_t c, uint8_t *dst, const uint8_t *p, size_t n)
+{
+    return fold512(c, p, n, dst);
 }
 
 static uint32_t crc_soft(uint32_t c, const uint8_t *p, size_t n)
@@ -275,4 +322,14 @@ uint32_t dh_crc32c(uint32_t crc, const void *buf, size_t n)
 {
     pthread_once(&crc_once, crc_init);
     return crc_run(crc_best, crc, buf, n);
+}
+
+uint32_t dh_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n)
+{
+    pthread_once(&crc_once, crc_init);
+    if (crc_best == DH_CRC_FOLD512 && n >= DH_CRC_COPY_FUSED)
+        return ~crc_fold512_copy(~crc, dst, src, n);
+    /* Without the fold the CRC pass runs over the copy, hot in L1. */
+    memcpy(dst, src, n);
+    return crc_run(crc_best, crc, dst, n);
 }

@@ -83,6 +83,12 @@ int dh_frame_verify_split(const dh_frame_hdr *h, const void *payload)
     return dh_frame_crc(h, payload) == h->checksum ? 0 : DH_EPROTO;
 }
 
+uint32_t dh_frame_copy_crc(const dh_frame_hdr *h, void *dst, const void *payload)
+{
+    uint32_t crc = hdr_crc(h);
+    return h->length ? dh_crc32c_copy(crc, dst, payload, h->length) : crc;
+}
+
 uint32_t dh_frame_crc(const dh_frame_hdr *h, const void *payload)
 {
     uint32_t crc = hdr_crc(h);

@@ -21,7 +21,7 @@ uint64_t dh_timeout_at(dh_timeout *t);
 int dh_timeout_left_ms(dh_timeout *t);
 
 struct dh_link_ops {
-    /* h is complete (length and CRC filled in). */
+    /* h is complete (length filled in; the CRC too unless crc_on_copy). */
     int (*send)(dh_link *l, const dh_frame_hdr *h, const void *payload,
                 dh_timeout *t);
     int (*send_raw)(dh_link *l, const void *bytes, uint32_t n,
@@ -30,6 +30,9 @@ struct dh_link_ops {
                 dh_timeout *t);
     void (*close)(dh_link *l);
     void (*destroy)(dh_link *l);
+    /* send computes the CRC as it copies the payload: a frame's bytes are
+     * then read once on the way out. */
+    int crc_on_copy;
 };
 
 struct dh_link {
@@ -50,6 +53,8 @@ void dh_link_base_init(dh_link *l, const struct dh_link_ops *ops);
 int dh_frame_verify_split(const dh_frame_hdr *h, const void *payload);
 /* The CRC a header needs for this payload. */
 uint32_t dh_frame_crc(const dh_frame_hdr *h, const void *payload);
+/* The same, copying the payload to dst in the same pass. */
+uint32_t dh_frame_copy_crc(const dh_frame_hdr *h, void *dst, const void *payload);
 
 static inline void dh_cpu_relax(void) { __builtin_ia32_pause(); }
 

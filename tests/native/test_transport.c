@@ -200,7 +200,8 @@ static uint32_t crc32c_bitwise(uint32_t crc, const uint8_t *p, size_t n)
  * against the bitwise reference: known vectors, every length 0..4200 (past
  * the 512-byte fold threshold) at a random alignment and starting CRC,
  * lengths past one 6 KiB three-stream block, and a buffer split in two
- * anywhere. */
+ * anywhere. dh_crc32c_copy gives the same CRC and an exact copy, at any
+ * alignment of either side, and writes nothing past the copy. */
 static void test_crc32c(void)
 {
     enum dh_crc_path best = dh_crc32c_best();
@@ -231,6 +232,12 @@ static void test_crc32c(void)
         CHECK(dh_crc32c(init, p, n) == want);
         for (int path = DH_CRC_TABLE; path <= (int)best; path++)
             CHECK(dh_crc32c_path(path, init, p, n) == want);
+        static uint8_t dst[MAXLEN + 128];
+        size_t d = rnd() % 64;
+        memset(dst, 0xa5, sizeof dst);
+        CHECK(dh_crc32c_copy(init, dst + d, p, n) == want);
+        CHECK(memcmp(dst + d, p, n) == 0);
+        CHECK(dst[d + n] == 0xa5 && (d == 0 || dst[d - 1] == 0xa5));
     }
     for (int i = 0; i < 2000; i++) {
         size_t n = rnd() % MAXLEN, k = n ? rnd() % n : 0;
