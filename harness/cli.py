@@ -27,13 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print one JSON object")
         return sp
 
-    add("doctor", standalone.cmd_doctor, "what this host has and lacks, each with its fix", True)
+    sp = add("doctor", standalone.cmd_doctor, "what this host has and lacks, each with its fix",
+             True)
+    sp.add_argument("--topology", metavar="FILE",
+                    help="also check that every libvirt URI (host) of this topology answers")
 
     sp = add("up", cluster.cmd_up, "boot a cluster and keep it up until Ctrl-C or `harness down`")
     sp.add_argument("topology", nargs="?", default="lego3",
                     help="a built-in topology name or a .toml file (default: lego3)")
-    sp.add_argument("--placement", choices=["process", "vm"],
-                    help="run every node this way (default: as the topology says)")
+    sp.add_argument("--placement", choices=["process", "vm", "libvirt"],
+                    help="run every node this way (default: as the topology says); libvirt: "
+                    "as domains of the libvirt daemon at each node's host (qemu:///system)")
     sp.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for every node to be ready (default: 60)")
     sp.add_argument("--cold", action="store_true",
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("run", cluster.cmd_run, "boot a cluster, run CMD on its pnode, tear down; exits with "
              "CMD's status")
     sp.add_argument("topology", nargs="?", default="lego3")
-    sp.add_argument("--placement", choices=["process", "vm"])
+    sp.add_argument("--placement", choices=["process", "vm", "libvirt"])
     sp.add_argument("--timeout", type=float, default=300.0)
     sp.add_argument("--memory", choices=["local", "remote"], default="local",
                     help="remote: the program's anonymous memory lives on the mnode, behind "

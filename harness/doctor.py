@@ -100,6 +100,36 @@ def check_shm() -> Check:
                  "" if ok else "mount a tmpfs on /dev/shm")
 
 
-def run_checks() -> list[Check]:
-    return [check_qemu(), check_accel(), check_userfaultfd(), check_pkeys(),
-            check_busybox(), check_shm()]
+def check_libvirt(uri: str = "qemu:///system", required: bool = False) -> Check:
+    """Whether libvirt at uri answers and runs QEMU guests (placement "libvirt")."""
+    from harness.vm import domain
+
+    name = f"libvirt {uri}"
+    try:
+        conn = domain.connect(uri, timeout=5.0)
+    except HarnessError as exc:
+        local = domain.host_of(uri) == "this machine"
+        return Check(name, False, str(exc).split(";")[0],
+                     "bash scripts/setup.sh && bash scripts/libvirtd.sh" if local
+                     else f"start libvirtd on {domain.host_of(uri)}", required)
+    try:
+        lib, hv = conn.getLibVersion(), conn.getVersion()
+        caps = conn.getCapabilities()
+    finally:
+        conn.close()
+    ver = f"libvirt {lib // 1000000}.{lib // 1000 % 1000}.{lib % 1000}"
+    ver += f", QEMU {hv // 1000000}.{hv // 1000 % 1000}.{hv % 1000}"
+    if "<domain type='qemu'" not in caps:
+        return Check(name, False, f"{ver}, but no QEMU (TCG) guests",
+                     "install qemu-system-x86 where libvirtd runs", required)
+    return Check(name, True, ver)
+
+
+def run_checks(topology: object = None) -> list[Check]:
+    """This host's checks; with a topology, also every libvirt URI it names."""
+    checks = [check_qemu(), check_accel(), check_userfaultfd(), check_pkeys(),
+              check_busybox(), check_shm()]
+    uris = sorted({n.host for n in getattr(topology, "nodes", ()) if n.placement == "libvirt"})
+    if not uris:
+        return [*checks, check_libvirt()]
+    return [*checks, *(check_libvirt(u, required=True) for u in uris)]

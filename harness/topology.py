@@ -5,7 +5,8 @@ the key and what was expected. The built-in ones live in
 harness/topologies/NAME.toml and are found by name.
 
     name = "lego3"
-    placement = "process"            # or "vm"; a node may override it
+    placement = "process"            # or "vm", or "libvirt"; a node may override it
+    host = "qemu:///system"          # libvirt placement: the libvirt URI nodes run on
     [[nodes]]
     name = "pnode0"
     role = "pnode"                   # pnode | mnode | snode
@@ -28,7 +29,9 @@ from typing import Any
 from harness.errors import TopologyError
 
 ROLES = ("pnode", "mnode", "snode")
-PLACEMENTS = ("process", "vm")
+PLACEMENTS = ("process", "vm", "libvirt")
+GUEST_PLACEMENTS = ("vm", "libvirt")  # the node is a QEMU guest (libvirt's or our own)
+DEFAULT_HOST = "qemu:///system"
 LINK_KINDS = ("shm", "unix", "tcp")
 BUILTIN_DIR = Path(__file__).parent / "topologies"
 
@@ -89,6 +92,11 @@ class Node:
     memory: int = 512 << 20
     cpus: int = 1
     disk: int = 0
+    host: str = ""  # libvirt placement: the URI of the libvirt daemon that runs it
+
+    @property
+    def in_vm(self) -> bool:
+        return self.placement in GUEST_PLACEMENTS
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,10 @@ class Topology:
         """The same topology with every node moved to one placement."""
         if placement not in PLACEMENTS:
             raise TopologyError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        return replace(self, nodes=tuple(replace(n, placement=placement) for n in self.nodes))
+        return replace(self, nodes=tuple(
+            replace(n, placement=placement,
+                    host=(n.host or DEFAULT_HOST) if placement == "libvirt" else "")
+            for n in self.nodes))
 
 
 class _Checker:
@@ -188,14 +199,27 @@ def _model(c: _Checker, raw: Any, where: str) -> LinkModel:
     raise c.fail(where, f"one of {sorted(MODELS)} or a table", raw)
 
 
+_URI = re.compile(r"^qemu(\+[a-z]+)?://[^\s]*/(system|session)(\?\S*)?$")
+
+
+def _host(c: _Checker, table: dict, where: str, default: str) -> str:
+    """A libvirt URI for QEMU guests: qemu:///system, qemu+ssh://user@host/system, ..."""
+    v = table.get("host", default)
+    if not isinstance(v, str) or not _URI.match(v):
+        raise c.fail(where + "host", "a libvirt URI of QEMU such as qemu:///system or "
+                     "qemu+ssh://user@host/system", v)
+    return v
+
+
 def parse(data: dict, source: str) -> Topology:
     """Validates a parsed TOML document into a Topology."""
     c = _Checker(source)
-    c.keys(data, "", {"name", "description", "placement", "nodes", "links"})
+    c.keys(data, "", {"name", "description", "placement", "host", "nodes", "links"})
     name = c.string(data, "name", "")
     if not _NAME.match(name):
         raise c.fail("name", "lower-case letters, digits, '-' or '_'", name)
     placement = c.string(data, "placement", "", PLACEMENTS, "process")
+    host = _host(c, data, "", DEFAULT_HOST)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise c.fail("nodes", "at least one [[nodes]] table", raw_nodes)
@@ -204,20 +228,26 @@ def parse(data: dict, source: str) -> Topology:
         w = f"nodes[{i}]."
         if not isinstance(rn, dict):
             raise c.fail(f"nodes[{i}]", "a table", rn)
-        c.keys(rn, w, {"name", "role", "placement", "memory", "cpus", "disk"})
+        c.keys(rn, w, {"name", "role", "placement", "host", "memory", "cpus", "disk"})
         nname = c.string(rn, "name", w)
         if not _NAME.match(nname):
             raise c.fail(w + "name", "lower-case letters, digits, '-' or '_'", nname)
         if any(n.name == nname for n in nodes):
             raise c.fail(w + "name", "a name no other node has", nname)
+        nplace = c.string(rn, "placement", w, PLACEMENTS, placement)
+        nhost = _host(c, rn, w, host)
+        if "host" in rn and nplace != "libvirt":
+            raise c.fail(w + "host", 'no host unless placement = "libvirt" (the other '
+                         "placements run on this machine)", rn["host"])
         nodes.append(Node(
             name=nname,
             role=c.string(rn, "role", w, ROLES),
             nid=i + 1,
-            placement=c.string(rn, "placement", w, PLACEMENTS, placement),
+            placement=nplace,
             memory=c.size(rn, "memory", w, 512 << 20),
             cpus=c.positive_int(rn, "cpus", w, 1),
             disk=c.size(rn, "disk", w, 0),
+            host=nhost if nplace == "libvirt" else "",
         ))
     names = {n.name for n in nodes}
     links: list[Edge] = []

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 pkgs=(qemu-system-x86 busybox-static e2fsprogs cpio kmod zstd xz-utils redis-server redis-tools libmimalloc2.0
-      fuse3 libfuse3-dev pkg-config git sqlite3 libsqlite3-dev zlib1g-dev fio erofs-utils libc6-dev)
+      fuse3 libfuse3-dev pkg-config git sqlite3 libsqlite3-dev zlib1g-dev fio erofs-utils libc6-dev
+      libvirt-daemon-system libvirt-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -44,4 +45,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 say "installing the harness into .venv (builds the C core)"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,libvirt]'

@@ -17,8 +17,9 @@ from harness.text import table
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from harness.doctor import run_checks
+    from harness.topology import load
 
-    checks = run_checks()
+    checks = run_checks(load(args.topology) if args.topology else None)
     if args.json:
         print(json.dumps({"checks": [c.__dict__ for c in checks]}))
     else:

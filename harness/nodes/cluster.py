@@ -27,7 +27,7 @@ from harness.dbos.remote import RemoteDBOS
 from harness.errors import ClusterError, HarnessError, NotSupported, TransportError
 from harness.nodes.links import link_ends
 from harness.nodes.memory import DEFAULT_CACHE, Memory
-from harness.nodes.runners import ProcessRunner, VMRunner, guest_kit
+from harness.nodes.runners import LibvirtRunner, ProcessRunner, VMRunner, guest_kit
 from harness.nodes.spec import LinkEnd
 from harness.paths import private_dir, run_root, shm_root
 from harness.progress import Progress, silent
@@ -76,7 +76,7 @@ class Cluster:
                  deterministic: bool = False, ways: int = 64, policy: str = "fifo",
                  fault_mode: str = "sigbus", prefetch: int = DEFAULT_PREFETCH,
                  memory_channels: int = 1, cold: bool = False) -> None:
-        vm = {n.name for n in topology.nodes if n.placement == "vm"}
+        vm = {n.name for n in topology.nodes if n.in_vm}
         for k in topology.links:
             ends = {k.client, k.server} & vm
             if len(ends) == 1:
@@ -110,16 +110,20 @@ class Cluster:
     # ---- start -----------------------------------------------------------
 
     def _runners(self, say: Progress) -> None:
-        vm_nodes = [n.name for n in self.topology.nodes if n.placement == "vm"]
+        vm_nodes = [n.name for n in self.topology.nodes if n.in_vm]
         image, probe = guest_kit(vm_nodes, say) if vm_nodes else (None, None)
         # One root image for every restored node: checking it stats ~1,800 files.
         root = (rootfs.build(say).path
-                if vm_nodes and not (self.cold or self.deterministic) else None)
+                if any(n.placement == "vm" for n in self.topology.nodes)
+                and not (self.cold or self.deterministic) else None)
         for n in self.topology.nodes:
-            runner = (VMRunner(n, self.run_dir, image, probe, self.disk_dir, self.deterministic,
-                               self.cold, say, root)
-                      if n.placement == "vm"
-                      else ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir))
+            if n.placement == "vm":
+                runner = VMRunner(n, self.run_dir, image, probe, self.disk_dir,
+                                  self.deterministic, self.cold, say, root)
+            elif n.placement == "libvirt":
+                runner = LibvirtRunner(n, self.run_dir, image, probe, self.disk_dir, say)
+            else:
+                runner = ProcessRunner(n, self.run_dir, self.shm_dir, self.disk_dir)
             self.nodes[n.name] = NodeHandle(n, runner)
 
     def start(self, timeout: float = 30.0, progress: Progress | None = None) -> Cluster:

@@ -21,7 +21,7 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
     ends: dict[str, list[LinkEnd]] = {n.name: [] for n in topology.nodes}
     fds: list[int] = []
     role = {n.name: n.role for n in topology.nodes}
-    placement = {n.name: n.placement for n in topology.nodes}
+    in_vm = {n.name: n.in_vm for n in topology.nodes}
     for k in topology.links:
         model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
         auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
@@ -29,7 +29,7 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
         sv = {**model, "peer_role": role[k.client], **auth}
         if k.kind == "shm":
             # Between VMs the same file backs an ivshmem device in each guest.
-            attach = "ivshmem" if placement[k.client] == "vm" else "shm"
+            attach = "ivshmem" if in_vm[k.client] else "shm"
             channels = [("", k.name)]
             if attach == "ivshmem" and {role[k.client], role[k.server]} == {"pnode", "mnode"}:
                 channels += [("excache", f"{k.name}.excache{i or ''}")  # for workloads
@@ -42,7 +42,7 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
                 ends[k.server].append(LinkEnd(k.client, attach, True, path=path, side=1,
                                               service=service, **sv))
             continue
-        if placement[k.client] == "vm":  # both are (the constructor checked)
+        if in_vm[k.client]:  # both are (the constructor checked)
             server, client = chardevs(k.kind, k.name, run_dir)
             dev = f"/dev/virtio-ports/{port_name(k.name)}"
             ends[k.client].append(LinkEnd(k.server, "dev", False, path=dev, chardev=client,

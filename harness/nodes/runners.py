@@ -30,6 +30,7 @@ from harness.topology import Node
 from harness.vm import accel, rootfs, snapshot
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
+from harness.vm.domain import DomainVM
 from harness.vm.machine import VM
 from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
@@ -240,7 +241,7 @@ class VMRunner:
                               "from harness.nodes.agent import main\n"
                               f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
             script.chmod(0o755)
-            self.vm = VM(replace(cfg, script=script.name)).launch()
+            self.vm = self._machine(replace(cfg, script=script.name)).launch()
             return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
         cfg = replace(cfg, snap=True, root=self.root or rootfs.build(self.say).path, shm=[],
                       ports=[CONTROL_PORT, snapshot.GO_PORT])
@@ -253,6 +254,9 @@ class VMRunner:
         ctl = self.vm.ports[CONTROL_PORT]
         ctl.sendall(struct.pack("<I", len(spec)) + spec)
         return Link.from_fd(ctl.fileno(), name=n)
+
+    def _machine(self, cfg: MachineConfig) -> VM:
+        return VM(cfg)
 
     def _disk(self) -> Path:
         """The node's disk. A new snode disk comes with its database made on
@@ -308,3 +312,29 @@ class VMRunner:
         code = self.vm.stop(grace=timeout)
         return code == 0
 
+
+class LibvirtRunner(VMRunner):
+    """The agent in a guest that libvirt runs, on the host node.host names
+    (harness/vm/domain.py): the guest a VM node gets, booted cold."""
+
+    def __init__(self, node: Node, run_dir: Path, image: Image, accel: AccelProbe,
+                 disk_dir: Path, progress: Progress = silent) -> None:
+        super().__init__(node, run_dir, image, accel, disk_dir, cold=True, progress=progress)
+
+    @property
+    def domain_name(self) -> str:
+        return f"dh-{self.run_dir.name}-{self.node.name}"  # unique per cluster run
+
+    def _machine(self, cfg: MachineConfig) -> VM:
+        return DomainVM(cfg, self.node.host, self.domain_name)
+
+    def pause(self) -> None:
+        self._running_domain().suspend()
+
+    def resume(self) -> None:
+        self._running_domain().resume()
+
+    def _running_domain(self) -> DomainVM:
+        vm = self._running_vm()
+        assert isinstance(vm, DomainVM)
+        return vm

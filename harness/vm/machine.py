@@ -84,9 +84,13 @@ class VM:
             raise
         return self
 
+    def _sockets(self) -> list[Path]:
+        """The sockets QEMU connects to: the ports, then QMP."""
+        return [*(self.cfg.port_socket(p) for p in self.cfg.ports), self.cfg.qmp_socket]
+
     def _pre_launch(self) -> None:
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        for path in [*(self.cfg.port_socket(p) for p in self.cfg.ports), self.cfg.qmp_socket]:
+        for path in self._sockets():
             path.unlink(missing_ok=True)  # left by an earlier VM of this name
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._listeners[path] = s  # before bind: post-shutdown closes and removes it
@@ -128,16 +132,24 @@ class VM:
             listener.close()
             path.unlink(missing_ok=True)
 
-    def _drain(self) -> None:
+    def _console_read(self) -> bytes | None:
+        """The console's next bytes (b"" if none came for a while), None at its end."""
         assert self.child is not None
+        try:
+            return self.child.read_nonblocking(65536, timeout=0.2)
+        except pexpect.TIMEOUT:
+            return b""
+        except (pexpect.EOF, OSError):
+            return None
+
+    def _drain(self) -> None:
         with open(self.cfg.console_log, "ab") as log:
             while True:
-                try:
-                    data = self.child.read_nonblocking(65536, timeout=0.2)
-                except pexpect.TIMEOUT:
-                    continue
-                except (pexpect.EOF, OSError):
+                data = self._console_read()
+                if data is None:
                     break
+                if not data:
+                    continue
                 log.write(data)
                 log.flush()
                 with self._cond:

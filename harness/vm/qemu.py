@@ -85,7 +85,8 @@ class MachineConfig:
         return self.run_dir / f"{self.name}.console.log"
 
 
-def command(cfg: MachineConfig) -> list[str]:
+def kernel_params(cfg: MachineConfig) -> str:
+    """The guest kernel's command line: what init is to do, and where."""
     if cfg.mode not in ("run", "bare"):
         raise ValueError(f"mode must be 'run' or 'bare', got {cfg.mode!r}")
     params = [BOOT_PARAMS, f"dh.mode={cfg.mode}"]
@@ -111,6 +112,11 @@ def command(cfg: MachineConfig) -> list[str]:
         params.append("norandmaps")  # address layout changes instruction counts too
     if cfg.extra_params:
         params.append(cfg.extra_params)
+    return " ".join(params)
+
+
+def command(cfg: MachineConfig) -> list[str]:
+    params = kernel_params(cfg)
     accel = cfg.accel.accel
     cmd = [cfg.accel.qemu, "-name", cfg.name,
            "-machine", "pc", "-accel", accel, "-cpu", cfg.accel.cpu,
@@ -121,7 +127,7 @@ def command(cfg: MachineConfig) -> list[str]:
            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
            "-serial", "stdio",
            "-kernel", cfg.image.boot_kernel, "-initrd", cfg.image.initramfs,
-           "-append", " ".join(params)]
+           "-append", params]
     if cfg.deterministic:
         if accel != "tcg":
             raise ValueError("deterministic mode needs TCG (-icount does not work with KVM)")

@@ -1,0 +1,118 @@
+"""Nodes as libvirt domains on qemu:///system (scripts/libvirtd.sh starts
+the daemon): lego3 answers, pages and queries; faults go through libvirt;
+the domains are named after the cluster and node and none is left defined
+or running afterwards, even when the harness is SIGKILLed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import topology
+from harness._native.transport import Op
+from harness.errors import ClusterError, HarnessError
+from harness.nodes.cluster import open_cluster
+from harness.vm import domain
+
+from ..unit.helpers import alive
+from .test_excache_vm import WORKLOAD
+
+HARNESS = [sys.executable, "-m", "harness.cli"]
+
+
+def domains(prefix: str) -> list[str]:
+    """Every domain libvirt knows (running or defined) whose name starts so."""
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return sorted(n for n in out.split() if n.startswith(prefix))
+
+
+def gone(prefix: str, pids: list[int], within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while domains(prefix) or any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_lego3_on_libvirt_answers_and_faults_go_through_libvirt(tmp_path):
+    prefix = f"dh-{tmp_path.name}-"
+    with open_cluster(topology.load("lego3").with_placement("libvirt"), run_dir=tmp_path,
+                      timeout=240) as c:
+        assert domains(prefix) == [prefix + n for n in ("mnode0", "pnode0", "snode0")]
+        state = c.status()
+        assert [(n["name"], n["state"], n["placement"]) for n in state] == [
+            ("pnode0", "ready", "libvirt"), ("mnode0", "ready", "libvirt"),
+            ("snode0", "ready", "libvirt")]
+        pids = [n["pid"] for n in state]
+        assert all(alive(p) for p in pids)
+        with open(f"/proc/{pids[0]}/cmdline") as f:  # libvirt's QEMU, our machine
+            cmd = f.read().split("\0")
+        assert "ivshmem-plain" in "".join(cmd) and "max" in cmd
+        assert c.sql("SELECT count(*) FROM tasks") == [[0]]
+        # A paused domain does not answer; resumed, it does.
+        c.fault("snode0", "pause")
+        with pytest.raises(HarnessError):
+            c.call("snode0", Op.PING, timeout=1.0)
+        c.fault("snode0", "resume")
+        c.call("snode0", Op.PING, timeout=10.0)
+        # The mnode's power cut: its domain is gone, and the pnode says which
+        # peer stopped answering.
+        c.fault("mnode0", "kill")
+        assert domains(prefix) == [prefix + "pnode0", prefix + "snode0"]
+        with pytest.raises(HarnessError, match="mnode0"):
+            c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+    assert gone(prefix, pids)
+
+
+def test_a_program_on_the_libvirt_pnode_pages_over_ivshmem(tmp_path):
+    env = {**os.environ, "HARNESS_RUN_DIR": str(tmp_path)}
+    r = subprocess.run([*HARNESS, "run", "--placement", "libvirt", "--", sys.executable, "-c",
+                        WORKLOAD], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["intact"] is True and s["misses"] > 0 and s["evictions"] > 0
+    assert domains("dh-") == []
+
+
+def test_sigkill_of_the_harness_leaves_no_domain(tmp_path):
+    env = {**os.environ, "HARNESS_RUN_DIR": str(tmp_path)}
+    up = subprocess.Popen([*HARNESS, "up", "--placement", "libvirt"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            r = subprocess.run([*HARNESS, "status", "--json"], capture_output=True, text=True,
+                               timeout=60, env=env)
+            if r.returncode == 0:
+                break
+            assert up.poll() is None and time.monotonic() < deadline, up.stderr.read()
+            time.sleep(0.5)
+        pids = [n["pid"] for n in json.loads(r.stdout)["nodes"]]
+        assert len(domains("dh-lego3")) == 3 and all(alive(p) for p in pids)
+    finally:
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+    # AUTODESTROY: the daemon destroys what the dead connection made.
+    assert gone("dh-lego3", pids)
+
+
+def test_an_unreachable_host_fails_naming_it_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(domain, "CONNECT_TIMEOUT", 2.0)
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes the connection, never answers
+        uri = f"qemu+tcp://127.0.0.1:{silent.getsockname()[1]}/system"
+        topo = topology.parse({"name": "far", "placement": "libvirt", "nodes": [
+            {"name": "snode0", "role": "snode", "disk": "64MiB"},
+            {"name": "mnode0", "role": "mnode", "host": uri}]}, "<test>")
+        with pytest.raises(ClusterError, match=re.escape(f"mnode0: libvirt at {uri} (host "
+                                                         "127.0.0.1:")):
+            open_cluster(topo, run_dir=tmp_path, timeout=240)
+    assert domains(f"dh-{tmp_path.name}-") == []
