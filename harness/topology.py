@@ -7,6 +7,7 @@ harness/topologies/NAME.toml and are found by name.
     name = "lego3"
     placement = "process"            # or "vm", or "libvirt"; a node may override it
     host = "qemu:///system"          # libvirt placement: the libvirt URI nodes run on
+    # netns = "hostb"                # a process node: runs in this network namespace
     [[nodes]]
     name = "pnode0"
     role = "pnode"                   # pnode | mnode | snode
@@ -93,6 +94,7 @@ class Node:
     cpus: int = 1
     disk: int = 0
     host: str = ""  # libvirt placement: the URI of the libvirt daemon that runs it
+    netns: str | None = None  # process placement: the network namespace it runs in
 
     @property
     def in_vm(self) -> bool:
@@ -228,7 +230,7 @@ def parse(data: dict, source: str) -> Topology:
         w = f"nodes[{i}]."
         if not isinstance(rn, dict):
             raise c.fail(f"nodes[{i}]", "a table", rn)
-        c.keys(rn, w, {"name", "role", "placement", "host", "memory", "cpus", "disk"})
+        c.keys(rn, w, {"name", "role", "placement", "host", "netns", "memory", "cpus", "disk"})
         nname = c.string(rn, "name", w)
         if not _NAME.match(nname):
             raise c.fail(w + "name", "lower-case letters, digits, '-' or '_'", nname)
@@ -239,8 +241,14 @@ def parse(data: dict, source: str) -> Topology:
         if "host" in rn and nplace != "libvirt":
             raise c.fail(w + "host", 'no host unless placement = "libvirt" (the other '
                          "placements run on this machine)", rn["host"])
+        netns = rn.get("netns")
+        if netns is not None and (nplace != "process" or not isinstance(netns, str)
+                                  or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", netns)):
+            raise c.fail(w + "netns", 'the name of a network namespace (`ip netns`), on a '
+                         'node with placement = "process"', netns)
         nodes.append(Node(
             name=nname,
+            netns=netns,
             role=c.string(rn, "role", w, ROLES),
             nid=i + 1,
             placement=nplace,
@@ -267,9 +275,14 @@ def parse(data: dict, source: str) -> Topology:
         size = c.size(rl, "size", w, 4 << 20)
         if size < (64 << 10) or size & (size - 1) or size > (1 << 30):
             raise c.fail(w + "size", "a power of two from 64KiB to 1GiB", rl.get("size"))
+        kind = c.string(rl, "kind", w, LINK_KINDS, "shm")
+        ends = [next(n for n in nodes if n.name == b) for b in between]
+        if kind != "tcp" and (ends[0].netns != ends[1].netns or ends[0].host != ends[1].host):
+            raise c.fail(w + "kind", f'"tcp": {between[0]} and {between[1]} are on different '
+                         "hosts or network namespaces, and only TCP crosses a network", kind)
         links.append(Edge(
             client=between[0], server=between[1],
-            kind=c.string(rl, "kind", w, LINK_KINDS, "shm"),
+            kind=kind,
             size=size,
             model=_model(c, rl.get("model", "none"), w + "model"),
         ))

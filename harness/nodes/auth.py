@@ -70,3 +70,25 @@ class Challenge:
             self.done = True
             return b""
         raise AuthError(f"opcode {hdr.opcode:#x} before authenticating")
+
+
+def prove(link: Link, secret: bytes, peer: str, timeout: float = 10.0) -> None:
+    """The server's side on a channel of its own, before anything else is
+    served on it: answers the handshake's frames until the peer is proven;
+    AuthError (the link closed) if it fails or sends anything else."""
+    challenge = Challenge(secret)
+    try:
+        while not challenge.done:
+            hdr, payload = link.recv(timeout=timeout)
+            try:
+                answer = challenge.answer(hdr, payload)
+            except AuthError as exc:
+                link.reply(hdr, str(exc).encode(), error=True)
+                raise
+            link.reply(hdr, answer)
+    except AuthError:
+        link.close()
+        raise
+    except HarnessError as exc:
+        link.close()
+        raise AuthError(f"{peer} did not complete authentication: {exc}") from exc

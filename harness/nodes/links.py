@@ -1,7 +1,8 @@
 """The links between a cluster's nodes, made before the nodes start: shm
 channel files (ivshmem devices between VMs, with a pnode guest's memory
 channels to its mnode), virtio-serial streams between VMs, and socket pairs
-between host processes."""
+between host processes (TCP connections across the network between
+processes in different network namespaces, see netns.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 from pathlib import Path
 
 from harness._native.transport import create_shm_file
+from harness.nodes import netns
 from harness.nodes.spec import LinkEnd
 from harness.topology import Topology
 from harness.vm.streams import chardevs, port_name
@@ -22,6 +24,7 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
     fds: list[int] = []
     role = {n.name: n.role for n in topology.nodes}
     in_vm = {n.name: n.in_vm for n in topology.nodes}
+    nets = {n.name: n.netns for n in topology.nodes}
     for k in topology.links:
         model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
         auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
@@ -50,7 +53,8 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
             ends[k.server].append(LinkEnd(k.client, "dev", True, path=dev, chardev=server,
                                           **sv))
             continue
-        a, b = socket_pair(k.kind)
+        a, b = (netns.tcp_pair(nets[k.client], nets[k.server])
+                if nets[k.client] != nets[k.server] else socket_pair(k.kind))
         fds += [a.detach(), b.detach()]
         ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
         ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +20,9 @@ from typing import Protocol
 from harness._native.excache import DEFAULT_PREFETCH, PAGE, ExCache, Region, prefetch_for
 from harness._native.transport import Link, Op, create_shm_file
 from harness.dbos.remote import RemoteDBOS
-from harness.errors import HarnessError, NotSupported
+from harness.errors import ClusterError, HarnessError, NotSupported
+from harness.nodes import netns
+from harness.nodes.auth import authenticate
 from harness.nodes.broker import Channel, Process
 from harness.topology import LinkModel, Node, Topology
 
@@ -72,12 +75,20 @@ class Memory:
         return next((k.server for k in topo.links
                      if k.client == mnode and role[k.server] == "mnode"), None)
 
+    def _model(self, mnode: str) -> LinkModel | None:
+        """The topology's link model for channels to mnode."""
+        k = next((k for k in self.cluster.topology.links if mnode in (k.client, k.server)), None)
+        return k.model if k is not None and k.model.active else None
+
     def channel_file(self, mnode: str, name: str) -> tuple[str, LinkModel | None]:
         """A new shm channel file that mnode's store serves (ATTACH); its link
         model is the topology's link to mnode."""
         c = self.cluster
-        k = next((k for k in c.topology.links if mnode in (k.client, k.server)), None)
-        model = k.model if k is not None and k.model.active else None
+        if c.topology.node(mnode).netns is not None:
+            raise NotSupported(f"{mnode} is in network namespace "
+                               f"{c.topology.node(mnode).netns}: only this process's own "
+                               "cache (alloc) reaches it, over TCP")
+        model = self._model(mnode)
         path = str(c.shm_dir / f"{name}.shm")
         create_shm_file(path, 1 << 22)
         req: dict = {"service": "excache", "path": path, "side": 1}
@@ -88,8 +99,35 @@ class Memory:
 
     def channel(self, mnode: str) -> Link:
         """A new channel from this process to mnode's store."""
+        node = self.cluster.topology.node(mnode)
+        if node.netns is not None:
+            return self._tcp_channel(mnode, node.netns)
         path, model = self.channel_file(mnode, f"excache-{mnode}")
         link = Link.shm_open(path, 0, name=f"excache-{mnode}")
+        if model is not None:
+            link.set_model(model.latency_ns, model.bytes_per_sec)
+        return link
+
+    def _tcp_channel(self, mnode: str, ns: str) -> Link:
+        """A channel to an mnode on another host (here: in a network
+        namespace): it listens, we connect across the network and prove we
+        know the cluster's secret, as on any tcp link."""
+        c = self.cluster
+        model = self._model(mnode)
+        req: dict = {"service": "excache", "listen": "tcp"}
+        if model is not None:
+            req.update(latency_ns=model.latency_ns, bytes_per_sec=model.bytes_per_sec)
+        port = json.loads(c.call(mnode, Op.ATTACH, json.dumps(req).encode()))["port"]
+        host = netns.address(ns)
+        try:
+            sock = socket.create_connection((host, port), timeout=10.0)
+        except OSError as exc:
+            raise ClusterError(f"{mnode}: cannot reach its ExCache port {host}:{port} "
+                               f"(network namespace {ns}): {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        link = Link.from_fd(sock.detach(), name=f"excache-{mnode}")
+        authenticate(link, bytes.fromhex(c.secret), mnode)
         if model is not None:
             link.set_model(model.latency_ns, model.bytes_per_sec)
         return link

@@ -1,5 +1,6 @@
 """The memory node: a store of vRegions, served by C on channels that
-processor-side caches attach to (Op.ATTACH), one thread per channel. Told
+processor-side caches attach to (Op.ATTACH), one thread per channel: shm
+rings on one machine, TCP connections from another host. Told
 to replicate (ATTACH of service "replica"), it forwards every write to
 another mnode's store and waits for it before answering. A replica that does
 not answer within REPLICA_TIMEOUT is dropped for good: this store goes on
@@ -10,17 +11,20 @@ primary are refused, and that primary then refuses every request."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 from harness._native.excache import MStore
 from harness._native.transport import Link, Op
 from harness.errors import HarnessError
+from harness.nodes.auth import prove
 from harness.nodes.role import Role
 
 # Well under the caches' 2 s timeout: a primary whose replica went silent
 # answers its caches (and goes on alone) before they give up on it and fail
 # over to that same silent replica.
 REPLICA_TIMEOUT = 1.0
+ACCEPT_TIMEOUT = 10.0  # for the cache that asked for a TCP channel to connect
 
 
 class MNode(Role):
@@ -42,11 +46,42 @@ class MNode(Role):
         if req.get("service") != "excache":
             raise HarnessError(f"{self.agent.spec.name} serves 'excache' and 'replica' "
                                f"channels, not {req.get('service')!r}")
+        if req.get("listen") == "tcp":
+            # From another host: the channel is a TCP connection to a port of
+            # ours, and its peer proves it knows the cluster's secret first.
+            srv = socket.create_server(("0.0.0.0", 0))
+            threading.Thread(target=self._accept_tcp, args=(srv, req), name="excache-accept",
+                             daemon=True).start()
+            return json.dumps({"port": srv.getsockname()[1]}).encode()
         link = Link.shm_open(req["path"], int(req.get("side", 1)), name="excache")
-        if req.get("latency_ns") or req.get("bytes_per_sec"):
-            link.set_model(int(req.get("latency_ns", 0)), int(req.get("bytes_per_sec", 0)))
+        self._model(link, req)
         self._start(link)
         return b""
+
+    @staticmethod
+    def _model(link: Link, req: dict) -> None:
+        if req.get("latency_ns") or req.get("bytes_per_sec"):
+            link.set_model(int(req.get("latency_ns", 0)), int(req.get("bytes_per_sec", 0)))
+
+    def _accept_tcp(self, srv: socket.socket, req: dict) -> None:
+        name = self.agent.spec.name
+        with srv:
+            srv.settimeout(ACCEPT_TIMEOUT)
+            try:
+                conn, peer = srv.accept()
+            except OSError as exc:
+                print(f"dh-agent: {name}: nobody came to the TCP ExCache channel: {exc}",
+                      flush=True)
+                return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = Link.from_fd(conn.detach(), name="excache")
+        try:
+            prove(link, bytes.fromhex(self.agent.spec.secret), f"{peer[0]}:{peer[1]}")
+        except HarnessError as exc:
+            print(f"dh-agent: {name}: TCP ExCache channel refused: {exc}", flush=True)
+            return
+        self._model(link, req)
+        self._start(link)
 
     def _start(self, link: Link) -> None:
         self.channels.append(link)

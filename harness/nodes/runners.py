@@ -95,8 +95,11 @@ class ProcessRunner:
                        LinkEnd("controller", "shm", True, path=ctl_path, side=1), links,
                        parent_pid=os.getpid(), data_dir=str(self.data_dir))
             with open(self.log_path, "wb") as log:
+                # In a network namespace, `ip netns exec` enters it and execs
+                # the agent: the same pid, still our child.
+                enter = ["ip", "netns", "exec", self.node.netns] if self.node.netns else []
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
+                    [*enter, sys.executable, "-m", "harness.nodes.agent", str(spec_path)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     pass_fds=[e.fd for e in links if e.attach == "fd"], close_fds=True)
         except BaseException:

@@ -1,0 +1,121 @@
+"""A second host on one machine: a network namespace (`ip netns`) with its
+own address, joined to this one by a veth pair.
+
+A node placed as a process may run in such a namespace (topology key
+`netns`). Its links to nodes outside it are TCP connections whose two
+sockets belong to the two namespaces, so every byte crosses the veth pair
+and the kernel's network path (qdiscs included: `tc` on the veth shapes it);
+the controller makes each connection, one end from a thread that has
+entered the namespace, and hands the ends to the agents as it hands out
+local socket pairs. Its control channel stays a shared-memory ring: the
+namespace separates networks, not memory."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from harness.errors import HarnessError
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError as exc:
+        raise HarnessError("network namespaces need iproute2's `ip`: apt-get install "
+                           "iproute2") from exc
+    if check and r.returncode:
+        raise HarnessError(f"`ip {' '.join(args)}` failed: {r.stderr.strip()}")
+    return r
+
+
+def _require(name: str) -> None:
+    if not os.path.exists(f"/run/netns/{name}"):
+        raise HarnessError(f"no network namespace {name!r} (/run/netns/{name}); make it with "
+                           "`ip netns add` and give it an address on a veth pair")
+
+
+def run_in(name: str | None, fn: Callable[[], T]) -> T:
+    """fn() run in namespace name (None: this one), on a thread of its own:
+    setns changes only the calling thread's namespace."""
+    if name is None:
+        return fn()
+    _require(name)
+    got: dict = {}
+
+    def enter() -> None:
+        try:
+            with open(f"/run/netns/{name}") as f:
+                if ctypes.CDLL(None, use_errno=True).setns(f.fileno(), CLONE_NEWNET):
+                    raise OSError(ctypes.get_errno(), f"setns into {name}")
+            got["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            got["error"] = exc
+
+    t = threading.Thread(target=enter, name=f"netns {name}")
+    t.start()
+    t.join()
+    if "error" in got:
+        raise got["error"]
+    return got["value"]
+
+
+def address(name: str) -> str:
+    """The namespace's first global IPv4 address."""
+    _require(name)
+    for link in json.loads(_ip("-n", name, "-j", "-4", "addr", "show").stdout or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("scope") == "global":
+                return a["local"]
+    raise HarnessError(f"network namespace {name!r} has no IPv4 address to reach it at")
+
+
+def tcp_pair(client_ns: str | None, server_ns: str | None,
+             timeout: float = 5.0) -> tuple[socket.socket, socket.socket]:
+    """A TCP connection from client_ns to server_ns (None: this namespace):
+    (the client's end, the server's end), each a socket of its namespace."""
+    host = address(server_ns) if server_ns else "127.0.0.1"
+    srv = run_in(server_ns, lambda: socket.create_server((host, 0)))
+    with srv:
+        srv.settimeout(timeout)
+        try:
+            a = run_in(client_ns, lambda: socket.create_connection(srv.getsockname(), timeout))
+        except OSError as exc:
+            raise HarnessError(f"cannot reach {host} (namespace {server_ns}) from namespace "
+                               f"{client_ns or 'of the controller'}: {exc}") from exc
+        b, _ = srv.accept()
+    for s in (a, b):
+        s.settimeout(None)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
+@contextlib.contextmanager
+def veth_host(name: str, addr: str = "10.77.0.2", local: str = "10.77.0.1",
+              prefix: int = 24) -> Iterator[str]:
+    """A namespace `name` reached over a veth pair (local address `local`
+    here, `addr` there), removed on exit; yields the local end's device,
+    where `tc` shapes what goes to the namespace."""
+    dev = f"{name[:11]}-h"
+    _ip("netns", "add", name)
+    try:
+        _ip("link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _ip("addr", "add", f"{local}/{prefix}", "dev", dev)
+        _ip("link", "set", dev, "up")
+        _ip("-n", name, "addr", "add", f"{addr}/{prefix}", "dev", "eth0")
+        _ip("-n", name, "link", "set", "eth0", "up")
+        _ip("-n", name, "link", "set", "lo", "up")
+        yield dev
+    finally:
+        _ip("link", "del", dev, check=False)  # takes its peer in the namespace with it
+        _ip("netns", "del", name, check=False)
