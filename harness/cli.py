@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "process)")
     sp.add_argument("--link", choices=["shm", "unix", "tcp"], default="shm",
                     help="transport benchmark: the kind of link (default: shm)")
+    sp.add_argument("--network", choices=["loopback", "veth"], default="loopback",
+                    help="transport --link tcp: veth crosses a veth pair to a network "
+                    "namespace, shaped to the rdma and 25gbe figures, beside the link model "
+                    "of each (needs root; default: loopback)")
     sp.add_argument("-n", type=int, default=20000,
                     help="samples per row: transport round trips (default: 20000); dbos "
                          "operations, dbosfs creates (capped at 2000)")

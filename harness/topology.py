@@ -16,7 +16,7 @@ harness/topologies/NAME.toml and are found by name.
     between = ["pnode0", "mnode0"]   # the first node calls the second
     kind = "shm"                     # shm | unix | tcp
     size = "4MiB"                    # shm file size (a power of two)
-    model = "rdma"                   # none | rdma | {latency_us = .., bandwidth_gbps = ..}
+    model = "rdma"                   # none | rdma | 25gbe | {latency_us = .., bandwidth_gbps = ..}
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ _RDMA_BW = 3968 / 1.9e-6
 MODELS: dict[str, tuple[float, float]] = {
     "none": (0.0, 0.0),
     "rdma": ((4.6e-6 - 128 / _RDMA_BW) / 2 * 1e6, _RDMA_BW * 8 / 1e9),
+    # Two servers in a rack on 25 GbE: 25 Gbit/s and ~2 us one way (NIC to NIC
+    # through one cut-through switch, kernel bypass not counted).
+    "25gbe": (2.0, 25.0),
 }
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -2,7 +2,8 @@
 `python -m harness.bench.echo MODE ...`.
 
   frame shm PATH       serve ECHO frames on side 1 of a shm channel
-  frame fd FD          serve ECHO frames on an inherited socket
+  frame fd FD [L B]    serve ECHO frames on an inherited socket (with the
+                       link model: latency L ns, B bytes/s, on its replies)
   raw-echo FD SIZE     echo SIZE-byte messages on a socket, no framing
   raw-sink FD SIZE     swallow SIZE-byte messages, ack at EOF"""
 
@@ -19,6 +20,8 @@ def main(argv: list[str]) -> int:
     if mode == "frame":
         link = (Link.shm_open(rest[0], 1, name="echo") if kind_or_fd == "shm"
                 else Link.from_fd(int(rest[0]), name="echo"))
+        if len(rest) == 3:
+            link.set_model(int(rest[1]), int(rest[2]))
         link.echo_serve()
         return 0
     fd = int(kind_or_fd)

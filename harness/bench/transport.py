@@ -61,8 +61,11 @@ def _server(args: list[str], pass_fds: tuple[int, ...] = ()) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _framed(kind: str) -> Iterator[t.Link]:
-    """A link to an ECHO server in another process."""
+def _framed(kind: str, pair: tuple[socket.socket, socket.socket] | None = None,
+            model: tuple[int, int] = ()) -> Iterator[t.Link]:
+    """A link to an ECHO server in another process: over a new shm channel,
+    or a socket pair (this one if given); model (latency ns, bytes/s) is the
+    sender-side link model, applied by both ends."""
     if kind == "shm":
         with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="dh-bench-") as d:
             path = str(Path(d) / "bench.shm")
@@ -74,10 +77,12 @@ def _framed(kind: str) -> Iterator[t.Link]:
                 finally:
                     link.call(t.Op.SHUTDOWN, timeout=5.0)
         return
-    a, b = _pair(kind)
+    a, b = pair or _pair(kind)
     with a, b:
         link = t.Link.from_fd(a.fileno(), name="bench")
-        with _server(["frame", "fd", str(b.fileno())], (b.fileno(),)):
+        if model:
+            link.set_model(*model)
+        with _server(["frame", "fd", str(b.fileno()), *map(str, model)], (b.fileno(),)):
             b.close()
             try:
                 yield link
@@ -134,4 +139,68 @@ def run(link: str = "shm", n: int = 20000, batches: int = 15, batch: int = 4000,
     rep.rows.append(Row.of("throughput_4k", "MiB/s", thr, floor, fthr))
     rep.notes.append(f"link={link}; host cpus={os.cpu_count()}; throughput ratio < 1 is "
                      "slower than its floor")
+    return rep
+
+
+# The network figures the veth path is shaped to, as (one-way latency us,
+# Gbit/s): the link models of the same names (topology.MODELS).
+SHAPES = ("none", "rdma", "25gbe")
+
+
+def _tc(*args: str) -> bool:
+    return subprocess.run(["tc", *args], capture_output=True, timeout=10).returncode == 0
+
+
+def _shape(dev: str, ns: str, latency_us: float, gbps: float) -> str:
+    """Shapes both directions of the veth pair as the network itself would:
+    netem (delay and rate) where the kernel has it, else tbf (rate only).
+    Returns what was applied."""
+    for cmd in (["qdisc", "del", "dev", dev, "root"],
+                ["-n", ns, "qdisc", "del", "dev", "eth0", "root"]):
+        _tc(*cmd)
+    if not gbps:
+        return "none"
+    rate = f"{gbps:.2f}gbit"
+    netem = ["netem", "delay", f"{latency_us}us", "rate", rate, "limit", "100000"]
+    if _tc("qdisc", "add", "dev", dev, "root", *netem):
+        _tc("-n", ns, "qdisc", "add", "dev", "eth0", "root", *netem)
+        return f"netem delay {latency_us:.2f}us rate {rate}"
+    tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "10ms"]
+    if not (_tc("qdisc", "add", "dev", dev, "root", *tbf)
+            and _tc("-n", ns, "qdisc", "add", "dev", "eth0", "root", *tbf)):
+        raise HarnessError(f"tc could not shape {dev} with netem or tbf")
+    return f"tbf rate {rate} (no netem in this kernel: delay not shaped)"
+
+
+def run_veth(n: int = 20000, progress: Progress | None = None) -> Report:
+    """Framed round trips over TCP to a second host on this machine (a
+    network namespace across a veth pair), the path shaped to each network
+    figure, each beside the sender-side link model of the same figure over
+    loopback, in the same run."""
+    from harness.nodes import netns
+    from harness.topology import MODELS
+
+    say = progress or silent
+    rep = Report("transport")
+    name = f"dh-bench{os.getpid()}"
+    with netns.veth_host(name) as dev:
+        for shape in SHAPES:
+            lat_us, gbps = MODELS[shape]
+            applied = _shape(dev, name, lat_us, gbps)
+            model = (int(lat_us * 1000), int(gbps * 1e9 / 8)) if gbps else ()
+            rep.notes.append(f"{shape}: veth shaped by {applied}; model {lat_us:.2f} us "
+                             f"one way, {gbps:g} Gbit/s")
+            for metric, size in SIZES.items():
+                say(f"{metric} over the veth pair ({applied})")
+                with _framed("tcp", pair=netns.tcp_pair(None, name)) as lk:
+                    lk.bench_rpc_rtt(size, 1000)  # warm-up: caches, the socket's windows
+                    veth = lk.bench_rpc_rtt(size, n)
+                say(f"{metric} over loopback with the {shape} link model")
+                with _framed("tcp", model=model) as lk:
+                    lk.bench_rpc_rtt(size, 1000)
+                    modeled = lk.bench_rpc_rtt(size, n)
+                rep.rows.append(Row.of(f"{metric}_veth_{shape}", "ns", veth,
+                                       f"{metric}_model_{shape}", modeled))
+    rep.notes.append("ratio: the shaped network path over the sender-side model of the same "
+                     "figure (not a floor)")
     return rep

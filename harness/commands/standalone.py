@@ -202,7 +202,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "transport":
         from harness.bench import transport
 
-        rep = transport.run(link=args.link, n=args.n, progress=progress)
+        if args.network == "veth":
+            if args.link != "tcp":
+                raise HarnessError("--network veth crosses a network: use it with --link tcp")
+            rep = transport.run_veth(n=args.n, progress=progress)
+        else:
+            rep = transport.run(link=args.link, n=args.n, progress=progress)
     elif args.which == "gates":
         from harness.bench import gates
 

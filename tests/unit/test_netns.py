@@ -69,3 +69,14 @@ def test_what_cannot_cross_a_network_is_refused(data, key):
 def test_a_missing_namespace_is_named():
     with pytest.raises(HarnessError, match=r"no network namespace 'dh-none'.*ip netns add"):
         netns.tcp_pair(None, "dh-none")
+
+
+def test_bench_transport_across_the_veth_pair_beside_the_link_model():
+    from harness.bench import transport
+
+    rep = transport.run_veth(n=200)
+    assert [(r.metric, r.floor) for r in rep.rows] == [
+        (f"{m}_veth_{s}", f"{m}_model_{s}") for s in transport.SHAPES for m in transport.SIZES]
+    assert all(r.n == 200 and r.p50 > 0 and r.floor_p50 > 0 for r in rep.rows)
+    assert any("rdma: veth shaped by" in note for note in rep.notes)
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("dh-bench")]
