@@ -295,14 +295,18 @@ class VM:
             if self.alive and grace > 0:
                 self.wait(grace)
             if self.alive:
-                try:
-                    self.qmp("quit")
-                except Exception:  # whatever QMP says, SIGKILL follows
-                    pass
-                self.wait(3.0)
+                self._quit()
         finally:
             self._shutdown()
         return self.exit_code
+
+    def _quit(self) -> None:
+        """Asks QEMU to exit, and gives it a moment before the SIGKILL."""
+        try:
+            self.qmp("quit")
+        except Exception:  # whatever QMP says, SIGKILL follows
+            pass
+        self.wait(3.0)
 
     def _shutdown(self) -> None:
         """SIGKILL if QEMU is still there, then post-shutdown."""
