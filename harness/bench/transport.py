@@ -25,6 +25,7 @@ from pathlib import Path
 from harness._native import transport as t
 from harness.bench.report import Report, Row
 from harness.errors import HarnessError
+from harness.nodes import netns
 from harness.progress import Progress, silent
 
 LINKS = ("shm", "unix", "tcp")
@@ -34,13 +35,7 @@ SIZES = {"rtt_64": 64, "rtt_4k": 4096}
 def _pair(kind: str) -> tuple[socket.socket, socket.socket]:
     if kind == "unix":
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname(), timeout=5.0)
-        b, _ = srv.accept()
-    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    a.settimeout(None)
-    return a, b
+    return netns.tcp_pair(None, None)  # loopback, TCP_NODELAY on both ends
 
 
 @contextlib.contextmanager
@@ -177,7 +172,6 @@ def run_veth(n: int = 20000, progress: Progress | None = None) -> Report:
     network namespace across a veth pair), the path shaped to each network
     figure, each beside the sender-side link model of the same figure over
     loopback, in the same run."""
-    from harness.nodes import netns
     from harness.topology import MODELS
 
     say = progress or silent

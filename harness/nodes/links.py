@@ -53,22 +53,10 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
             ends[k.server].append(LinkEnd(k.client, "dev", True, path=dev, chardev=server,
                                           **sv))
             continue
-        a, b = (netns.tcp_pair(nets[k.client], nets[k.server])
-                if nets[k.client] != nets[k.server] else socket_pair(k.kind))
+        a, b = (netns.tcp_pair(nets[k.client], nets[k.server]) if k.kind == "tcp"
+                else socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
         fds += [a.detach(), b.detach()]
         ends[k.client].append(LinkEnd(k.server, "fd", False, fd=fds[-2], **cl))
         ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))
     return ends, fds
 
-
-def socket_pair(kind: str) -> tuple[socket.socket, socket.socket]:
-    """A connected pair of the given kind; tcp stays on loopback."""
-    if kind == "unix":
-        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname(), timeout=5.0)
-        srv.settimeout(5.0)
-        b, _ = srv.accept()
-    a.settimeout(None)
-    b.settimeout(None)
-    return a, b

@@ -84,10 +84,10 @@ class Memory:
         """A new shm channel file that mnode's store serves (ATTACH); its link
         model is the topology's link to mnode."""
         c = self.cluster
-        if c.topology.node(mnode).netns is not None:
-            raise NotSupported(f"{mnode} is in network namespace "
-                               f"{c.topology.node(mnode).netns}: only this process's own "
-                               "cache (alloc) reaches it, over TCP")
+        ns = c.topology.node(mnode).netns
+        if ns is not None:
+            raise NotSupported(f"{mnode} is in network namespace {ns}: only this process's "
+                               "own cache (alloc) reaches it, over TCP")
         model = self._model(mnode)
         path = str(c.shm_dir / f"{name}.shm")
         create_shm_file(path, 1 << 22)
@@ -124,9 +124,8 @@ class Memory:
         except OSError as exc:
             raise ClusterError(f"{mnode}: cannot reach its ExCache port {host}:{port} "
                                f"(network namespace {ns}): {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
-        link = Link.from_fd(sock.detach(), name=f"excache-{mnode}")
+        link = Link.from_fd(sock.detach(), name=f"excache-{mnode}")  # sets TCP_NODELAY
         authenticate(link, bytes.fromhex(c.secret), mnode)
         if model is not None:
             link.set_model(model.latency_ns, model.bytes_per_sec)

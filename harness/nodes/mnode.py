@@ -73,8 +73,7 @@ class MNode(Role):
                 print(f"dh-agent: {name}: nobody came to the TCP ExCache channel: {exc}",
                       flush=True)
                 return
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = Link.from_fd(conn.detach(), name="excache")
+        link = Link.from_fd(conn.detach(), name="excache")  # sets TCP_NODELAY
         try:
             prove(link, bytes.fromhex(self.agent.spec.secret), f"{peer[0]}:{peer[1]}")
         except HarnessError as exc:

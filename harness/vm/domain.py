@@ -16,6 +16,7 @@ stream opened while the domain is still paused, so no line is lost)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -31,6 +32,7 @@ CONNECT_TIMEOUT = 10.0
 SHM = Path("/dev/shm")  # libvirt's <shmem name=N> is /dev/shm/N
 
 
+@functools.cache
 def _libvirt():
     try:
         import libvirt

@@ -210,13 +210,10 @@ load_lane(const uint8_t *p, uint8_t *dst)
 __attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq"))) static inline uint32_t
 fold512(uint32_t c, const uint8_t *p, size_t n, uint8_t *dst)
 {
+    /* dh_crc32c_copy folds from this size on; below it there is no dst. */
     _Static_assert(DH_CRC_COPY_FUSED == 2 * FOLD_STEP, "fused from the fold's threshold");
-    if (n < 2 * FOLD_STEP) {
-        if (!dst)
-            return crc_3way(c, p, n);
-        memcpy(dst, p, n);
-        return crc_3way(c, dst, n);
-    }
+    if (n < 2 * FOLD_STEP)
+        return crc_3way(c, p, n);
     /* The state is xored into the first 4 bytes: a reflected CRC from state
      * c over M equals one from 0 over M with c added to its start. */
     __m512i x0 = _mm512_xor_si512(load_lane(p, dst),
