@@ -12,12 +12,21 @@ is dh-<cluster run>-<node>.
 The domain runs as the harness's user and group (a static DAC label, no
 relabelling): the run directory, the image cache and the sockets QEMU joins
 are private to that user. The console is read through libvirt (a console
-stream opened while the domain is still paused, so no line is lost)."""
+stream opened while the domain is still paused, so no line is lost).
+
+Every connection is served by libvirt's event loop on one thread of ours:
+the console streams are non-blocking and read from its callbacks, and each
+connection has a keepalive. A blocking stream read would share the
+connection with the calls other threads make, and libvirt's client can
+leave such a call waiting forever behind it (a kill that never returned);
+a host that stops answering fails its calls after KEEPALIVE instead of
+hanging them."""
 
 from __future__ import annotations
 
 import functools
 import os
+import queue
 import re
 import threading
 import time
@@ -29,6 +38,7 @@ from harness.vm.machine import VM
 from harness.vm.qemu import IVSHMEM_SLOT, MachineConfig, kernel_params
 
 CONNECT_TIMEOUT = 10.0
+KEEPALIVE = (5, 3)  # a probe every 5 s; 3 unanswered close the connection
 SHM = Path("/dev/shm")  # libvirt's <shmem name=N> is /dev/shm/N
 
 
@@ -41,7 +51,16 @@ def _libvirt():
                            "installs it (it builds against Debian's libvirt-dev)") from exc
     # libvirt prints every error on stderr as well as raising it; ours say more.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    # Before the first connection: the loop serves every one opened after it.
+    libvirt.virEventRegisterDefaultImpl()
+    threading.Thread(target=_run_events, args=(libvirt,), name="libvirt-events",
+                     daemon=True).start()
     return libvirt
+
+
+def _run_events(libvirt) -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
 
 
 def host_of(uri: str) -> str:
@@ -61,7 +80,9 @@ def connect(uri: str, timeout: float | None = None):
 
     def attempt() -> None:
         try:
-            got["conn"] = libvirt.open(uri)
+            conn = libvirt.open(uri)
+            conn.setKeepAlive(*KEEPALIVE)
+            got["conn"] = conn
         except libvirt.libvirtError as exc:
             got["error"] = exc
 
@@ -167,6 +188,7 @@ class DomainVM(VM):
         self._conn = None
         self._dom = None
         self._stream = None
+        self._chunks: queue.Queue[bytes | None] = queue.Queue()  # the console, from the loop
         self._destroyed = False  # by us: not a clean power-off
         super().__init__(cfg)
         self.cmdline = [f"virsh -c {uri} create <domain {domain_name}>"]  # for error messages
@@ -195,8 +217,11 @@ class DomainVM(VM):
             # Paused until the console is open: a pty drops what nobody reads.
             self._dom = self._conn.createXML(self.xml, libvirt.VIR_DOMAIN_START_AUTODESTROY
                                              | libvirt.VIR_DOMAIN_START_PAUSED)
-            self._stream = self._conn.newStream(0)
+            self._stream = self._conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
             self._dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            self._stream.eventAddCallback(
+                libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR
+                | libvirt.VIR_STREAM_EVENT_HANGUP, self._on_console, None)
         except libvirt.libvirtError as exc:
             raise LaunchError(f"{self.name}: libvirt at {self.uri} could not start domain "
                               f"{self.domain_name}: {exc.get_error_message()}",
@@ -211,12 +236,32 @@ class DomainVM(VM):
         for port in self.cfg.ports:
             self.ports[port] = self._accept(self.cfg.port_socket(port), deadline)
 
+    def _on_console(self, stream, _events: int, _opaque: object) -> None:
+        """On the event loop: whatever the console has, without blocking."""
+        while True:
+            try:
+                data = stream.recv(65536)
+            except Exception:  # the domain is gone, and its console with it
+                data = b""
+            if data == -2:  # nothing more for now
+                return
+            if not data:
+                self._console_end(stream)
+                return
+            self._chunks.put(data)
+
+    def _console_end(self, stream) -> None:
+        try:
+            stream.eventRemoveCallback()
+        except Exception:  # already removed, or the stream is gone
+            pass
+        self._chunks.put(None)
+
     def _console_read(self) -> bytes | None:
         try:
-            data = self._stream.recv(65536)
-        except Exception:  # the domain is gone, and its console with it
-            return None
-        return data or None
+            return self._chunks.get(timeout=0.2)
+        except queue.Empty:
+            return b""
 
     @property
     def alive(self) -> bool:
@@ -266,10 +311,12 @@ class DomainVM(VM):
 
     def _post_shutdown(self) -> None:
         if self._stream is not None:  # ends the console reader VM's cleanup joins
+            self._console_end(self._stream)
             try:
                 self._stream.abort()
             except Exception:  # already ended with the domain
                 pass
+            self._stream = None
         super()._post_shutdown()
         for link in self._shm_links:
             link.unlink(missing_ok=True)
