@@ -46,6 +46,47 @@ def shm_root() -> Path:
     return Path("/dev/shm") / f"disagg-harness-{os.getuid()}"
 
 
+_OWNER = "owner.pid"
+
+
+def shm_dir_of(run_dir: Path) -> Path:
+    """The shm directory of the cluster in run_dir: run dirs with the same
+    name elsewhere (pytest's, one set per session) get their own."""
+    import hashlib
+
+    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
+    return shm_root() / f"{run_dir.name}-{tag}"
+
+
+def claim_shm_dir(path: Path) -> None:
+    """Makes a cluster's shm directory afresh, removing what dead runs left:
+    its own leftover (a cluster starting in a run dir owns it), and every
+    other one whose owner process is gone (a SIGKILLed harness cannot clean
+    up, and /dev/shm is memory), with the dangling /dev/shm links of libvirt
+    nodes into them."""
+    import shutil
+
+    root = private_dir(shm_root())  # checked before anything in it is removed
+    for d in root.iterdir():
+        if d == path or not _owner_alive(d):
+            shutil.rmtree(d, ignore_errors=True)
+    for link in Path("/dev/shm").glob("dh-*.shm*"):
+        if link.is_symlink() and not link.exists() and link.lstat().st_uid == os.getuid():
+            link.unlink(missing_ok=True)
+    private_dir(path)
+    (path / _OWNER).write_text(str(os.getpid()))
+
+
+def _owner_alive(d: Path) -> bool:
+    try:
+        os.kill(int((d / _OWNER).read_text()), 0)
+    except PermissionError:  # someone else's process
+        return True
+    except (OSError, ValueError):  # no such process, or no owner file (an old layout)
+        return False
+    return True
+
+
 def private_dir(path: str | os.PathLike[str]) -> Path:
     """Makes path, and each parent it lacks, mode 0700; or checks the one
     already there. A name in /tmp or /dev/shm can be taken first by anyone,

@@ -51,7 +51,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir = control.cluster_dir(topo.name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale one whose `up` died
     cluster = Cluster(topo, run_dir=run_dir, cold=args.cold)
-    shutil.rmtree(cluster.shm_dir, ignore_errors=True)  # and its channel files
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

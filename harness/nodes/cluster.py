@@ -29,7 +29,7 @@ from harness.nodes.links import link_ends
 from harness.nodes.memory import DEFAULT_CACHE, Memory
 from harness.nodes.runners import LibvirtRunner, ProcessRunner, VMRunner, guest_kit
 from harness.nodes.spec import LinkEnd
-from harness.paths import private_dir, run_root, shm_root
+from harness.paths import claim_shm_dir, private_dir, run_root, shm_dir_of
 from harness.progress import Progress, silent
 from harness.topology import Node, Topology, load, parse_size
 from harness.vm import rootfs
@@ -95,7 +95,7 @@ class Cluster:
         # A private run directory is removed after a clean stop; a given one is kept.
         self._private = run_dir is None
         self.run_dir = run_dir or run_root() / f"{topology.name}.{os.getpid()}.{next(_serial)}"
-        self.shm_dir = shm_root() / self.run_dir.name
+        self.shm_dir = shm_dir_of(self.run_dir)
         # Disks outlive a node's restart; a private cluster keeps them in its run dir.
         self.disk_dir = disk_dir or self.run_dir
         self.nodes: dict[str, NodeHandle] = {}
@@ -131,7 +131,7 @@ class Cluster:
         parent-death signal is tied to it) and waits until all answer."""
         say = progress or silent
         private_dir(self.run_dir)
-        private_dir(self.shm_dir)
+        claim_shm_dir(self.shm_dir)
         self.started_at = time.time()
         try:
             self._runners(say)

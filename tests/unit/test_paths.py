@@ -7,6 +7,7 @@ following a symbolic link."""
 
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -82,11 +83,11 @@ def test_a_cluster_refuses_a_hostile_shm_directory(tmp_path, monkeypatch):
     bad = tmp_path / "shm"
     bad.mkdir()
     bad.chmod(0o777)
-    monkeypatch.setattr(cluster_mod, "shm_root", lambda: bad)
+    monkeypatch.setattr(paths, "shm_root", lambda: bad)
     c = cluster_mod.Cluster(load("lego3"), run_dir=tmp_path / "run")
     with pytest.raises(HarnessError, match=rf"{bad} is writable by group or others"):
         c.start(timeout=5)
-    assert not (bad / "run").exists()  # nothing was made in it
+    assert list(bad.iterdir()) == []  # nothing was made in it
 
 
 def test_the_default_shm_root_is_per_user():
@@ -104,3 +105,31 @@ def test_channel_files_are_not_opened_through_a_symbolic_link(tmp_path):
     with pytest.raises(TransportError):
         t.create_shm_file(str(tmp_path / "swapped.shm"), 64 << 10)
     t.Link.shm_open(str(real), 1).close()  # the file itself opens
+
+
+def test_a_cluster_shm_dir_is_its_run_dirs_alone_and_dead_runs_leftovers_go(tmp_path, monkeypatch):
+    root = tmp_path / "shm"
+    monkeypatch.setattr(paths, "shm_root", lambda: root)
+    # pytest's run dirs share names across sessions; their shm dirs do not.
+    mine = paths.shm_dir_of(tmp_path / "a" / "test_x0")
+    assert mine != paths.shm_dir_of(tmp_path / "b" / "test_x0")
+    assert mine.name.startswith("test_x0-")
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for name, owner in [(mine.name, os.getpid()), ("other-live", live.pid),
+                            ("other-dead", dead.pid), ("no-owner", None)]:
+            d = paths.private_dir(root / name)
+            (d / "ch.shm").write_bytes(b"x")
+            if owner is not None:
+                (d / "owner.pid").write_text(str(owner))
+        link = paths.Path(f"/dev/shm/dh-{tmp_path.name}-gone.shm0")
+        link.symlink_to(root / "other-dead" / "ch.shm")
+        paths.claim_shm_dir(mine)
+        assert sorted(d.name for d in root.iterdir()) == sorted([mine.name, "other-live"])
+        assert list(mine.iterdir()) == [mine / "owner.pid"]  # its own leftover went too
+        assert not link.is_symlink()
+    finally:
+        live.kill()
+        live.wait()

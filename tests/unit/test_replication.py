@@ -13,7 +13,7 @@ import numpy as np
 
 from harness._native.excache import PAGE
 from harness.nodes.cluster import open_cluster
-from harness.paths import shm_root
+from harness.paths import shm_dir_of
 
 PAGES = 2048  # 8 MiB through a 1 MiB cache
 
@@ -96,7 +96,7 @@ def test_a_backup_that_fell_behind_gives_a_clear_error_never_old_pages(tmp_path)
         p = subprocess.run([sys.executable, "-c", textwrap.dedent(BACKUP_FELL_BEHIND),
                             str(run_dir)], capture_output=True, text=True, timeout=120)
     finally:
-        shutil.rmtree(shm_root() / run_dir.name, ignore_errors=True)
+        shutil.rmtree(shm_dir_of(run_dir), ignore_errors=True)
     assert "killed" in p.stdout, p.stdout + p.stderr
     assert "stale words" not in p.stdout, "old pages were returned after the failover"
     assert p.returncode == -signal.SIGABRT, p.stdout + p.stderr
