@@ -13,7 +13,8 @@ from harness._native.transport import create_shm_file
 from harness.nodes import netns
 from harness.nodes.spec import LinkEnd
 from harness.topology import Topology
-from harness.vm.streams import chardevs, port_name
+from harness.vm.domain import host_address
+from harness.vm.streams import chardevs, facing, port_name
 
 
 def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels: int
@@ -25,6 +26,7 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
     role = {n.name: n.role for n in topology.nodes}
     in_vm = {n.name: n.in_vm for n in topology.nodes}
     nets = {n.name: n.netns for n in topology.nodes}
+    hosts = {n.name: host_address(n.host) for n in topology.nodes}
     for k in topology.links:
         model = {"latency_ns": k.model.latency_ns, "bytes_per_sec": k.model.bytes_per_sec}
         auth = {"auth": True} if k.kind == "tcp" else {}  # the kind that can cross hosts
@@ -46,7 +48,8 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
                                               service=service, **sv))
             continue
         if in_vm[k.client]:  # both are (the constructor checked)
-            server, client = chardevs(k.kind, k.name, run_dir)
+            server, client = chardevs(k.kind, k.name, run_dir,
+                                      _server_at(hosts[k.server], hosts[k.client]))
             dev = f"/dev/virtio-ports/{port_name(k.name)}"
             ends[k.client].append(LinkEnd(k.server, "dev", False, path=dev, chardev=client,
                                           **cl))
@@ -60,3 +63,11 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
         ends[k.server].append(LinkEnd(k.client, "fd", True, fd=fds[-1], **sv))
     return ends, fds
 
+
+
+def _server_at(server: str | None, client: str | None) -> str:
+    """Where a TCP stream's server listens (None: this machine): its own
+    host's address, or this machine's towards the client's host."""
+    if server is not None:
+        return server
+    return facing(client) if client is not None else "127.0.0.1"

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -119,3 +120,69 @@ def veth_host(name: str, addr: str = "10.77.0.2", local: str = "10.77.0.1",
     finally:
         _ip("link", "del", dev, check=False)  # takes its peer in the namespace with it
         _ip("netns", "del", name, check=False)
+
+
+# The second daemon's private state: its own run, state, log and cache
+# directories (tmpfs in its mount namespace), this machine's everything else.
+_DAEMON = """set -e
+for d in /run /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do
+    mount -t tmpfs -o mode=0755 dh-libvirt "$d"
+done
+mkdir -p /run/lock /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt
+# This machine's probed QEMU capabilities: probing again costs seconds.
+[ ! -d "$1" ] || cp -a "$1" /var/cache/libvirt/qemu
+setpriv --pdeathsig KILL virtlogd &
+exec libvirtd --listen -f "$2"
+"""
+# Kills what runs in the namespace once the process that made it is gone,
+# even SIGKILLed: QEMU outlives a libvirtd that stops, by libvirt's design.
+_WATCHDOG = """while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
+ip netns pids "$2" | xargs -r kill -9"""
+
+
+@contextlib.contextmanager
+def libvirt_host(name: str, timeout: float = 30.0) -> Iterator[str]:
+    """A libvirt daemon of its own in namespace `name` (a second host for
+    placement = "libvirt"): yields its URI, qemu+tcp://ADDRESS/system. It
+    listens on the namespace's address only, without authentication (only
+    this machine reaches it); its guests' QEMU runs in the namespace and
+    their TCP links cross the veth. It and everything it started are killed
+    on exit, and by a watchdog if this process dies first."""
+    import tempfile
+    import time
+
+    addr = address(name)
+    uri = f"qemu+tcp://{addr}/system"
+    work = tempfile.mkdtemp(prefix=f"dh-libvirtd-{name}-")
+    conf, log = os.path.join(work, "libvirtd.conf"), os.path.join(work, "libvirtd.log")
+    with open(conf, "w") as f:
+        f.write(f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{addr}"\n')
+    try:
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(
+                ["ip", "netns", "exec", name, "unshare", "-m", "--propagation", "private",
+                 "sh", "-c", _DAEMON, "sh", "/var/cache/libvirt/qemu", conf],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    except FileNotFoundError as exc:
+        raise HarnessError("a libvirt host in a namespace needs libvirtd and util-linux: "
+                           "`bash scripts/setup.sh` installs them") from exc
+    subprocess.Popen(["sh", "-c", _WATCHDOG, "sh", str(os.getpid()), name],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True,
+                             timeout=timeout).returncode:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                with open(log, errors="replace") as f:
+                    tail = f.read()[-2000:].strip()
+                raise HarnessError(f"the libvirt daemon in namespace {name} did not answer at "
+                                   f"{uri} within {timeout:g} s; its log ({log}) ends: {tail}")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
+        daemon.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)

@@ -70,6 +70,21 @@ def host_of(uri: str) -> str:
     return host or "this machine"
 
 
+def host_address(uri: str) -> str | None:
+    """The IPv4 address of the host a libvirt URI names; None for this
+    machine (qemu:///system, or no URI: a node that is not libvirt's)."""
+    host = host_of(uri) if uri else "this machine"
+    if host == "this machine":
+        return None
+    name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    import socket
+
+    try:
+        return socket.gethostbyname(name)
+    except OSError as exc:
+        raise ClusterError(f"cannot resolve host {name} of libvirt URI {uri}: {exc}") from exc
+
+
 def connect(uri: str, timeout: float | None = None):
     """A connection to the libvirt daemon at uri, or ClusterError naming the
     host and the URI within timeout (an unreachable host would otherwise

@@ -18,13 +18,25 @@ def port_name(link: str) -> str:
     return f"dh.s.{link}"
 
 
-def chardevs(kind: str, link: str, run_dir: Path) -> tuple[str, str]:
-    """QEMU chardev backends for a link: (the server's, the client's)."""
+def chardevs(kind: str, link: str, run_dir: Path, server_at: str = "127.0.0.1"
+             ) -> tuple[str, str]:
+    """QEMU chardev backends for a link: (the server's, the client's). A TCP
+    server listens at server_at, its host's address as the client's host
+    reaches it (loopback when both are this machine)."""
     if kind == "unix":
         path = run_dir / f"{link}.stream.sock"
         return f"socket,path={path},server=on,wait=off", f"socket,path={path},reconnect=1"
-    with socket.socket() as s:  # a free loopback port for the server's QEMU
-        s.bind(("127.0.0.1", 0))
+    # A port free here; on another host it is only likely free (a port taken
+    # there fails that domain's start, with libvirt's message).
+    with socket.socket() as s:
+        s.bind(("", 0))
         port = s.getsockname()[1]
-    return (f"socket,host=127.0.0.1,port={port},server=on,wait=off,nodelay=on",
-            f"socket,host=127.0.0.1,port={port},reconnect=1,nodelay=on")
+    return (f"socket,host={server_at},port={port},server=on,wait=off,nodelay=on",
+            f"socket,host={server_at},port={port},reconnect=1,nodelay=on")
+
+
+def facing(peer: str) -> str:
+    """This machine's address on the route to peer (an IP address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))  # no packet: a UDP connect only picks the route
+        return s.getsockname()[0]

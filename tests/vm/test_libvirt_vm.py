@@ -16,6 +16,7 @@ import pytest
 from harness import topology
 from harness._native.transport import Op
 from harness.errors import ClusterError, HarnessError
+from harness.nodes import netns
 from harness.nodes.cluster import open_cluster
 from harness.vm import domain
 
@@ -25,9 +26,9 @@ from .test_excache_vm import WORKLOAD
 HARNESS = [sys.executable, "-m", "harness.cli"]
 
 
-def domains(prefix: str) -> list[str]:
+def domains(prefix: str, uri: str = "qemu:///system") -> list[str]:
     """Every domain libvirt knows (running or defined) whose name starts so."""
-    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+    out = subprocess.run(["virsh", "-c", uri, "list", "--all", "--name"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return sorted(n for n in out.split() if n.startswith(prefix))
 
@@ -116,3 +117,70 @@ def test_an_unreachable_host_fails_naming_it_and_leaves_nothing(tmp_path, monkey
                                                          "127.0.0.1:")):
             open_cluster(topo, run_dir=tmp_path, timeout=240)
     assert domains(f"dh-{tmp_path.name}-") == []
+
+
+def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path):
+    """A second host: a libvirt daemon of its own in a network namespace
+    joined by a veth pair. The mnode's domain runs there (its QEMU in the
+    namespace), the pnode's here, and their TCP stream crosses the veth."""
+    name = f"dh-lv{os.getpid()}"
+    prefix = f"dh-{tmp_path.name}-"
+    with netns.veth_host(name) as dev, netns.libvirt_host(name) as uri:
+        topo = topology.parse({"name": "twohosts", "placement": "libvirt", "nodes": [
+            {"name": "pnode0", "role": "pnode"},
+            {"name": "mnode0", "role": "mnode", "host": uri},
+            {"name": "snode0", "role": "snode", "disk": "64MiB"}], "links": [
+            {"between": ["pnode0", "mnode0"], "kind": "tcp"},
+            {"between": ["pnode0", "snode0"]}]}, "<test>")
+        crossed = veth_bytes(dev)
+        with open_cluster(topo, run_dir=tmp_path, timeout=300) as c:
+            assert domains(prefix) == [prefix + "pnode0", prefix + "snode0"]
+            assert domains(prefix, uri) == [prefix + "mnode0"]
+            in_ns = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                   text=True, timeout=10, check=True).stdout.split()
+            assert any("qemu-system" in open(f"/proc/{p}/cmdline").read() for p in in_ns)
+            pnode = next(n["pid"] for n in c.status() if n["name"] == "pnode0")
+            with open(f"/proc/{pnode}/cmdline") as f:  # its end joins the mnode's address
+                assert f"host={netns.address(name)}," in f.read()
+            before = veth_bytes(dev)
+            for _ in range(20):
+                c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+            assert veth_bytes(dev) > before  # the pings to mnode0 crossed it
+            assert c.sql("SELECT count(*) FROM tasks") == [[0]]
+            c.fault("mnode0", "kill")  # through the second daemon
+            assert domains(prefix, uri) == []
+            with pytest.raises(HarnessError, match="mnode0"):
+                c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+        assert veth_bytes(dev) > crossed
+        assert domains(prefix) == []
+
+
+def veth_bytes(dev: str) -> int:
+    return sum(int(open(f"/sys/class/net/{dev}/statistics/{d}_bytes").read())
+               for d in ("rx", "tx"))
+
+
+SECOND_HOST = """
+import sys
+from harness.nodes import netns
+with netns.libvirt_host(sys.argv[1]) as uri:
+    print(uri, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_second_hosts_daemon_goes_with_a_sigkilled_harness():
+    name = f"dh-lk{os.getpid()}"
+    with netns.veth_host(name):
+        p = subprocess.Popen([sys.executable, "-c", SECOND_HOST, name], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            uri = p.stdout.readline().strip()
+            assert uri.startswith("qemu+tcp://")
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.split()
+            assert pids
+        finally:
+            p.kill()
+            p.wait()
+        assert gone(name, [int(x) for x in pids])  # the watchdog killed them
