@@ -33,6 +33,9 @@ HOST_ROOT = "/run/dh/host"  # a restored guest's view of the host root (its init
 FRESH = "/run/dh/fresh"  # init made the restored guest fresh and mounted its disks
 GUEST_RUN_DIR = "/run/dh/run"
 FRESH_TIMEOUT = 60.0
+SPEC_PROMPT = "DH-SPEC?"  # a guest on another host, ready for its spec on the console
+CONSOLE = "/dev/ttyS0"
+SPEC_TIMEOUT = 120.0
 
 
 def log(msg: str) -> None:
@@ -159,6 +162,29 @@ def wait_for_spec(port: str) -> AgentSpec:
         sys.modules["random"].seed()
     spec.control = LinkEnd("controller", "fd", True, fd=fd)
     return spec
+
+
+def spec_from_console() -> AgentSpec:
+    """The agent of a guest on another libvirt host: its spec (the cluster's
+    secret in it) comes as one base64 line on the serial console, which
+    libvirt carries over its own connection (encrypted by ssh or TLS on a
+    remote URI), never on the TCP control link, which it proves first."""
+    import base64
+    import select
+    import tty
+
+    fd = os.open(CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        tty.setraw(fd)  # no echo: the secret must not come back on the console
+        print(SPEC_PROMPT, flush=True)
+        line = b""
+        while not line.endswith(b"\n"):
+            if not select.select([fd], [], [], SPEC_TIMEOUT)[0]:
+                raise HarnessError(f"no spec came on the console in {SPEC_TIMEOUT:g} s")
+            line += os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    return AgentSpec.from_json(base64.b64decode(line.strip()))
 
 
 class Agent:
@@ -313,8 +339,20 @@ def main(argv: list[str] | None = None) -> int:
         except HarnessError as exc:
             print(f"dh-agent: {exc}", file=sys.stderr)
             return 1
+    if args == ["--spec-on-console"]:
+        try:
+            spec = spec_from_console()
+            agent = Agent(spec)
+            from harness.nodes.auth import prove
+
+            prove(agent.control, bytes.fromhex(spec.secret), "the controller", SPEC_TIMEOUT)
+            return agent.run()
+        except HarnessError as exc:
+            print(f"dh-agent: {exc}", file=sys.stderr)
+            return 1
     if len(args) != 1:
-        print("usage: python -m harness.nodes.agent SPEC.json | --wait PORT", file=sys.stderr)
+        print("usage: python -m harness.nodes.agent SPEC.json | --wait PORT | "
+              "--spec-on-console", file=sys.stderr)
         return 2
     spec = AgentSpec.load(args[0])
     if spec.parent_pid:  # a host process: it must not outlive the harness

@@ -8,6 +8,7 @@ the difference except through the links it gets."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,19 +25,21 @@ from harness import images
 from harness._native.transport import Link, create_shm_file
 from harness.errors import ClusterError, HarnessError, NotSupported
 from harness.images import Image
-from harness.nodes.agent import GUEST_RUN_DIR, READY
+from harness.nodes.agent import GUEST_RUN_DIR, READY, SPEC_PROMPT, SPEC_TIMEOUT
+from harness.nodes.auth import authenticate
 from harness.nodes.spec import AgentSpec, LinkEnd
 from harness.progress import Progress, silent
 from harness.topology import Node
 from harness.vm import accel, rootfs, snapshot
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
-from harness.vm.domain import DomainVM
+from harness.vm.domain import DomainVM, host_address
 from harness.vm.machine import VM
 from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
 READY_RE = re.compile(re.escape(READY.encode()) + rb" (\S+)")  # the agent's line, on a console
 CONTROL_PORT = "dh.ctl"
+REMOTE_AGENT = Path(__file__).resolve().parents[1] / "vm" / "remote" / "agent"
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
 
 
@@ -236,16 +240,7 @@ class VMRunner:
                             shm=shm, streams=streams)
         self.restored = not self.cold and snapshot.why_not(cfg) is None
         if not self.restored:
-            # Straight into Python, no shell: -S skips site.py, whose path
-            # scanning over 9p costs a TCG guest most of a second.
-            script = self.run_dir / f"{n}.agent"
-            script.write_text(f"#!{sys.executable} -S\n"
-                              f"import sys\nsys.path[:0] = [{str(PROJECT)!r}]\n"
-                              "from harness.nodes.agent import main\n"
-                              f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
-            script.chmod(0o755)
-            self.vm = self._machine(replace(cfg, script=script.name)).launch()
-            return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
+            return self._boot(cfg, secret)
         cfg = replace(cfg, snap=True, root=self.root or rootfs.build(self.say).path, shm=[],
                       ports=[CONTROL_PORT, snapshot.GO_PORT])
         self.vm = snapshot.start(cfg, snapshot.WAITING_RE, {
@@ -257,6 +252,20 @@ class VMRunner:
         ctl = self.vm.ports[CONTROL_PORT]
         ctl.sendall(struct.pack("<I", len(spec)) + spec)
         return Link.from_fd(ctl.fileno(), name=n)
+
+    def _boot(self, cfg: MachineConfig, secret: str) -> Link:
+        """A cold boot; the agent reads its spec in the run directory."""
+        # Straight into Python, no shell: -S skips site.py, whose path
+        # scanning over 9p costs a TCG guest most of a second.
+        n = self.node.name
+        script = self.run_dir / f"{n}.agent"
+        script.write_text(f"#!{sys.executable} -S\n"
+                          f"import sys\nsys.path[:0] = [{str(PROJECT)!r}]\n"
+                          "from harness.nodes.agent import main\n"
+                          f"sys.exit(main([{GUEST_RUN_DIR + '/' + n + '.json'!r}]))\n")
+        script.chmod(0o755)
+        self.vm = self._machine(replace(cfg, script=script.name)).launch()
+        return Link.from_fd(self.vm.ports[CONTROL_PORT].fileno(), name=n)
 
     def _machine(self, cfg: MachineConfig) -> VM:
         return VM(cfg)
@@ -323,6 +332,8 @@ class LibvirtRunner(VMRunner):
     def __init__(self, node: Node, run_dir: Path, image: Image, accel: AccelProbe,
                  disk_dir: Path, progress: Progress = silent) -> None:
         super().__init__(node, run_dir, image, accel, disk_dir, cold=True, progress=progress)
+        self._handshake: threading.Thread | None = None  # a remote guest's spec and proof
+        self._handshake_error: HarnessError | None = None
 
     @property
     def domain_name(self) -> str:
@@ -330,6 +341,47 @@ class LibvirtRunner(VMRunner):
 
     def _machine(self, cfg: MachineConfig) -> VM:
         return DomainVM(cfg, self.node.host, self.domain_name)
+
+    def _boot(self, cfg: MachineConfig, secret: str) -> Link:
+        """On another host (no run directory there) init runs the agent from
+        the harness's checkout at this path; the spec goes on the console,
+        over libvirt's connection, and the TCP control link is proven with
+        the cluster's secret before it carries anything. That happens on a
+        thread: a stream's server must not wait for its guest to boot before
+        its clients start (a guest that opens its port before the peer's
+        QEMU has joined reads end-of-file)."""
+        if host_address(self.node.host) is None:
+            return super()._boot(cfg, secret)
+        n = self.node.name
+        vm = self._machine(replace(
+            cfg, guest_run_dir=str(REMOTE_AGENT.parent), script=REMOTE_AGENT.name,
+            extra_params=f"DH_PYTHON={sys.executable} DH_PROJECT={PROJECT}")).launch()
+        self.vm = vm
+        link = Link.from_fd(vm.ports[CONTROL_PORT].fileno(), name=n)
+        spec = (self.run_dir / f"{n}.json").read_bytes()
+        self._handshake = threading.Thread(target=self._hand_spec, args=(vm, spec, secret, link),
+                                           name=f"spec-{n}", daemon=True)
+        self._handshake_error = None
+        self._handshake.start()
+        return link
+
+    def _hand_spec(self, vm: DomainVM, spec: bytes, secret: str, link: Link) -> None:
+        try:
+            vm.wait_for(re.compile(re.escape(SPEC_PROMPT.encode())), SPEC_TIMEOUT,
+                        f"{SPEC_PROMPT} (its agent asking for its spec)")
+            vm.send_console(base64.b64encode(spec) + b"\n")
+            authenticate(link, bytes.fromhex(secret), self.node.name, SPEC_TIMEOUT)
+        except HarnessError as exc:
+            self._handshake_error = exc
+
+    def console_ready(self) -> bool:
+        """READY, and (on another host) the controller's half of the
+        handshake done: nothing else may use the control link before."""
+        if self._handshake is None:
+            return super().console_ready()
+        if self._handshake_error is not None:
+            raise ClusterError(f"{self.node.name}: {self._handshake_error}")
+        return super().console_ready() and not self._handshake.is_alive()
 
     def pause(self) -> None:
         self._running_domain().suspend()

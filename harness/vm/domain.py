@@ -28,6 +28,7 @@ import functools
 import os
 import queue
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from xml.sax.saxutils import escape, quoteattr
 from harness.errors import ClusterError, HarnessError, LaunchError, NotSupported
 from harness.vm.machine import VM
 from harness.vm.qemu import IVSHMEM_SLOT, MachineConfig, kernel_params
+from harness.vm.streams import free_port
 
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = (5, 3)  # a probe every 5 s; 3 unanswered close the connection
@@ -77,8 +79,6 @@ def host_address(uri: str) -> str | None:
     if host == "this machine":
         return None
     name = host.rpartition(":")[0] if host.count(":") == 1 else host
-    import socket
-
     try:
         return socket.gethostbyname(name)
     except OSError as exc:
@@ -150,8 +150,9 @@ def shm_name(domain: str, index: int) -> str:
     return f"{domain}.shm{index}"
 
 
-def domain_xml(cfg: MachineConfig, name: str) -> str:
-    """The domain for one guest, from the configuration the launcher uses."""
+def domain_xml(cfg: MachineConfig, name: str, ports: dict[str, str] | None = None) -> str:
+    """The domain for one guest, from the configuration the launcher uses;
+    ports: the chardev backend of each port, if not the controller's socket."""
     if cfg.deterministic:
         raise NotSupported(f"{cfg.name}: deterministic mode needs QEMU's -icount, which a "
                            "libvirt domain cannot ask for; place the node with \"vm\"")
@@ -163,7 +164,8 @@ def domain_xml(cfg: MachineConfig, name: str) -> str:
     if cfg.mode == "run":
         devices.append("<filesystem type='mount' accessmode='squash' multidevs='remap'>"
                        "<source dir='/'/><target dir='hostroot'/><readonly/></filesystem>")
-        devices += [_channel(p, f"socket,path={cfg.port_socket(p)}") for p in cfg.ports]
+        devices += [_channel(p, (ports or {}).get(p, f"socket,path={cfg.port_socket(p)}"))
+                    for p in cfg.ports]
         devices += [_channel(p, backend) for p, backend in cfg.streams]
         for i, path in enumerate(cfg.shm):
             devices.append(
@@ -195,11 +197,18 @@ def domain_xml(cfg: MachineConfig, name: str) -> str:
 class DomainVM(VM):
     """A VM whose QEMU libvirt runs: the same launch, console and stop as
     VM's, through a libvirt connection instead of a child process. No QMP:
-    libvirt owns the monitor (pause and resume go through libvirt)."""
+    libvirt owns the monitor (pause and resume go through libvirt).
+
+    On another host (remote: its address) the guest's QEMU listens for
+    each port on a TCP port there, and the controller connects: the
+    controller's Unix sockets are not on that host, and a connection it
+    makes cannot be someone else's taking the port first."""
 
     def __init__(self, cfg: MachineConfig, uri: str, domain_name: str) -> None:
         self.uri = uri
         self.domain_name = domain_name
+        self.remote = host_address(uri)
+        self._tcp_ports = {p: free_port() for p in cfg.ports} if self.remote else {}
         self._conn = None
         self._dom = None
         self._stream = None
@@ -207,10 +216,12 @@ class DomainVM(VM):
         self._destroyed = False  # by us: not a clean power-off
         super().__init__(cfg)
         self.cmdline = [f"virsh -c {uri} create <domain {domain_name}>"]  # for error messages
-        self.xml = domain_xml(cfg, domain_name)
+        self.xml = domain_xml(cfg, domain_name, {
+            p: f"socket,host={self.remote},port={port},server=on"
+            for p, port in self._tcp_ports.items()})
 
     def _sockets(self) -> list[Path]:
-        return [self.cfg.port_socket(p) for p in self.cfg.ports]
+        return [] if self.remote else [self.cfg.port_socket(p) for p in self.cfg.ports]
 
     @property
     def _shm_links(self) -> list[Path]:
@@ -249,7 +260,41 @@ class DomainVM(VM):
 
     def _post_launch(self, deadline: float) -> None:
         for port in self.cfg.ports:
-            self.ports[port] = self._accept(self.cfg.port_socket(port), deadline)
+            self.ports[port] = (self._connect((self.remote, self._tcp_ports[port]), deadline)
+                                if self.remote else
+                                self._accept(self.cfg.port_socket(port), deadline))
+
+    def _connect(self, addr: tuple[str, int], deadline: float) -> socket.socket:
+        """A connection to a port the guest's QEMU listens on (it binds it
+        as the domain starts; refused until then)."""
+        while True:
+            try:
+                s = socket.create_connection(addr, timeout=2.0)
+                s.settimeout(None)
+                return s
+            except OSError as exc:
+                if not self.alive:
+                    raise self._died(f"before it listened on {addr[0]}:{addr[1]}") from exc
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{self.name}: QEMU on {host_of(self.uri)} did not listen "
+                                      f"on {addr[0]}:{addr[1]} in time ({exc}); check that "
+                                      "this machine can reach that host on TCP ports",
+                                      cmdline=self.cmdline, console=self.console_tail()) from exc
+                time.sleep(0.05)
+
+    def send_console(self, data: bytes, timeout: float = 10.0) -> None:
+        """Writes data to the guest's serial console, over libvirt's
+        connection (encrypted by ssh or TLS on a remote URI)."""
+        deadline = time.monotonic() + timeout
+        while data:
+            sent = self._stream.send(data)
+            if sent == -2:  # the stream is full for now
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{self.name}: its console took no input for {timeout:g} s",
+                                      cmdline=self.cmdline, console=self.console_tail())
+                time.sleep(0.01)
+                continue
+            data = data[sent:]
 
     def _on_console(self, stream, _events: int, _opaque: object) -> None:
         """On the event loop: whatever the console has, without blocking."""

@@ -65,6 +65,9 @@ class MachineConfig:
     keep: list[Path] = field(default_factory=guest_visible)  # see guest_visible()
     shm: list[Path] = field(default_factory=list)  # ivshmem files, at PCI slots 0x10, 0x11, ...
     extra_params: str = ""
+    # The directory init runs the script from, when not run_dir (which a
+    # guest on another host cannot see): a directory of the harness's checkout.
+    guest_run_dir: str = ""
     # Snapshot starts (harness/vm/snapshot.py). snap: init stops at a
     # snapshot point and waits for the per-start line on the dh.go port;
     # root: the root image (rootfs.py) the guest boots from instead of 9p,
@@ -94,7 +97,7 @@ def kernel_params(cfg: MachineConfig) -> str:
         if cfg.root is not None and cfg.keep:
             params.append("dh.keep=" + ",".join(str(p) for p in cfg.keep))
     elif cfg.mode == "run":
-        run_dir = str(cfg.run_dir.resolve())
+        run_dir = cfg.guest_run_dir or str(cfg.run_dir.resolve())
         keep = ",".join(str(p) for p in cfg.keep)
         if any(c.isspace() or c == "," for c in run_dir + cfg.script + "".join(map(str, cfg.keep))):
             raise ValueError("paths a guest must see go on the kernel command line and must not "

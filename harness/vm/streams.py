@@ -26,13 +26,17 @@ def chardevs(kind: str, link: str, run_dir: Path, server_at: str = "127.0.0.1"
     if kind == "unix":
         path = run_dir / f"{link}.stream.sock"
         return f"socket,path={path},server=on,wait=off", f"socket,path={path},reconnect=1"
-    # A port free here; on another host it is only likely free (a port taken
-    # there fails that domain's start, with libvirt's message).
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return (f"socket,host={server_at},port={port},server=on,wait=off,nodelay=on",
             f"socket,host={server_at},port={port},reconnect=1,nodelay=on")
+
+
+def free_port() -> int:
+    """A TCP port free here; on another host only likely free (a port taken
+    there fails that domain's start, with libvirt's message)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def facing(peer: str) -> str:

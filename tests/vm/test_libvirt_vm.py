@@ -122,7 +122,10 @@ def test_an_unreachable_host_fails_naming_it_and_leaves_nothing(tmp_path, monkey
 def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path):
     """A second host: a libvirt daemon of its own in a network namespace
     joined by a veth pair. The mnode's domain runs there (its QEMU in the
-    namespace), the pnode's here, and their TCP stream crosses the veth."""
+    namespace), the pnode's here, and their TCP stream crosses the veth. The
+    mnode is a remote guest: nothing of it goes through the run directory
+    (its control port is TCP its QEMU listens on, its agent comes from the
+    checkout, its spec over libvirt's console stream)."""
     name = f"dh-lv{os.getpid()}"
     prefix = f"dh-{tmp_path.name}-"
     with netns.veth_host(name) as dev, netns.libvirt_host(name) as uri:
@@ -139,6 +142,14 @@ def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path):
             in_ns = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
                                    text=True, timeout=10, check=True).stdout.split()
             assert any("qemu-system" in open(f"/proc/{p}/cmdline").read() for p in in_ns)
+            xml = subprocess.run(["virsh", "-c", uri, "dumpxml", prefix + "mnode0"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            assert "type='unix'" not in xml and str(tmp_path) not in xml
+            assert re.search(r"<channel type='tcp'>\s*<source mode='bind' host='"
+                             + re.escape(netns.address(name)), xml)
+            assert "dh.script=agent" in xml and "DH_PROJECT=" in xml
+            console = (tmp_path / "mnode0.console.log").read_text(errors="replace")
+            assert "DH-SPEC?" in console and c.secret not in console  # a raw tty: no echo
             pnode = next(n["pid"] for n in c.status() if n["name"] == "pnode0")
             with open(f"/proc/{pnode}/cmdline") as f:  # its end joins the mnode's address
                 assert f"host={netns.address(name)}," in f.read()
