@@ -176,7 +176,9 @@ def spec_from_console() -> AgentSpec:
     fd = os.open(CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         tty.setraw(fd)  # no echo: the secret must not come back on the console
-        print(SPEC_PROMPT, flush=True)
+        from harness.fingerprint import code_fingerprint
+
+        print(SPEC_PROMPT, code_fingerprint(), flush=True)  # the controller checks its code
         line = b""
         while not line.endswith(b"\n"):
             if not select.select([fd], [], [], SPEC_TIMEOUT)[0]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from harness import images
 from harness._native.transport import Link, create_shm_file
 from harness.errors import ClusterError, HarnessError, NotSupported
+from harness.fingerprint import code_fingerprint
 from harness.images import Image
 from harness.nodes.agent import GUEST_RUN_DIR, READY, SPEC_PROMPT, SPEC_TIMEOUT
 from harness.nodes.auth import authenticate
@@ -33,7 +34,7 @@ from harness.topology import Node
 from harness.vm import accel, rootfs, snapshot
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
-from harness.vm.domain import DomainVM, host_address
+from harness.vm.domain import DomainVM, host_address, host_of
 from harness.vm.machine import VM
 from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
@@ -366,9 +367,20 @@ class LibvirtRunner(VMRunner):
         return link
 
     def _hand_spec(self, vm: DomainVM, spec: bytes, secret: str, link: Link) -> None:
+        host = host_of(self.node.host)
         try:
-            vm.wait_for(re.compile(re.escape(SPEC_PROMPT.encode())), SPEC_TIMEOUT,
-                        f"{SPEC_PROMPT} (its agent asking for its spec)")
+            try:
+                m = vm.wait_for(re.compile(re.escape(SPEC_PROMPT.encode()) + rb" (\w+)"),
+                                SPEC_TIMEOUT, f"{SPEC_PROMPT} (its agent asking for its spec)")
+            except HarnessError as exc:
+                raise HarnessError(f"{exc}\nIs the harness checked out at {PROJECT} on {host}, "
+                                   f"with its venv's {sys.executable}? (`bash scripts/setup.sh` "
+                                   "there)") from exc
+            theirs, ours = m.group(1).decode(), code_fingerprint()
+            if theirs != ours:
+                raise HarnessError(f"the harness at {PROJECT} on {host} is not this one (its "
+                                   f"code {theirs}, here {ours}): check out the same commit "
+                                   "there and run `bash scripts/setup.sh`")
             vm.send_console(base64.b64encode(spec) + b"\n")
             authenticate(link, bytes.fromhex(secret), self.node.name, SPEC_TIMEOUT)
         except HarnessError as exc:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.fingerprint import PROJECT  # the checkout whose code guests run
 from harness.images import Image
 from harness.vm.accel import AccelProbe
 
@@ -31,7 +32,6 @@ def ivshmem_address(index: int) -> str:
     return f"0000:00:{IVSHMEM_SLOT + index:02x}.0"
 
 
-PROJECT = Path(__file__).resolve().parents[2]  # the checkout whose code guests run
 
 # The guest mounts its own tmpfs here, hiding what the host has there.
 SHADOWED = (Path("/tmp"), Path("/run"))

@@ -119,51 +119,73 @@ def test_an_unreachable_host_fails_naming_it_and_leaves_nothing(tmp_path, monkey
     assert domains(f"dh-{tmp_path.name}-") == []
 
 
-def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path):
+@pytest.fixture(scope="module")
+def second_host():
+    """A namespace joined by a veth pair, with a libvirt daemon of its own:
+    (the namespace, this side's veth device, the daemon's URI)."""
+    name = f"dh-lv{os.getpid()}"
+    with netns.veth_host(name) as dev, netns.libvirt_host(name) as uri:
+        yield name, dev, uri
+
+
+def two_hosts(uri: str):
+    return topology.parse({"name": "twohosts", "placement": "libvirt", "nodes": [
+        {"name": "pnode0", "role": "pnode"},
+        {"name": "mnode0", "role": "mnode", "host": uri},
+        {"name": "snode0", "role": "snode", "disk": "64MiB"}], "links": [
+        {"between": ["pnode0", "mnode0"], "kind": "tcp"},
+        {"between": ["pnode0", "snode0"]}]}, "<test>")
+
+
+def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path, second_host):
     """A second host: a libvirt daemon of its own in a network namespace
     joined by a veth pair. The mnode's domain runs there (its QEMU in the
     namespace), the pnode's here, and their TCP stream crosses the veth. The
     mnode is a remote guest: nothing of it goes through the run directory
     (its control port is TCP its QEMU listens on, its agent comes from the
     checkout, its spec over libvirt's console stream)."""
-    name = f"dh-lv{os.getpid()}"
+    name, dev, uri = second_host
     prefix = f"dh-{tmp_path.name}-"
-    with netns.veth_host(name) as dev, netns.libvirt_host(name) as uri:
-        topo = topology.parse({"name": "twohosts", "placement": "libvirt", "nodes": [
-            {"name": "pnode0", "role": "pnode"},
-            {"name": "mnode0", "role": "mnode", "host": uri},
-            {"name": "snode0", "role": "snode", "disk": "64MiB"}], "links": [
-            {"between": ["pnode0", "mnode0"], "kind": "tcp"},
-            {"between": ["pnode0", "snode0"]}]}, "<test>")
-        crossed = veth_bytes(dev)
-        with open_cluster(topo, run_dir=tmp_path, timeout=300) as c:
-            assert domains(prefix) == [prefix + "pnode0", prefix + "snode0"]
-            assert domains(prefix, uri) == [prefix + "mnode0"]
-            in_ns = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                   text=True, timeout=10, check=True).stdout.split()
-            assert any("qemu-system" in open(f"/proc/{p}/cmdline").read() for p in in_ns)
-            xml = subprocess.run(["virsh", "-c", uri, "dumpxml", prefix + "mnode0"],
-                                 capture_output=True, text=True, timeout=30, check=True).stdout
-            assert "type='unix'" not in xml and str(tmp_path) not in xml
-            assert re.search(r"<channel type='tcp'>\s*<source mode='bind' host='"
-                             + re.escape(netns.address(name)), xml)
-            assert "dh.script=agent" in xml and "DH_PROJECT=" in xml
-            console = (tmp_path / "mnode0.console.log").read_text(errors="replace")
-            assert "DH-SPEC?" in console and c.secret not in console  # a raw tty: no echo
-            pnode = next(n["pid"] for n in c.status() if n["name"] == "pnode0")
-            with open(f"/proc/{pnode}/cmdline") as f:  # its end joins the mnode's address
-                assert f"host={netns.address(name)}," in f.read()
-            before = veth_bytes(dev)
-            for _ in range(20):
-                c.call("pnode0", Op.PING, b"peers", timeout=30.0)
-            assert veth_bytes(dev) > before  # the pings to mnode0 crossed it
-            assert c.sql("SELECT count(*) FROM tasks") == [[0]]
-            c.fault("mnode0", "kill")  # through the second daemon
-            assert domains(prefix, uri) == []
-            with pytest.raises(HarnessError, match="mnode0"):
-                c.call("pnode0", Op.PING, b"peers", timeout=30.0)
-        assert veth_bytes(dev) > crossed
-        assert domains(prefix) == []
+    crossed = veth_bytes(dev)
+    with open_cluster(two_hosts(uri), run_dir=tmp_path, timeout=300) as c:
+        assert domains(prefix) == [prefix + "pnode0", prefix + "snode0"]
+        assert domains(prefix, uri) == [prefix + "mnode0"]
+        in_ns = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.split()
+        assert any("qemu-system" in open(f"/proc/{p}/cmdline").read() for p in in_ns)
+        xml = subprocess.run(["virsh", "-c", uri, "dumpxml", prefix + "mnode0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "type='unix'" not in xml and str(tmp_path) not in xml
+        assert re.search(r"<channel type='tcp'>\s*<source mode='bind' host='"
+                         + re.escape(netns.address(name)), xml)
+        assert "dh.script=agent" in xml and "DH_PROJECT=" in xml
+        console = (tmp_path / "mnode0.console.log").read_text(errors="replace")
+        assert "DH-SPEC?" in console and c.secret not in console  # a raw tty: no echo
+        pnode = next(n["pid"] for n in c.status() if n["name"] == "pnode0")
+        with open(f"/proc/{pnode}/cmdline") as f:  # its end joins the mnode's address
+            assert f"host={netns.address(name)}," in f.read()
+        before = veth_bytes(dev)
+        for _ in range(20):
+            c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+        assert veth_bytes(dev) > before  # the pings to mnode0 crossed it
+        assert c.sql("SELECT count(*) FROM tasks") == [[0]]
+        c.fault("mnode0", "kill")  # through the second daemon
+        assert domains(prefix, uri) == []
+        with pytest.raises(HarnessError, match="mnode0"):
+            c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+    assert veth_bytes(dev) > crossed
+    assert domains(prefix) == []
+
+
+def test_a_second_host_with_other_code_is_refused_naming_it(tmp_path, second_host, monkeypatch):
+    from harness.nodes import runners
+
+    name, _, uri = second_host
+    monkeypatch.setattr(runners, "code_fingerprint", lambda: "0123456789abcdef")
+    with pytest.raises(ClusterError, match=re.escape(f"mnode0: the harness at {runners.PROJECT} "
+                                                     f"on {netns.address(name)} is not this one")):
+        open_cluster(two_hosts(uri), run_dir=tmp_path, timeout=300)
+    assert domains(f"dh-{tmp_path.name}-", uri) == [] == domains(f"dh-{tmp_path.name}-")
 
 
 def veth_bytes(dev: str) -> int:
