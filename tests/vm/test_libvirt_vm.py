@@ -217,3 +217,60 @@ def test_the_second_hosts_daemon_goes_with_a_sigkilled_harness():
             p.kill()
             p.wait()
         assert gone(name, [int(x) for x in pids])  # the watchdog killed them
+
+
+def test_up_status_sql_fault_down_on_two_libvirt_hosts(tmp_path, second_host):
+    """The CLI on a topology file whose mnode is on the second host: up,
+    status --json, sql, fault kill through that host's daemon, down; no
+    domain is left on either daemon."""
+    _, _, uri = second_host
+    topo = tmp_path / "twohosts.toml"
+    topo.write_text(f'''name = "twohosts"
+placement = "libvirt"
+[[nodes]]
+name = "pnode0"
+role = "pnode"
+[[nodes]]
+name = "mnode0"
+role = "mnode"
+host = "{uri}"
+[[nodes]]
+name = "snode0"
+role = "snode"
+disk = "64MiB"
+[[links]]
+between = ["pnode0", "mnode0"]
+kind = "tcp"
+[[links]]
+between = ["pnode0", "snode0"]
+''')
+    env = {**os.environ, "HARNESS_RUN_DIR": str(tmp_path)}
+
+    def harness(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*HARNESS, *args], capture_output=True, text=True, timeout=60,
+                              env=env)
+
+    up = subprocess.Popen([*HARNESS, "up", str(topo), "--timeout", "240"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while (r := harness("status", "--name", "twohosts", "--json")).returncode:
+            assert up.poll() is None and time.monotonic() < deadline, up.stderr.read()
+            time.sleep(0.5)
+        nodes = {n["name"]: n for n in json.loads(r.stdout)["nodes"]}
+        assert {n: v["state"] for n, v in nodes.items()} == {
+            "pnode0": "ready", "mnode0": "ready", "snode0": "ready"}
+        q = harness("sql", "--name", "twohosts", "--json", "SELECT count(*) FROM tasks")
+        assert q.returncode == 0 and json.loads(q.stdout)["rows"] == [[0]], q.stderr
+        assert len(domains("dh-twohosts", uri)) == 1
+        f = harness("fault", "kill", "mnode0", "--name", "twohosts")
+        assert f.returncode == 0, f.stderr
+        assert domains("dh-twohosts", uri) == []
+        down = harness("down", "--name", "twohosts")
+        assert down.returncode == 0, down.stderr
+        assert up.wait(60) == 0, up.stderr.read()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert domains("dh-twohosts") == [] == domains("dh-twohosts", uri)
