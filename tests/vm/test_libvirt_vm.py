@@ -69,6 +69,11 @@ def test_lego3_on_libvirt_answers_and_faults_go_through_libvirt(tmp_path):
         assert domains(prefix) == [prefix + "pnode0", prefix + "snode0"]
         with pytest.raises(HarnessError, match="mnode0"):
             c.call("pnode0", Op.PING, b"peers", timeout=30.0)
+        # Restarted through libvirt: a new domain of the same name, on the same links.
+        c.fault("mnode0", "restart")
+        assert domains(prefix) == [prefix + n for n in ("mnode0", "pnode0", "snode0")]
+        assert "mnode0" in json.loads(c.call("pnode0", Op.PING, b"peers", timeout=30.0))
+        pids = [n["pid"] for n in c.status()]
     assert gone(prefix, pids)
 
 
