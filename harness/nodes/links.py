@@ -64,7 +64,6 @@ def link_ends(topology: Topology, shm_dir: Path, run_dir: Path, memory_channels:
     return ends, fds
 
 
-
 def _server_at(server: str | None, client: str | None) -> str:
     """Where a TCP stream's server listens (None: this machine): its own
     host's address, or this machine's towards the client's host."""

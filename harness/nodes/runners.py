@@ -34,11 +34,12 @@ from harness.topology import Node
 from harness.vm import accel, rootfs, snapshot
 from harness.vm.accel import AccelProbe
 from harness.vm.disk import ensure_ext4
-from harness.vm.domain import DomainVM, host_address, host_of
+from harness.vm.domain import DomainVM, host_of
 from harness.vm.machine import VM
 from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
 READY_RE = re.compile(re.escape(READY.encode()) + rb" (\S+)")  # the agent's line, on a console
+SPEC_RE = re.compile(re.escape(SPEC_PROMPT.encode()) + rb" (\w+)")  # a remote agent's, its code
 CONTROL_PORT = "dh.ctl"
 REMOTE_AGENT = Path(__file__).resolve().parents[1] / "vm" / "remote" / "agent"
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
@@ -351,7 +352,7 @@ class LibvirtRunner(VMRunner):
         thread: a stream's server must not wait for its guest to boot before
         its clients start (a guest that opens its port before the peer's
         QEMU has joined reads end-of-file)."""
-        if host_address(self.node.host) is None:
+        if host_of(self.node.host) == "this machine":  # as DomainVM sees it: no lookup
             return super()._boot(cfg, secret)
         n = self.node.name
         vm = self._machine(replace(
@@ -370,8 +371,8 @@ class LibvirtRunner(VMRunner):
         host = host_of(self.node.host)
         try:
             try:
-                m = vm.wait_for(re.compile(re.escape(SPEC_PROMPT.encode()) + rb" (\w+)"),
-                                SPEC_TIMEOUT, f"{SPEC_PROMPT} (its agent asking for its spec)")
+                m = vm.wait_for(SPEC_RE, SPEC_TIMEOUT,
+                                f"{SPEC_PROMPT} (its agent asking for its spec)")
             except HarnessError as exc:
                 raise HarnessError(f"{exc}\nIs the harness checked out at {PROJECT} on {host}, "
                                    f"with its venv's {sys.executable}? (`bash scripts/setup.sh` "
