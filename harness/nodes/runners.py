@@ -39,7 +39,9 @@ from harness.vm.machine import VM
 from harness.vm.qemu import PROJECT, MachineConfig, guest_visible, ivshmem_address
 
 READY_RE = re.compile(re.escape(READY.encode()) + rb" (\S+)")  # the agent's line, on a console
-SPEC_RE = re.compile(re.escape(SPEC_PROMPT.encode()) + rb" (\w+)")  # a remote agent's, its code
+# A remote agent's, with its code's hash: the whole line (the console can
+# come in pieces, and a prefix of the hash is not the hash).
+SPEC_RE = re.compile(re.escape(SPEC_PROMPT.encode()) + rb" ([0-9a-f]+)\r?\n")
 CONTROL_PORT = "dh.ctl"
 REMOTE_AGENT = Path(__file__).resolve().parents[1] / "vm" / "remote" / "agent"
 GUEST_DISK_DIR = "/run/dh/disk"  # where the guest mounts its disk
