@@ -25,6 +25,7 @@ hanging them."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import re
@@ -42,6 +43,7 @@ from harness.vm.streams import free_port
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = (5, 3)  # a probe every 5 s; 3 unanswered close the connection
 SHM = Path("/dev/shm")  # libvirt's <shmem name=N> is /dev/shm/N
+log = logging.getLogger("harness.domain")
 
 
 @functools.cache
@@ -62,7 +64,11 @@ def _libvirt():
 
 def _run_events(libvirt) -> None:
     while True:
-        libvirt.virEventRunDefaultImpl()
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as exc:  # one bad turn must not end every console
+            log.warning("libvirt's event loop: %s", exc.get_error_message())
+            time.sleep(0.1)
 
 
 def host_of(uri: str) -> str:
@@ -314,6 +320,12 @@ class DomainVM(VM):
         try:
             stream.eventRemoveCallback()
         except Exception:  # already removed, or the stream is gone
+            pass
+        # Else the stream's __del__ removes the callback again, on whichever
+        # thread drops it last: on the event loop's, inside its own lock.
+        try:
+            del stream.cb
+        except AttributeError:
             pass
         self._chunks.put(None)
 
