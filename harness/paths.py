@@ -47,6 +47,7 @@ def shm_root() -> Path:
 
 
 _OWNER = "owner.pid"
+_LOCK = ".lock"  # claims take turns on it
 
 
 def shm_dir_of(run_dir: Path) -> Path:
@@ -63,26 +64,46 @@ def claim_shm_dir(path: Path) -> None:
     its own leftover (a cluster starting in a run dir owns it), and every
     other one whose owner process is gone (a SIGKILLed harness cannot clean
     up, and /dev/shm is memory), with the dangling /dev/shm links of libvirt
-    nodes into them."""
+    nodes into them. Claims take turns under a lock, so none sees another's
+    directory between its making and its owner file. A live owner of this
+    one (another harness on the same run dir) is refused, not robbed."""
+    import fcntl
     import shutil
 
     root = private_dir(shm_root())  # checked before anything in it is removed
-    for d in root.iterdir():
-        if d == path or not _owner_alive(d):
-            shutil.rmtree(d, ignore_errors=True)
-    for link in Path("/dev/shm").glob("dh-*.shm*"):
-        if link.is_symlink() and not link.exists() and link.lstat().st_uid == os.getuid():
-            link.unlink(missing_ok=True)
-    private_dir(path)
-    (path / _OWNER).write_text(str(os.getpid()))
+    with open(root / _LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        owner = _owner_of(path)
+        if owner is not None and owner != os.getpid() and _owner_alive(path):
+            raise HarnessError(f"process {owner} runs a cluster with this run directory "
+                               f"({path.name} in {root}): stop it (`harness down`) or use "
+                               "another run directory")
+        for d in root.iterdir():
+            if d.name != _LOCK and (d == path or not _owner_alive(d)):
+                shutil.rmtree(d, ignore_errors=True)
+        for link in Path("/dev/shm").glob("dh-*.shm*"):
+            if link.is_symlink() and not link.exists() and link.lstat().st_uid == os.getuid():
+                link.unlink(missing_ok=True)
+        private_dir(path)
+        (path / _OWNER).write_text(str(os.getpid()))
+
+
+def _owner_of(d: Path) -> int | None:
+    try:
+        return int((d / _OWNER).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _owner_alive(d: Path) -> bool:
+    pid = _owner_of(d)
+    if pid is None:  # no owner file (an old layout)
+        return False
     try:
-        os.kill(int((d / _OWNER).read_text()), 0)
+        os.kill(pid, 0)
     except PermissionError:  # someone else's process
         return True
-    except (OSError, ValueError):  # no such process, or no owner file (an old layout)
+    except OSError:  # no such process
         return False
     return True
 
