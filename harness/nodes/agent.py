@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 from harness import remote_errors
 from harness._native.transport import Link, Op
@@ -179,11 +180,15 @@ def spec_from_console() -> AgentSpec:
         from harness.fingerprint import code_fingerprint
 
         print(SPEC_PROMPT, code_fingerprint(), flush=True)  # the controller checks its code
-        line = b""
+        line, deadline = b"", time.monotonic() + SPEC_TIMEOUT
         while not line.endswith(b"\n"):
-            if not select.select([fd], [], [], SPEC_TIMEOUT)[0]:
-                raise HarnessError(f"no spec came on the console in {SPEC_TIMEOUT:g} s")
-            line += os.read(fd, 65536)
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise HarnessError(f"no whole spec came on the console in {SPEC_TIMEOUT:g} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:  # a hangup: nothing more will come
+                raise HarnessError("the console closed before the spec came")
+            line += chunk
     finally:
         os.close(fd)
     return AgentSpec.from_json(base64.b64decode(line.strip()))

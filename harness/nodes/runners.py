@@ -354,18 +354,23 @@ class LibvirtRunner(VMRunner):
         thread: a stream's server must not wait for its guest to boot before
         its clients start (a guest that opens its port before the peer's
         QEMU has joined reads end-of-file)."""
+        self._handshake = None  # an earlier start's thread reports nothing more
         if host_of(self.node.host) == "this machine":  # as DomainVM sees it: no lookup
             return super()._boot(cfg, secret)
         n = self.node.name
+        if self.node.host.startswith("qemu+tcp:"):
+            self.say(f"warning: {n}: its spec, with the cluster's secret, goes to "
+                     f"{host_of(self.node.host)} in clear (qemu+tcp); between machines use "
+                     "qemu+ssh:// or qemu+tls://")
         vm = self._machine(replace(
             cfg, guest_run_dir=str(REMOTE_AGENT.parent), script=REMOTE_AGENT.name,
             extra_params=f"DH_PYTHON={sys.executable} DH_PROJECT={PROJECT}")).launch()
         self.vm = vm
         link = Link.from_fd(vm.ports[CONTROL_PORT].fileno(), name=n)
         spec = (self.run_dir / f"{n}.json").read_bytes()
+        self._handshake_error = None  # before the thread: it may fail at once
         self._handshake = threading.Thread(target=self._hand_spec, args=(vm, spec, secret, link),
                                            name=f"spec-{n}", daemon=True)
-        self._handshake_error = None
         self._handshake.start()
         return link
 
@@ -376,9 +381,7 @@ class LibvirtRunner(VMRunner):
                 m = vm.wait_for(SPEC_RE, SPEC_TIMEOUT,
                                 f"{SPEC_PROMPT} (its agent asking for its spec)")
             except HarnessError as exc:
-                raise HarnessError(f"{exc}\nIs the harness checked out at {PROJECT} on {host}, "
-                                   f"with its venv's {sys.executable}? (`bash scripts/setup.sh` "
-                                   "there)") from exc
+                raise HarnessError(f"{exc}\n{self._checkout_hint()}") from exc
             theirs, ours = m.group(1).decode(), code_fingerprint()
             if theirs != ours:
                 raise HarnessError(f"the harness at {PROJECT} on {host} is not this one (its "
@@ -386,8 +389,19 @@ class LibvirtRunner(VMRunner):
                                    "there and run `bash scripts/setup.sh`")
             vm.send_console(base64.b64encode(spec) + b"\n")
             authenticate(link, bytes.fromhex(secret), self.node.name, SPEC_TIMEOUT)
-        except HarnessError as exc:
-            self._handshake_error = exc
+        except Exception as exc:  # whatever it was, the start must hear of it
+            err = exc if isinstance(exc, HarnessError) else HarnessError(
+                f"handing its spec over failed: {type(exc).__name__}: {exc}")
+            if threading.current_thread() is self._handshake:  # not an earlier start's
+                self._handshake_error = err
+
+    def _checkout_hint(self) -> str:
+        return (f"Is the harness checked out at {PROJECT} on {host_of(self.node.host)}, with its "
+                f"venv's {sys.executable}? (`bash scripts/setup.sh` there)")
+
+    def failure(self) -> str:
+        text = super().failure()
+        return f"{text}\n{self._checkout_hint()}" if self._handshake is not None else text
 
     def console_ready(self) -> bool:
         """READY, and (on another host) the controller's half of the
@@ -395,7 +409,9 @@ class LibvirtRunner(VMRunner):
         if self._handshake is None:
             return super().console_ready()
         if self._handshake_error is not None:
-            raise ClusterError(f"{self.node.name}: {self._handshake_error}")
+            msg = str(self._handshake_error)
+            raise ClusterError(msg if msg.startswith(f"{self.node.name}:")
+                               else f"{self.node.name}: {msg}")
         return super().console_ready() and not self._handshake.is_alive()
 
     def pause(self) -> None:
