@@ -9,7 +9,7 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 
 pkgs=(qemu-system-x86 busybox-static e2fsprogs cpio kmod zstd xz-utils redis-server redis-tools libmimalloc2.0
       fuse3 libfuse3-dev pkg-config git sqlite3 libsqlite3-dev zlib1g-dev fio erofs-utils libc6-dev
-      libvirt-daemon-system libvirt-dev iproute2)
+      libvirt-daemon-system libvirt-dev iproute2 iptables)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -129,7 +129,8 @@ for d in /run /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do
     mount -t tmpfs -o mode=0755 dh-libvirt "$d"
 done
 mkdir -p /run/lock /run/libvirt /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt
-# This machine's probed QEMU capabilities: probing again costs seconds.
+# This machine's probed QEMU capabilities (copied out before the mounts hid
+# them): probing again costs seconds.
 [ ! -d "$1" ] || cp -a "$1" /var/cache/libvirt/qemu
 setpriv --pdeathsig KILL virtlogd &
 exec libvirtd --listen -f "$2"
@@ -137,7 +138,9 @@ exec libvirtd --listen -f "$2"
 # Kills what runs in the namespace once the process that made it is gone,
 # even SIGKILLed: QEMU outlives a libvirtd that stops, by libvirt's design.
 _WATCHDOG = """while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
-ip netns pids "$2" | xargs -r kill -9"""
+ip netns pids "$2" | xargs -r kill -9
+shift 2; iptables -w 5 -D "$@" 2>/dev/null"""
+LIBVIRTD_TCP = 16509
 
 
 @contextlib.contextmanager
@@ -155,20 +158,30 @@ def libvirt_host(name: str, timeout: float = 30.0) -> Iterator[str]:
     uri = f"qemu+tcp://{addr}/system"
     work = tempfile.mkdtemp(prefix=f"dh-libvirtd-{name}-")
     conf, log = os.path.join(work, "libvirtd.conf"), os.path.join(work, "libvirtd.log")
+    caps = os.path.join(work, "caps")
+    with contextlib.suppress(OSError):
+        shutil.copytree("/var/cache/libvirt/qemu", caps, symlinks=True)
     with open(conf, "w") as f:
         f.write(f'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "{addr}"\n')
+    # No authentication: only this user's processes may reach the daemon
+    # (another local user would otherwise get libvirt's root).
+    rule = ["OUTPUT", "-d", addr, "-p", "tcp", "--dport", str(LIBVIRTD_TCP), "-m", "owner",
+            "!", "--uid-owner", str(os.getuid()), "-m", "comment", "--comment",
+            f"dh-libvirtd-{name}", "-j", "REJECT"]
+    _iptables("-I", *rule)
     try:
         with open(log, "wb") as out:
             daemon = subprocess.Popen(
                 ["ip", "netns", "exec", name, "unshare", "-m", "--propagation", "private",
-                 "sh", "-c", _DAEMON, "sh", "/var/cache/libvirt/qemu", conf],
+                 "sh", "-c", _DAEMON, "sh", caps, conf],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     except FileNotFoundError as exc:
+        _iptables("-D", *rule)
         raise HarnessError("a libvirt host in a namespace needs libvirtd and util-linux: "
                            "`bash scripts/setup.sh` installs them") from exc
-    subprocess.Popen(["sh", "-c", _WATCHDOG, "sh", str(os.getpid()), name],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    watchdog = subprocess.Popen(["sh", "-c", _WATCHDOG, "sh", str(os.getpid()), name, *rule],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True,
@@ -184,5 +197,21 @@ def libvirt_host(name: str, timeout: float = 30.0) -> Iterator[str]:
         for pid in _ip("netns", "pids", name, check=False).stdout.split():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), 9)
-        daemon.wait(timeout=10)
+        for proc in (watchdog, daemon):
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        _iptables("-D", *rule)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _iptables(*args: str) -> None:
+    try:
+        r = subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True,
+                           timeout=10)
+    except FileNotFoundError as exc:
+        raise HarnessError("a libvirt host in a namespace needs iptables (its daemon is "
+                           "closed to other users with it): `bash scripts/setup.sh` installs "
+                           "it") from exc
+    if r.returncode and args[0] != "-D":  # a rule the watchdog removed already is fine
+        raise HarnessError(f"`iptables {' '.join(args)}` failed: {r.stderr.strip()}")

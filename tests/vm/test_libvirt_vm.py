@@ -3,10 +3,12 @@ the daemon): lego3 answers, pages and queries; faults go through libvirt;
 the domains are named after the cluster and node and none is left defined
 or running afterwards, even when the harness is SIGKILLed."""
 
+import base64
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,7 +167,8 @@ def test_an_mnode_on_a_second_libvirt_host_links_across_the_veth(tmp_path, secon
                          + re.escape(netns.address(name)), xml)
         assert "dh.script=agent" in xml and "DH_PROJECT=" in xml
         console = (tmp_path / "mnode0.console.log").read_text(errors="replace")
-        assert "DH-SPEC?" in console and c.secret not in console  # a raw tty: no echo
+        sent = base64.b64encode((tmp_path / "mnode0.json").read_bytes()).decode()
+        assert "DH-SPEC?" in console and sent[:48] not in console  # a raw tty: no echo
         pnode = next(n["pid"] for n in c.status() if n["name"] == "pnode0")
         with open(f"/proc/{pnode}/cmdline") as f:  # its end joins the mnode's address
             assert f"host={netns.address(name)}," in f.read()
@@ -191,6 +194,18 @@ def test_a_second_host_with_other_code_is_refused_naming_it(tmp_path, second_hos
                                                      f"on {netns.address(name)} is not this one")):
         open_cluster(two_hosts(uri), run_dir=tmp_path, timeout=300)
     assert domains(f"dh-{tmp_path.name}-", uri) == [] == domains(f"dh-{tmp_path.name}-")
+
+
+def test_the_second_hosts_daemon_takes_no_other_user(second_host):
+    """It has no authentication of its own: another local user reaching it
+    would get libvirt's root, so its port is closed to every other user."""
+    name, _, _ = second_host
+    probe = (f"import socket; socket.create_connection(('{netns.address(name)}', "
+             f"{netns.LIBVIRTD_TCP}), timeout=5)")
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "ConnectionRefusedError" in r.stderr
+    socket.create_connection((netns.address(name), netns.LIBVIRTD_TCP), timeout=5).close()
 
 
 def veth_bytes(dev: str) -> int:
@@ -222,6 +237,13 @@ def test_the_second_hosts_daemon_goes_with_a_sigkilled_harness():
             p.kill()
             p.wait()
         assert gone(name, [int(x) for x in pids])  # the watchdog killed them
+        def rules() -> str:
+            return subprocess.run(["iptables", "-w", "5", "-S", "OUTPUT"], capture_output=True,
+                                  text=True, timeout=30, check=True).stdout
+        deadline = time.monotonic() + 10
+        while name in rules() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert name not in rules()  # and took its rule away
 
 
 def test_up_status_sql_fault_down_on_two_libvirt_hosts(tmp_path, second_host):
