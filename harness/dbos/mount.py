@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -127,7 +128,7 @@ class DBOSMount(pyfuse3.Operations):
                   for (kind, ino, pid), t in sorted(self.pending.items(), key=lambda kv: kv[1])]
         try:
             self.vfs.log(events)
-        except HarnessError as exc:
+        except (HarnessError, sqlite3.Error) as exc:  # a failed flush must not end the mount
             print(f"[mount] provenance: {exc}; {len(events)} events kept for the next flush",
                   file=sys.stderr, flush=True)
             return

@@ -30,14 +30,17 @@ class Mount:
     def __init__(self, db: Path, mnt: Path, *extra: str) -> None:
         self.db, self.path = db, mnt
         mnt.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "mount", "--db",
-                                      str(db), str(mnt), *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # A file, not a pipe nobody reads while it runs: a full pipe would stall it.
+        self.log = db.with_name(db.name + ".mount.log")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "mount", "--db",
+                                          str(db), str(mnt), *extra],
+                                         stdout=out, stderr=out)
         deadline = time.monotonic() + 30
         while not mounted(mnt):
             if self.proc.poll() is not None:
                 raise AssertionError(f"harness mount exited {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read().decode()}")
+                                     f"{self.said()}")
             assert time.monotonic() < deadline, "harness mount was not mounted in 30 s"
             time.sleep(0.05)
 
@@ -56,8 +59,9 @@ class Mount:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+
+    def said(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def sql(self, query: str, *params) -> list:
         con = sqlite3.connect(self.db, timeout=10)
@@ -344,7 +348,7 @@ def test_events_name_the_programs_and_answer_who_read_what_a_program_wrote(mnt):
     want = {("file_create", "sh"), ("file_write", "sh"), ("file_read", "cat"),
             ("file_read", "wc"), ("file_unlink", "python")}
     while not want <= set(rows := mnt.sql("SELECT kind, substr(program, 1, 6) FROM events")):
-        assert time.monotonic() < deadline, f"events: {rows}"
+        assert time.monotonic() < deadline, f"events: {rows}; the mount said: {mnt.said()}"
         time.sleep(0.1)
     assert all(pid > 0 for (pid,) in mnt.sql("SELECT pid FROM events"))
     db = DBOS.open(mnt.db)
