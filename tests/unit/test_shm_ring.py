@@ -2,9 +2,11 @@
 closing, a dead peer, and records that lie about their length."""
 
 import os
+import queue
 import random
 import signal
 import struct
+import threading
 import time
 
 import pytest
@@ -47,6 +49,65 @@ def test_wraparound_keeps_every_byte_in_order(pair):
         hdr, got = b.recv(timeout=1)
         assert hdr.req_id == i and got == msg
     assert a.stats()["frames_sent"] == 3000 and b.stats()["frames_recv"] == 3000
+
+
+def test_bursts_and_catch_ups_keep_every_byte_in_order(pair):
+    """Records written while the consumer is behind (natural wraps) and
+    after it caught up (the ring starts over), mixed."""
+    a, b, _ = pair
+    rng = random.Random(11)
+    i = 0
+    for _ in range(1500):
+        burst = [rng.randbytes(rng.choice([rng.randint(0, 200), rng.randint(1000, 5000)]))
+                 for _ in range(rng.randint(1, 3))]
+        for msg in burst:
+            a.send(t.Op.ECHO, msg, req_id=i + len(burst) - len(burst))
+        for msg in burst:
+            hdr, got = b.recv(timeout=1)
+            assert got == msg
+        i += 1
+
+
+TAIL0 = 4160  # shm.c's layout: ring 0's control at 4096, its tail a line on
+
+
+def word_at(path: str, off: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def test_a_ring_its_consumer_emptied_starts_over_at_its_beginning(pair):
+    """Lines both ends touched a moment ago move between cores faster than
+    lines a lap away: a sender that finds its ring emptied and its consumer
+    waiting writes at the ring's start again (a WRAP where it was), so a
+    ping-pong keeps using the same lines. A consumer busy elsewhere keeps
+    the whole ring: the sender writes on after its last record."""
+    a, b, path = pair
+    data0 = SMALL // 2  # ring 0's data; its consumer's index is at TAIL0
+    got: queue.Queue = queue.Queue()
+
+    def receive(n: int) -> threading.Thread:
+        th = threading.Thread(target=lambda: [got.put(b.recv(timeout=5)) for _ in range(n)])
+        th.start()
+        time.sleep(0.2)  # waiting in recv by now
+        return th
+
+    a.send(t.Op.ECHO, bytes(4096), req_id=0)
+    rec = word_at(path, data0)
+    span = (4 + rec + 7) & ~7
+    assert b.recv(timeout=1)[0].req_id == 0
+    for i in range(1, 4):
+        th = receive(1)
+        a.send(t.Op.ECHO, bytes([i]) * 4096, req_id=i)
+        th.join()
+        hdr, data = got.get_nowait()
+        assert (hdr.req_id, data) == (i, bytes([i]) * 4096)
+        assert word_at(path, TAIL0) % (SMALL // 4) == span  # the record was at the start
+    a.send(t.Op.ECHO, bytes(4096), req_id=4)  # nobody waits: right after the last
+    assert word_at(path, data0 + span) == rec
+    assert b.recv(timeout=1)[0].req_id == 4
+    assert word_at(path, TAIL0) % (SMALL // 4) == 2 * span
 
 
 def test_full_ring_times_out_then_drains(pair):
