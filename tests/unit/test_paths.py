@@ -127,12 +127,14 @@ def test_a_cluster_shm_dir_is_its_run_dirs_alone_and_dead_runs_leftovers_go(tmp_
         link = paths.Path(f"/dev/shm/dh-{tmp_path.name}-gone.shm0")
         link.symlink_to(root / "other-dead" / "ch.shm")
         paths.claim_shm_dir(mine)
-        assert sorted(d.name for d in root.iterdir()) == sorted([mine.name, "other-live", ".lock"])
+        kept = sorted([mine.name, "other-live", ".lock"])
+        assert sorted(d.name for d in root.iterdir()) == kept
         assert list(mine.iterdir()) == [mine / "owner.pid"]  # its own leftover went too
         assert not link.is_symlink()
         # A live harness on the same run dir keeps its cluster's channels.
         (mine / "owner.pid").write_text(str(live.pid))
-        with pytest.raises(HarnessError, match=rf"process {live.pid} runs a cluster .*harness down"):
+        refusal = rf"process {live.pid} runs a cluster .*harness down"
+        with pytest.raises(HarnessError, match=refusal):
             paths.claim_shm_dir(mine)
         assert (mine / "owner.pid").read_text() == str(live.pid)
     finally:

@@ -56,16 +56,16 @@ def test_bursts_and_catch_ups_keep_every_byte_in_order(pair):
     after it caught up (the ring starts over), mixed."""
     a, b, _ = pair
     rng = random.Random(11)
-    i = 0
+    n = 0
     for _ in range(1500):
         burst = [rng.randbytes(rng.choice([rng.randint(0, 200), rng.randint(1000, 5000)]))
                  for _ in range(rng.randint(1, 3))]
-        for msg in burst:
-            a.send(t.Op.ECHO, msg, req_id=i + len(burst) - len(burst))
-        for msg in burst:
+        for j, msg in enumerate(burst):
+            a.send(t.Op.ECHO, msg, req_id=n + j)
+        for j, msg in enumerate(burst):
             hdr, got = b.recv(timeout=1)
-            assert got == msg
-        i += 1
+            assert (hdr.req_id, got) == (n + j, msg)
+        n += len(burst)
 
 
 TAIL0 = 4160  # shm.c's layout: ring 0's control at 4096, its tail a line on
