@@ -74,12 +74,12 @@ def claim_shm_dir(path: Path) -> None:
     with open(root / _LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         owner = _owner_of(path)
-        if owner is not None and owner != os.getpid() and _owner_alive(path):
+        if owner is not None and owner != os.getpid() and _alive(owner):
             raise HarnessError(f"process {owner} runs a cluster with this run directory "
                                f"({path.name} in {root}): stop it (`harness down`) or use "
                                "another run directory")
         for d in root.iterdir():
-            if d.name != _LOCK and (d == path or not _owner_alive(d)):
+            if d.name != _LOCK and (d == path or not _alive(_owner_of(d))):
                 shutil.rmtree(d, ignore_errors=True)
         for link in Path("/dev/shm").glob("dh-*.shm*"):
             if link.is_symlink() and not link.exists() and link.lstat().st_uid == os.getuid():
@@ -95,8 +95,7 @@ def _owner_of(d: Path) -> int | None:
         return None
 
 
-def _owner_alive(d: Path) -> bool:
-    pid = _owner_of(d)
+def _alive(pid: int | None) -> bool:
     if pid is None:  # no owner file (an old layout)
         return False
     try:

@@ -29,15 +29,25 @@ CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _tool(argv: list[str], missing: str, check: bool = True) -> subprocess.CompletedProcess:
     try:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except FileNotFoundError as exc:
-        raise HarnessError("network namespaces need iproute2's `ip`: apt-get install "
-                           "iproute2") from exc
+        raise HarnessError(missing) from exc
     if check and r.returncode:
-        raise HarnessError(f"`ip {' '.join(args)}` failed: {r.stderr.strip()}")
+        raise HarnessError(f"`{' '.join(argv)}` failed: {r.stderr.strip()}")
     return r
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _tool(["ip", *args], "network namespaces need iproute2's `ip`: apt-get install "
+                 "iproute2", check)
+
+
+def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _tool(["iptables", "-w", "5", *args], "a libvirt host in a namespace needs iptables "
+                 "(its daemon is closed to other users with it): `bash scripts/setup.sh` "
+                 "installs it", check)
 
 
 def _require(name: str) -> None:
@@ -176,7 +186,7 @@ def libvirt_host(name: str, timeout: float = 30.0) -> Iterator[str]:
                  "sh", "-c", _DAEMON, "sh", caps, conf],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     except FileNotFoundError as exc:
-        _iptables("-D", *rule)
+        _iptables("-D", *rule, check=False)
         raise HarnessError("a libvirt host in a namespace needs libvirtd and util-linux: "
                            "`bash scripts/setup.sh` installs them") from exc
     watchdog = subprocess.Popen(["sh", "-c", _WATCHDOG, "sh", str(os.getpid()), name, *rule],
@@ -201,17 +211,5 @@ def libvirt_host(name: str, timeout: float = 30.0) -> Iterator[str]:
             proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-        _iptables("-D", *rule)
+        _iptables("-D", *rule, check=False)  # the watchdog may have removed it
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _iptables(*args: str) -> None:
-    try:
-        r = subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True,
-                           timeout=10)
-    except FileNotFoundError as exc:
-        raise HarnessError("a libvirt host in a namespace needs iptables (its daemon is "
-                           "closed to other users with it): `bash scripts/setup.sh` installs "
-                           "it") from exc
-    if r.returncode and args[0] != "-D":  # a rule the watchdog removed already is fine
-        raise HarnessError(f"`iptables {' '.join(args)}` failed: {r.stderr.strip()}")
