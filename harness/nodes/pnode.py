@@ -1,6 +1,6 @@
 """The processor node: it runs the tasks the DBOS scheduler gives it. A
-worker thread registers with the snode, claims a task (waiting on the snode
-for one), runs its command and reports how it ended."""
+worker thread registers with the snode, claims a task (asking again, less
+often while none comes), runs its command and reports how it ended."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from harness.nodes.role import Role
 
 POLICY = "fifo"
 OUTPUT_LIMIT = 4096  # of a task's output kept as its result
+# Seconds between claims while no task comes: doubling from the first to the
+# last, so an idle node asks ~5 times a second and a busy one at once.
+IDLE_FIRST, IDLE_MAX = 0.005, 0.2
 
 
 class PNode(Role):
@@ -43,10 +46,17 @@ class PNode(Role):
                 if lost:
                     print(f"dh-agent: {name}: the snode is back; claiming tasks", flush=True)
                     lost = False
+                idle = IDLE_FIRST
                 while not self.agent.stop.is_set():
-                    task = db.sched.claim(name, POLICY, wait=0.5)
+                    # No waiting on the snode: a claim held open there would
+                    # hold this node's link to it, and every other call (a
+                    # ping, the DBOS mount's) would queue behind it.
+                    task = db.sched.claim(name, POLICY)
                     if task is None:
+                        self.agent.stop.wait(idle)
+                        idle = min(2 * idle, IDLE_MAX)
                         continue
+                    idle = IDLE_FIRST
                     ok, result = self._run(task["argv"])
                     db.sched.complete(task["task_id"], ok, result)
                     self.tasks_run += 1
