@@ -92,6 +92,8 @@ def _ready(ctx: _Ctx, count: int, cold: bool = True) -> float:
         for r in runners:
             r.start("bench", [])
         for r in runners:
+            r.settle()
+        for r in runners:
             assert r.vm is not None
             r.vm.wait_for(READY_RE, TIMEOUT, "DH-READY")
         return time.monotonic() - t0

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 READY = "DH-READY"
 WAITING = "DH-WAITING"  # a snapshot's agent, imported, before its spec
 HOST_ROOT = "/run/dh/host"  # a restored guest's view of the host root (its init mounts it)
-FRESH = "/run/dh/fresh"  # init made the restored guest fresh and mounted its disks
+FRESH = "/run/dh/fresh"  # init made the restored guest fresh and mounted its disk
 GUEST_RUN_DIR = "/run/dh/run"
 FRESH_TIMEOUT = 60.0
 SPEC_PROMPT = "DH-SPEC?"  # a guest on another host, ready for its spec on the console
@@ -50,14 +50,8 @@ def _ivshmem(end: LinkEnd) -> Link:
     import mmap
 
     dev = f"/sys/bus/pci/devices/{end.path}"
-    if not os.path.exists(f"{dev}/resource2"):  # hot-plugged into a restored guest: coming
-        import time
-
-        deadline = time.monotonic() + 20.0
-        while not os.path.exists(f"{dev}/resource2"):
-            if time.monotonic() > deadline:
-                raise HarnessError(f"no ivshmem device at {end.path} for the link to {end.peer}")
-            time.sleep(0.005)
+    if not os.path.exists(f"{dev}/resource2"):
+        raise HarnessError(f"no ivshmem device at {end.path} for the link to {end.peer}")
     with open(f"{dev}/enable", "w") as f:  # turns on memory decoding
         f.write("1")
     fd = os.open(f"{dev}/resource2", os.O_RDWR | os.O_SYNC)
@@ -153,6 +147,12 @@ def wait_for_spec(port: str) -> AgentSpec:
     print(WAITING, flush=True)
     n = struct.unpack("<I", _read_exact(fd, 4))[0]
     spec = AgentSpec.from_json(_read_exact(fd, n))
+    if any(e.attach == "ivshmem" for e in spec.links):
+        # Its ivshmem devices were not in the saved state (harness/vm/snapshot.py):
+        # the restored kernel finds them on a rescan of the bus, which returns
+        # once they are added.
+        with open("/sys/bus/pci/rescan", "w") as f:
+            f.write("1")
     deadline = time.monotonic() + FRESH_TIMEOUT
     while not os.path.exists(FRESH):
         if time.monotonic() > deadline:
@@ -198,7 +198,7 @@ class Agent:
     def __init__(self, spec: AgentSpec, spec_path: str = "", host_root: str = "") -> None:
         self.spec = spec
         self.spec_path = spec_path
-        self.host_root = host_root  # where the programs this node runs find the host root
+        self._host_root = host_root  # where the programs this node runs find the host root
         self.stop = threading.Event()
         self.control = open_link(spec.control, spec.nid)
         self.servers: dict[str, Link] = {}
@@ -317,6 +317,20 @@ class Agent:
             return False
         except TransportError:
             return False
+
+    def host_root(self) -> str:
+        """Where the programs this node runs find the host root: "" for the
+        agent's own root; in a restored guest its init's mount, waited for
+        (init mounts it beside the agent's start, see images/init.sh)."""
+        if self._host_root:
+            deadline = time.monotonic() + FRESH_TIMEOUT
+            while not os.path.exists(self._host_root + ".ready"):
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"the guest's init did not mount the host root at "
+                                       f"{self._host_root} in {FRESH_TIMEOUT:g} s; its console "
+                                       "says why")
+                time.sleep(0.005)
+        return self._host_root
 
     def run(self) -> int:
         threads = [threading.Thread(target=self.serve, args=("controller", self.control, True),

@@ -147,6 +147,8 @@ class Cluster:
                         not h.node.disk)):
                     h.links = ends[h.node.name]
                     self._spawn(h)
+                for h in self.nodes.values():
+                    self._settle(h)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -163,6 +165,13 @@ class Cluster:
             h.control.close()
         h.state = "booting"
         h.control = h.runner.start(self.name, h.links, self.secret)
+
+    def _settle(self, h: NodeHandle) -> None:
+        """Lets a node whose start was begun run (a restored guest)."""
+        control = h.runner.settle()
+        if control is not None:
+            h.control.close()
+            h.control = control
 
     def _wait_ready(self, deadline: float, say: Progress, handles: list[NodeHandle]) -> None:
         t0 = time.monotonic()
@@ -344,6 +353,7 @@ class Cluster:
                 if e.attach in ("shm", "ivshmem"):
                     reset_shm_file(e.path)
             self._spawn(h)
+            self._settle(h)
             self._wait_ready(time.monotonic() + timeout, silent, [h])
 
     # ---- stop ------------------------------------------------------------

@@ -87,7 +87,7 @@ class PNode(Role):
 
         if self.snode is None:
             return super().files_mount(files)
-        path = self.agent.host_root + files["path"]  # where the program will see it
+        path = self.agent.host_root() + files["path"]  # where the program will see it
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:

@@ -134,7 +134,7 @@ class Role:
         """subprocess arguments that run a program in the host's root: the
         agent's own, or in a guest restored from a snapshot (whose agent
         runs from the root image) the host root its init mounted."""
-        root = self.agent.host_root
+        root = self.agent.host_root()
         if not root:
             return {"cwd": cwd}
         return {"preexec_fn": lambda: _enter(root, cwd or "/")}

@@ -115,6 +115,10 @@ class ProcessRunner:
             raise
         return control
 
+    def settle(self) -> Link | None:
+        """Nothing to wait for: the agent started with its process."""
+        return None
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -207,6 +211,7 @@ class VMRunner:
         self.root = root  # the root image of a snapshot start; built here if not given
         self.restored = False  # the last start came from a snapshot
         self.vm: VM | None = None
+        self._restore: snapshot.Restore | None = None  # begun, not yet settled
 
     @property
     def log_path(self) -> Path:
@@ -245,17 +250,35 @@ class VMRunner:
         self.restored = not self.cold and snapshot.why_not(cfg) is None
         if not self.restored:
             return self._boot(cfg, secret)
-        cfg = replace(cfg, snap=True, root=self.root or rootfs.build(self.say).path, shm=[],
+        cfg = replace(cfg, snap=True, root=self.root or rootfs.build(self.say).path,
                       ports=[CONTROL_PORT, snapshot.GO_PORT])
-        self.vm = snapshot.start(cfg, snapshot.WAITING_RE, {
+        self._restore = snapshot.restore(cfg, snapshot.WAITING_RE, {
             "dh.rundir": str(self.run_dir.resolve()),
-            "dh.keep": ",".join(map(str, guest_visible()))}, shm, self.say)
-        # The agent's spec (the cluster's secret in it) goes over the control
-        # port, never into the snapshot: a length, then the JSON.
-        spec = (self.run_dir / f"{n}.json").read_bytes()
+            "dh.keep": ",".join(map(str, guest_visible()))}, self.say)
+        self.vm = self._restore.vm
+        return self._hand_control()
+
+    def _hand_control(self) -> Link:
+        """The agent's spec (the cluster's secret in it) goes over the
+        control port, never into the snapshot: a length, then the JSON
+        (held in the socket until the restored guest reads it)."""
+        spec = (self.run_dir / f"{self.node.name}.json").read_bytes()
         ctl = self.vm.ports[CONTROL_PORT]
         ctl.sendall(struct.pack("<I", len(spec)) + spec)
-        return Link.from_fd(ctl.fileno(), name=n)
+        return Link.from_fd(ctl.fileno(), name=self.node.name)
+
+    def settle(self) -> Link | None:
+        """Lets a restored guest run once its state has loaded (the cluster
+        begins every restore first, so they load side by side); a new
+        control link if the snapshot had to be taken again."""
+        restore, self._restore = self._restore, None
+        if restore is None:
+            return None
+        vm = restore.wait()
+        if vm is self.vm:
+            return None
+        self.vm = vm
+        return self._hand_control()
 
     def _boot(self, cfg: MachineConfig, secret: str) -> Link:
         """A cold boot; the agent reads its spec in the run directory."""

@@ -151,7 +151,10 @@ def command(cfg: MachineConfig) -> list[str]:
             kind, _, opts = backend.partition(",")
             cmd += ["-chardev", f"{kind},id=stream{i},{opts}",
                     "-device", f"virtserialport,bus=vser.0,chardev=stream{i},name={port}"]
-        for i, path in enumerate(cfg.shm):
+        # A snapshot's build has no ivshmem devices, so none is in its state;
+        # a restore has them from its start, unknown to the restored kernel
+        # until the agent rescans the bus (harness/vm/snapshot.py).
+        for i, path in enumerate(cfg.shm if cfg.incoming or not cfg.snap else []):
             cmd += ["-object", f"memory-backend-file,id=shm{i},mem-path={path},"
                     f"size={path.stat().st_size},share=on",
                     "-device", f"ivshmem-plain,memdev=shm{i},bus=pci.0,addr={IVSHMEM_SLOT + i:#x}"]

@@ -6,12 +6,16 @@ guest: for `harness boot`, init with its modules loaded and the host root
 not yet mounted (DH-SNAP); for a cluster node, the agent imported from the
 root image (rootfs.py) and waiting for its spec (DH-WAITING). The state is
 written by `migrate fd:` to a file the harness opens and hands QEMU (QEMU's
-sandbox lets it open nothing; 7.2 has no `file:` migration). The ivshmem
-devices are not in it: they are hot-plugged (ACPI) into the restored guest
-at the PCI slots a cold boot gives them. In the state a region's contents
-would be loaded over a peer's live ring, and with x-ignore-shared QEMU 7.2
-refuses to load a region mapped as a BAR ("Mismatched GPAs": the BAR is
-mapped only after RAM is loaded).
+sandbox lets it open nothing; 7.2 has no `file:` migration).
+
+The ivshmem devices are not in the state: a region's contents would be
+loaded over a peer's live ring, and with x-ignore-shared QEMU 7.2 refuses to
+load a region mapped as a BAR ("Mismatched GPAs": it checks the address as
+RAM loads, before any device's state). A restore has them on its command
+line from the start, in PCI slots that were empty when the state was saved,
+and the agent finds them by rescanning the bus (harness.nodes.agent).
+Hot-plugging them through ACPI instead cost the restored guest ~0.5 s of
+AML under TCG.
 
 A restored guest is made fresh before it does anything: the host sends one
 line on the dh.go port, which the guest's dh-fresh reads: the wall clock
@@ -48,7 +52,7 @@ from harness.paths import cache_dir, prune_newest, run_root
 from harness.progress import Progress, silent
 from harness.vm import qemu
 from harness.vm.machine import VM
-from harness.vm.qemu import IVSHMEM_SLOT, MachineConfig, command
+from harness.vm.qemu import MachineConfig, command
 
 SNAPSHOT_VERSION = 1
 KEEP = 12  # snapshots kept, the most recently used (other checkouts share the cache)
@@ -214,8 +218,7 @@ def go_line(params: dict[str, str]) -> bytes:
 def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
     """QEMU started from the snapshot with its state loading, and sent the
     guest's per-start line (QEMU holds it until the guest's port is back);
-    finish() waits for the load. (Loading a cluster's guests side by side
-    gained nothing measurable here: their vCPUs then share two cores.)"""
+    finish() waits for the load."""
     vm = VM(replace(cfg, incoming=True))
     try:
         vm.launch()
@@ -232,18 +235,10 @@ def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
     return vm
 
 
-def finish(vm: VM, shm: list[Path] = (), timeout: float = 30.0) -> None:  # type: ignore[assignment]
-    """Waits for the state to load, plugs in the ivshmem devices (shm: the
-    region files, in slot order; the guest sees them through ACPI once it
-    runs) and lets the guest run."""
+def finish(vm: VM, timeout: float = 30.0) -> None:
+    """Waits for the state to load and lets the guest run."""
     status = _wait_status(vm, "query-status", {"running", "paused"}, timeout,
                           "loading the snapshot")
-    for i, path in enumerate(shm):
-        vm.qmp("object-add", **{"qom-type": "memory-backend-file", "id": f"shm{i}",
-                                "mem-path": str(path), "size": path.stat().st_size,
-                                "share": True})
-        vm.qmp("device_add", driver="ivshmem-plain", id=f"ivshmem{i}", bus="pci.0",
-               memdev=f"shm{i}", addr=hex(IVSHMEM_SLOT + i))
     if status == "paused":  # saved from a stopped guest, it loads stopped
         vm.qmp("cont")
 
@@ -253,33 +248,65 @@ def drop(snap: Snapshot) -> None:
     shutil.rmtree(Path(snap.state).parent, ignore_errors=True)
 
 
-def start(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
-          shm: list[Path] = (), say: Progress = silent) -> VM:  # type: ignore[assignment]
-    """A running guest restored from cfg's snapshot (taken first if
-    missing; its ivshmem devices, shm, are plugged in after the load). One
-    that does not load is dropped and taken again, once."""
+@dataclass
+class Restore:
+    """A restore under way: QEMU started and loading the state (begin());
+    wait() lets the guest run. Restores begun side by side load side by
+    side."""
+    cfg: MachineConfig
+    point: re.Pattern[bytes]
+    params: dict[str, str]
+    say: Progress
+    snap: Snapshot
+    vm: VM
+
+    def wait(self) -> VM:
+        """The running guest. A snapshot that does not load is dropped and
+        taken again, once: the guest is then a new QEMU (a new self.vm)."""
+        try:
+            finish(self.vm)
+            return self.vm
+        except LaunchError as exc:
+            self.vm.stop()
+            drop(self.snap)
+            self.say(f"{self.cfg.name}: snapshot {self.snap.key} did not load ({exc}); "
+                     "taking it again")
+        except BaseException:
+            self.vm.stop()
+            raise
+        self.snap = ensure(self.cfg, self.point, self.say)
+        self.vm = begin(self.cfg, self.snap, self.params)
+        try:
+            finish(self.vm)
+        except LaunchError:
+            self.vm.stop()
+            drop(self.snap)
+            raise
+        except BaseException:
+            self.vm.stop()
+            raise
+        return self.vm
+
+
+def restore(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
+            say: Progress = silent) -> Restore:
+    """A restore of cfg's snapshot begun (the snapshot taken first if
+    missing); its wait() lets the guest run. A QEMU that fails to start is
+    started again, once."""
     snap = ensure(cfg, point, say)
     try:
-        return _restore(cfg, snap, params, shm)
+        vm = begin(cfg, snap, params)
     except LaunchError as exc:
-        say(f"{cfg.name}: snapshot {snap.key} did not load ({exc}); taking it again")
-    return _restore(cfg, ensure(cfg, point, say), params, shm)
+        say(f"{cfg.name}: QEMU did not start from snapshot {snap.key} ({exc}); trying again")
+        snap = ensure(cfg, point, say)
+        vm = begin(cfg, snap, params)
+    return Restore(cfg, point, params, say, snap, vm)
 
 
-def _restore(cfg: MachineConfig, snap: Snapshot, params: dict[str, str],
-             shm: list[Path]) -> VM:
-    """begin() and finish(); a snapshot whose load fails is dropped."""
-    vm = begin(cfg, snap, params)
-    try:
-        finish(vm, shm)
-    except LaunchError:
-        vm.stop()
-        drop(snap)
-        raise
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+def start(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
+          say: Progress = silent) -> VM:
+    """A running guest restored from cfg's snapshot (restore() and wait())."""
+    return restore(cfg, point, params, say).wait()
 
 
 def list_snapshots() -> list[Snapshot]:
