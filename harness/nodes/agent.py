@@ -121,6 +121,17 @@ def _read_exact(fd: int, n: int) -> bytes:
     return out
 
 
+def _await_init(path: str, what: str) -> None:
+    """Waits for the file a restored guest's init makes once it has done
+    what (images/init.sh)."""
+    deadline = time.monotonic() + FRESH_TIMEOUT
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise HarnessError(f"the guest's init did not {what} in {FRESH_TIMEOUT:g} s; its "
+                               "console says why")
+        time.sleep(0.002)
+
+
 def wait_for_spec(port: str) -> AgentSpec:
     """The agent of a snapshot: imports what any role needs, says WAITING
     (the snapshot is taken there), then takes its spec from the control port
@@ -128,7 +139,6 @@ def wait_for_spec(port: str) -> AgentSpec:
     restored guest fresh. Before that nothing of a start is in it: no
     secret, no link."""
     import struct
-    import time
 
     for name in ("pnode", "mnode", "snode"):  # one snapshot serves every role
         role_class(name)
@@ -153,12 +163,7 @@ def wait_for_spec(port: str) -> AgentSpec:
         # once they are added.
         with open("/sys/bus/pci/rescan", "w") as f:
             f.write("1")
-    deadline = time.monotonic() + FRESH_TIMEOUT
-    while not os.path.exists(FRESH):
-        if time.monotonic() > deadline:
-            raise HarnessError(f"the guest's init did not finish its restore in {FRESH_TIMEOUT:g} "
-                               "s; its console says why")
-        time.sleep(0.002)
+    _await_init(FRESH, "finish its restore")
     if "random" in sys.modules:  # seeded before the snapshot: the same in every restore
         sys.modules["random"].seed()
     spec.control = LinkEnd("controller", "fd", True, fd=fd)
@@ -323,13 +328,7 @@ class Agent:
         agent's own root; in a restored guest its init's mount, waited for
         (init mounts it beside the agent's start, see images/init.sh)."""
         if self._host_root:
-            deadline = time.monotonic() + FRESH_TIMEOUT
-            while not os.path.exists(self._host_root + ".ready"):
-                if time.monotonic() > deadline:
-                    raise HarnessError(f"the guest's init did not mount the host root at "
-                                       f"{self._host_root} in {FRESH_TIMEOUT:g} s; its console "
-                                       "says why")
-                time.sleep(0.005)
+            _await_init(self._host_root + ".ready", f"mount the host root at {self._host_root}")
         return self._host_root
 
     def run(self) -> int:

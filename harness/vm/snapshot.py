@@ -264,28 +264,29 @@ class Restore:
         """The running guest. A snapshot that does not load is dropped and
         taken again, once: the guest is then a new QEMU (a new self.vm)."""
         try:
-            finish(self.vm)
+            _finish(self.vm, self.snap)
             return self.vm
         except LaunchError as exc:
-            self.vm.stop()
-            drop(self.snap)
             self.say(f"{self.cfg.name}: snapshot {self.snap.key} did not load ({exc}); "
                      "taking it again")
-        except BaseException:
-            self.vm.stop()
-            raise
         self.snap = ensure(self.cfg, self.point, self.say)
         self.vm = begin(self.cfg, self.snap, self.params)
-        try:
-            finish(self.vm)
-        except LaunchError:
-            self.vm.stop()
-            drop(self.snap)
-            raise
-        except BaseException:
-            self.vm.stop()
-            raise
+        _finish(self.vm, self.snap)
         return self.vm
+
+
+def _finish(vm: VM, snap: Snapshot) -> None:
+    """finish(); a guest that fails is stopped, and a snapshot whose load
+    fails is dropped."""
+    try:
+        finish(vm)
+    except LaunchError:
+        vm.stop()
+        drop(snap)
+        raise
+    except BaseException:
+        vm.stop()
+        raise
 
 
 def restore(cfg: MachineConfig, point: re.Pattern[bytes], params: dict[str, str],
