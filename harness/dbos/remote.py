@@ -27,7 +27,7 @@ EXPOSED: dict[str, set[str]] = {
             "unlink", "rmdir", "rename", "forget", "purge_orphans", "setattr", "read", "write",
             "log", "sync"},
     "prov": {"readers_of_writes", "programs_reading_writes_of", "events"},
-    "state": {"report_node", "report_region", "report_pages"},
+    "state": {"report_node", "report_nodes", "report_region", "report_pages"},
 }
 
 

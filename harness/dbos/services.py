@@ -46,12 +46,18 @@ class State:
 
     def report_node(self, name: str, role: str, nid: int, placement: str,
                     state: str = "ready") -> None:
+        self.report_nodes([[name, role, nid, placement, state]])
+
+    def report_nodes(self, nodes: list[list]) -> None:
+        """Each [name, role, nid, placement, state]; one transaction (one
+        commit) for all."""
+        now = time.time()
         with self.db.tx() as con:
-            con.execute("INSERT INTO nodes (name, role, nid, placement, state, updated) "
-                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-                        "role = excluded.role, nid = excluded.nid, placement = "
-                        "excluded.placement, state = excluded.state, updated = excluded.updated",
-                        (name, role, nid, placement, state, time.time()))
+            con.executemany("INSERT INTO nodes (name, role, nid, placement, state, updated) "
+                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                            "role = excluded.role, nid = excluded.nid, placement = "
+                            "excluded.placement, state = excluded.state, updated = "
+                            "excluded.updated", [(*n, now) for n in nodes])
 
     def report_region(self, region_id: int, node: str, size: int, owner: str | None = None
                       ) -> None:

@@ -132,6 +132,20 @@ def _await_init(path: str, what: str) -> None:
         time.sleep(0.002)
 
 
+def _warm_up() -> None:
+    """Opens a database once before the snapshot, as the snode does first
+    after a restore: what that leaves in memory (SQLite's one-time set-up,
+    Python's lazy imports and caches) is in the saved state, TCG's
+    translations are not. In a traced lego3 start it took the snode's
+    DBOS.open from ~0.2 s to ~0.1 s."""
+    import tempfile
+
+    from harness.dbos import DBOS
+
+    with tempfile.TemporaryDirectory() as d:
+        DBOS.open(os.path.join(d, "warm.sqlite"), node="warm").close()
+
+
 def wait_for_spec(port: str) -> AgentSpec:
     """The agent of a snapshot: imports what any role needs, says WAITING
     (the snapshot is taken there), then takes its spec from the control port
@@ -144,6 +158,7 @@ def wait_for_spec(port: str) -> AgentSpec:
         role_class(name)
     # What the roles import when they start; imported now, free after a restore.
     import base64  # noqa: F401
+    import mmap  # noqa: F401
     import subprocess  # noqa: F401
 
     import harness.dbos.fs
@@ -153,6 +168,7 @@ def wait_for_spec(port: str) -> AgentSpec:
     import harness.dbos.vfs
     import harness.nodes.auth  # noqa: F401
 
+    _warm_up()
     fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
     print(WAITING, flush=True)
     n = struct.unpack("<I", _read_exact(fd, 4))[0]
@@ -204,6 +220,8 @@ class Agent:
         self.spec = spec
         self.spec_path = spec_path
         self._host_root = host_root  # where the programs this node runs find the host root
+        self._host_lock = threading.Lock()
+        self._host_asked = False  # init mounts the host root once asked (images/init.sh)
         self.stop = threading.Event()
         self.control = open_link(spec.control, spec.nid)
         self.servers: dict[str, Link] = {}
@@ -325,9 +343,17 @@ class Agent:
 
     def host_root(self) -> str:
         """Where the programs this node runs find the host root: "" for the
-        agent's own root; in a restored guest its init's mount, waited for
-        (init mounts it beside the agent's start, see images/init.sh)."""
+        agent's own root; in a restored guest its init's mount, asked for on
+        the first call and waited for (images/init.sh)."""
         if self._host_root:
+            with self._host_lock:
+                if not self._host_asked:
+                    fd = os.open(self._host_root + ".want", os.O_WRONLY | os.O_NONBLOCK)
+                    try:
+                        os.write(fd, b"1\n")
+                    finally:
+                        os.close(fd)
+                    self._host_asked = True
             _await_init(self._host_root + ".ready", f"mount the host root at {self._host_root}")
         return self._host_root
 

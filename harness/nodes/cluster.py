@@ -142,12 +142,13 @@ class Cluster:
                 # servers: its QEMU joins the sockets theirs listen on. Nodes
                 # with a disk (the snode: its database to open) go first, so
                 # their start overlaps the others'.
-                for h in sorted(self.nodes.values(), key=lambda h: (any(
-                        e.attach == "dev" and not e.serve for e in ends[h.node.name]),
-                        not h.node.disk)):
+                order = sorted(self.nodes.values(), key=lambda h: (any(
+                    e.attach == "dev" and not e.serve for e in ends[h.node.name]),
+                    not h.node.disk))
+                for h in order:
                     h.links = ends[h.node.name]
                     self._spawn(h)
-                for h in self.nodes.values():
+                for h in order:
                     self._settle(h)
             finally:
                 for fd in fds:
@@ -210,9 +211,8 @@ class Cluster:
         """Cluster state goes into the snode's DBOS tables."""
         if self.snode() is None:
             return
-        for h in self.nodes.values():
-            self.dbos.state.report_node(h.node.name, h.node.role, h.node.nid,
-                                        h.node.placement, h.state)
+        self.dbos.state.report_nodes([[h.node.name, h.node.role, h.node.nid, h.node.placement,
+                                       h.state] for h in self.nodes.values()])
 
     # ---- use -------------------------------------------------------------
 

@@ -71,10 +71,11 @@ class MachineConfig:
     # Snapshot starts (harness/vm/snapshot.py). snap: init stops at a
     # snapshot point and waits for the per-start line on the dh.go port;
     # root: the root image (rootfs.py) the guest boots from instead of 9p,
-    # the agent waiting for its spec; incoming: QEMU waits for a saved state.
+    # the agent waiting for its spec; incoming: the descriptor QEMU loads a
+    # saved state from (QEMU's own: see VM.spawn) as soon as it is up.
     snap: bool = False
     root: str | None = None
-    incoming: bool = False
+    incoming: int | None = None
 
     def port_socket(self, port: str) -> Path:
         return self.run_dir / f"{self.name}.{port}.sock"
@@ -154,7 +155,7 @@ def command(cfg: MachineConfig) -> list[str]:
         # A snapshot's build has no ivshmem devices, so none is in its state;
         # a restore has them from its start, unknown to the restored kernel
         # until the agent rescans the bus (harness/vm/snapshot.py).
-        for i, path in enumerate(cfg.shm if cfg.incoming or not cfg.snap else []):
+        for i, path in enumerate(cfg.shm if cfg.incoming is not None or not cfg.snap else []):
             cmd += ["-object", f"memory-backend-file,id=shm{i},mem-path={path},"
                     f"size={path.stat().st_size},share=on",
                     "-device", f"ivshmem-plain,memdev=shm{i},bus=pci.0,addr={IVSHMEM_SLOT + i:#x}"]
@@ -164,8 +165,12 @@ def command(cfg: MachineConfig) -> list[str]:
         if cfg.root is not None:
             cmd += ["-drive", f"file={cfg.root},format=raw,if=none,id=root,readonly=on",
                     "-device", "virtio-blk-pci,drive=root,serial=dhroot"]
-    if cfg.incoming:
-        cmd += ["-incoming", "defer"]
+    if cfg.snap:
+        # Without the run state in the saved state, a restored guest runs as
+        # soon as its state has loaded, not once the harness sees it loaded.
+        cmd += ["-global", "migration.store-global-state=off"]
+    if cfg.incoming is not None:
+        cmd += ["-incoming", f"fd:{cfg.incoming}"]
     # QEMU makes its chardevs in command-line order and QMP's comes last, so
     # once QMP has connected, every socket before it is made (a stream's
     # listening one, too).

@@ -5,8 +5,9 @@ The clean point is before anything that is one start's own exists in the
 guest: for `harness boot`, init with its modules loaded and the host root
 not yet mounted (DH-SNAP); for a cluster node, the agent imported from the
 root image (rootfs.py) and waiting for its spec (DH-WAITING). The state is
-written by `migrate fd:` to a file the harness opens and hands QEMU (QEMU's
-sandbox lets it open nothing; 7.2 has no `file:` migration).
+written by `migrate fd:` to a file the harness opens and hands QEMU, and
+read back by `-incoming fd:N` from one QEMU inherits (QEMU's sandbox lets
+it open nothing; 7.2 has no `file:` migration).
 
 The ivshmem devices are not in the state: a region's contents would be
 loaded over a peer's live ring, and with x-ignore-shared QEMU 7.2 refuses to
@@ -148,7 +149,7 @@ def _build(cfg: MachineConfig, k: str, point: re.Pattern[bytes], say: Progress,
             with open(disk, "wb") as f:
                 f.truncate(cfg.disk.stat().st_size)
         bcfg = replace(cfg, name=f"snap-{cfg.name}", run_dir=Path(run), disk=disk,
-                       incoming=False)
+                       incoming=None)
         state = work / "state"
         with VM(bcfg) as vm:
             vm.launch()
@@ -216,18 +217,17 @@ def go_line(params: dict[str, str]) -> bytes:
 
 
 def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
-    """QEMU started from the snapshot with its state loading, and sent the
-    guest's per-start line (QEMU holds it until the guest's port is back);
-    finish() waits for the load."""
-    vm = VM(replace(cfg, incoming=True))
+    """QEMU started from the snapshot, loading the state file it is handed
+    (-incoming fd:N) as soon as it is up, and sent the guest's per-start
+    line (held until the restored guest reads it); finish() waits for the
+    load, so that restores begun side by side load side by side."""
+    fd = os.open(snap.state, os.O_RDONLY)
     try:
-        vm.launch()
-        fd = os.open(snap.state, os.O_RDONLY)
-        try:
-            vm.qmp_fd(STATE_FD, fd)
-        finally:
-            os.close(fd)
-        vm.qmp("migrate-incoming", uri=f"fd:{STATE_FD}")
+        os.set_inheritable(fd, True)
+        vm = VM(replace(cfg, incoming=fd)).launch(pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    try:
         vm.ports[GO_PORT].sendall(go_line(params))
     except BaseException:
         vm.stop()
@@ -236,11 +236,9 @@ def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
 
 
 def finish(vm: VM, timeout: float = 30.0) -> None:
-    """Waits for the state to load and lets the guest run."""
-    status = _wait_status(vm, "query-status", {"running", "paused"}, timeout,
-                          "loading the snapshot")
-    if status == "paused":  # saved from a stopped guest, it loads stopped
-        vm.qmp("cont")
+    """Waits for the state to load (the guest then runs by itself: its saved
+    state has no run state, see qemu.command)."""
+    _wait_status(vm, "query-status", {"running"}, timeout, "loading the snapshot")
 
 
 def drop(snap: Snapshot) -> None:
