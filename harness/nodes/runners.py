@@ -210,6 +210,7 @@ class VMRunner:
         self.say = progress
         self.root = root  # the root image of a snapshot start; built here if not given
         self.restored = False  # the last start came from a snapshot
+        self.snapshot: str | None = None  # the key of the snapshot it loaded
         self.vm: VM | None = None
         self._restore: snapshot.Restore | None = None  # begun, not yet settled
 
@@ -275,6 +276,7 @@ class VMRunner:
         if restore is None:
             return None
         vm = restore.wait()
+        self.snapshot = restore.snap.key
         if vm is self.vm:
             return None
         self.vm = vm

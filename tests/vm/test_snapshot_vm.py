@@ -59,3 +59,23 @@ def test_a_restored_node_gets_the_clusters_secret_not_one_from_the_snapshot():
             assert json.loads(spec)["secret"] == c.secret
             secrets.append(c.secret)
     assert secrets[0] != secrets[1]
+
+
+def test_a_snapshot_that_does_not_load_is_taken_again_and_the_cluster_comes_up():
+    from harness.vm.snapshot import list_snapshots
+
+    with open_cluster("lego3", placement="vm", timeout=180) as c:
+        key = c.nodes["mnode0"].runner.snapshot
+    [snap] = [s for s in list_snapshots() if s.key == key]
+    with open(snap.state, "r+b") as f:  # no longer a migration stream
+        f.write(b"\0" * 4096)
+    said = []
+    with open_cluster("lego3", placement="vm", timeout=180, progress=said.append) as c:
+        assert all(h.runner.restored for h in c.nodes.values())
+        assert c.nodes["mnode0"].runner.snapshot == key
+        assert c.call("mnode0", Op.PING) == b""
+        assert json.loads(c.call("pnode0", Op.PING, b"peers", timeout=10)).keys() == {
+            "mnode0", "snode0"}
+    assert any(f"snapshot {key} did not load" in m for m in said), said
+    [again] = [s for s in list_snapshots() if s.key == key]
+    assert again.built > snap.built
