@@ -280,7 +280,7 @@ class DomainVM(VM):
                 return s
             except OSError as exc:
                 if not self.alive:
-                    raise self._died(f"before it listened on {addr[0]}:{addr[1]}") from exc
+                    raise self.died(f"before it listened on {addr[0]}:{addr[1]}") from exc
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{self.name}: QEMU on {host_of(self.uri)} did not listen "
                                       f"on {addr[0]}:{addr[1]} in time ({exc}); check that "

@@ -137,7 +137,7 @@ class VM:
         try:
             while not select.select([listener], [], [], 0.05)[0]:
                 if not self.alive:
-                    raise self._died(f"before it connected to {path.name}")
+                    raise self.died(f"before it connected to {path.name}")
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{self.name}: QEMU did not connect to {path} in time",
                                       cmdline=self.cmdline, console=self.console_tail())
@@ -197,7 +197,8 @@ class VM:
             text = bytes(self._console[-16384:]).decode(errors="replace")
         return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
-    def _died(self, when: str) -> LaunchError:
+    def died(self, when: str) -> LaunchError:
+        """The error for a QEMU that exited `when` (it is waited for)."""
         self.wait(2.0)
         tail = self.console_tail()
         hint = ""
@@ -231,7 +232,7 @@ class VM:
                         f"the console ends:\n{self.console_tail()}",
                         console=self.console_tail())
                 self._cond.wait(min(left, 0.5))
-        raise self._died(f"before {what}")
+        raise self.died(f"before {what}")
 
     def wait(self, timeout: float) -> int | None:
         """Waits for QEMU to exit; its exit code, or None if it is still up."""

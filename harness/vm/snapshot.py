@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import tempfile
 import time
@@ -60,6 +61,7 @@ KEEP = 12  # snapshots kept, the most recently used (other checkouts share the c
 GO_PORT = "dh.go"
 SNAP_RE = re.compile(rb"DH-SNAP")        # init, before the host root (harness boot)
 WAITING_RE = re.compile(rb"DH-WAITING")  # the agent, before its spec (a cluster node)
+FRESH_ACK = b"DH-FRESH\n"  # dh-fresh's answer on the dh.go port: restored and fresh
 STATE_FD = "dhstate"
 
 
@@ -236,9 +238,28 @@ def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
 
 
 def finish(vm: VM, timeout: float = 30.0) -> None:
-    """Waits for the state to load (the guest then runs by itself: its saved
-    state has no run state, see qemu.command)."""
-    _wait_status(vm, "query-status", {"running"}, timeout, "loading the snapshot")
+    """Waits for the state to load: the guest runs by itself then (its saved
+    state has no run state, see qemu.command), and its dh-fresh answers on
+    the dh.go port once it has made the guest fresh. Not QMP: connecting to
+    it as the guest resumes loses the race with QEMU's RESUME event
+    (qemu.qmp's negotiation gets the event for its answer)."""
+    port, deadline = vm.ports[GO_PORT], time.monotonic() + timeout
+    got = b""
+    while not got.endswith(FRESH_ACK):
+        if not vm.alive:
+            raise vm.died("while loading the snapshot")
+        if time.monotonic() > deadline:
+            raise BootTimeout(f"{vm.name}: the snapshot did not load and run within "
+                              f"{timeout:g} s")
+        if not select.select([port], [], [], 0.05)[0]:
+            continue
+        try:
+            chunk = port.recv(64)
+        except OSError:  # reset as QEMU exits
+            chunk = b""
+        if not chunk:
+            raise vm.died("while loading the snapshot")
+        got += chunk
 
 
 def drop(snap: Snapshot) -> None:

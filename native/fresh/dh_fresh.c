@@ -6,7 +6,9 @@
  * mixes the host's entropy into the input pool and forces the kernel's CRNG
  * to reseed from it at once (otherwise every guest restored from one
  * snapshot would draw the same random stream until the next timed reseed),
- * and prints the rest of the line: the per-start parameters, key=value.
+ * prints the rest of the line (the per-start parameters, key=value) and
+ * answers "DH-FRESH" on the port: the host's sign that the state loaded and
+ * the guest runs.
  *
  * Line: <unix time in ns> <entropy, hex, 32..256 bytes> [key=value ...]
  * Static (it runs from the initramfs, which has no libc). */
@@ -46,7 +48,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: dh-fresh PORT\n");
 		return 2;
 	}
-	int fd = open(argv[1], O_RDONLY);
+	int fd = open(argv[1], O_RDWR);
 	if (fd < 0)
 		return die(argv[1]);
 	while (n < sizeof(line) - 1) {  /* byte by byte: nothing after the line is ours */
@@ -60,7 +62,6 @@ int main(int argc, char **argv)
 		n++;
 	}
 	line[n] = 0;
-	close(fd);
 
 	char *rest = line, *ns_s = strsep(&rest, " "), *hex = strsep(&rest, " ");
 	if (!ns_s || !hex || strlen(hex) < 64 || strlen(hex) > 2 * MAX_ENTROPY || strlen(hex) % 2) {
@@ -96,5 +97,10 @@ int main(int argc, char **argv)
 		return die("RNDRESEEDCRNG");
 	close(rnd);
 	printf("%s\n", rest ? rest : "");
+	fflush(stdout);
+	static const char ack[] = "DH-FRESH\n";
+	if (write(fd, ack, sizeof(ack) - 1) != (ssize_t)(sizeof(ack) - 1))
+		return die("write");
+	close(fd);
 	return 0;
 }
