@@ -162,7 +162,7 @@ def domain_xml(cfg: MachineConfig, name: str, ports: dict[str, str] | None = Non
     if cfg.deterministic:
         raise NotSupported(f"{cfg.name}: deterministic mode needs QEMU's -icount, which a "
                            "libvirt domain cannot ask for; place the node with \"vm\"")
-    if cfg.snap or cfg.root or cfg.incoming is not None:
+    if cfg.snap or cfg.root or cfg.incoming:
         raise NotSupported(f"{cfg.name}: libvirt nodes boot cold (no snapshot starts)")
     devices = [f"<emulator>{escape(cfg.accel.qemu)}</emulator>",
                "<serial type='pty'><target port='0'/></serial><console type='pty'/>",

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pexpect
-import ptyprocess
 
 from harness.errors import BootTimeout, LaunchError
 from harness.procs import die_with_parent
@@ -44,18 +43,6 @@ RUN_RE = re.compile(rb"DH-RUN ([0-9.]+)")  # init is about to run the script (gu
 EXIT_RE = re.compile(rb"DH-EXIT (\d+)")
 _KEEP = 1 << 20  # console bytes kept in memory for matching and error messages
 QMP_TIMEOUT = 5.0
-
-
-class _Spawn(pexpect.spawn):
-    """pexpect's spawn, keeping pass_fds open in the child (pexpect itself
-    closes every descriptor but the pty's)."""
-
-    def __init__(self, *args, pass_fds: tuple[int, ...] = (), **kwargs) -> None:
-        self._pass_fds = pass_fds
-        super().__init__(*args, **kwargs)
-
-    def _spawnpty(self, args, **kwargs):
-        return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
 
 
 class VM:
@@ -81,17 +68,16 @@ class VM:
 
     # ---- launch ----------------------------------------------------------
 
-    def launch(self, timeout: float = 10.0, pass_fds: tuple[int, ...] = ()) -> VM:
-        """Starts QEMU and accepts its connections within timeout; pass_fds
-        stay open in QEMU (inheritable ones: a saved state to load). Call
-        from a thread that outlives the VM: the parent-death signal fires
-        when the forking thread exits. If it fails, QEMU is gone and
-        everything is cleaned up before the error is raised."""
+    def launch(self, timeout: float = 10.0) -> VM:
+        """Starts QEMU and accepts its connections within timeout. Call from
+        a thread that outlives the VM: the parent-death signal fires when
+        the forking thread exits. If it fails, QEMU is gone and everything
+        is cleaned up before the error is raised."""
         if self.child is not None:
             raise LaunchError(f"{self.name}: already launched", cmdline=self.cmdline)
         try:
             self._pre_launch()
-            self._launch(pass_fds)
+            self._launch()
             self._post_launch(time.monotonic() + timeout)
         except BaseException:
             self._shutdown()
@@ -111,12 +97,12 @@ class VM:
             s.bind(str(path))
             s.listen(1)
 
-    def _launch(self, pass_fds: tuple[int, ...] = ()) -> None:
+    def _launch(self) -> None:
         me = os.getpid()
         try:
-            self.child = _Spawn(self.cmdline[0], self.cmdline[1:], echo=False, timeout=None,
-                                env=dict(os.environ), preexec_fn=lambda: die_with_parent(me),
-                                pass_fds=pass_fds)
+            self.child = pexpect.spawn(self.cmdline[0], self.cmdline[1:], echo=False,
+                                       timeout=None, env=dict(os.environ),
+                                       preexec_fn=lambda: die_with_parent(me))
         except pexpect.ExceptionPexpect as exc:
             raise LaunchError(f"{self.name}: could not start QEMU: {exc}",
                               cmdline=self.cmdline) from exc

@@ -75,11 +75,15 @@ class MachineConfig:
     # Snapshot starts (harness/vm/snapshot.py). snap: init stops at a
     # snapshot point and waits for the per-start line on the dh.go port;
     # root: the root image (rootfs.py) the guest boots from instead of 9p,
-    # the agent waiting for its spec; incoming: the descriptor QEMU loads a
-    # saved state from (QEMU's own: see VM.spawn) as soon as it is up.
+    # the agent waiting for its spec; incoming: QEMU waits for a saved state.
     snap: bool = False
     root: str | None = None
-    incoming: int | None = None
+    incoming: bool = False
+    # The guest's RAM in this file instead of anonymous memory: shared while
+    # a snapshot is taken (the file is its memory), mapped copy-on-write by
+    # a restore (ram_private), so no RAM is in the saved state to load.
+    ram_file: Path | None = None
+    ram_private: bool = False
 
     def port_socket(self, port: str) -> Path:
         return self.run_dir / f"{self.name}.{port}.sock"
@@ -126,8 +130,9 @@ def kernel_params(cfg: MachineConfig) -> str:
 def command(cfg: MachineConfig) -> list[str]:
     params = kernel_params(cfg)
     accel = cfg.accel.accel
+    machine = "pc,memory-backend=pc.ram" if cfg.ram_file is not None else "pc"
     cmd = [cfg.accel.qemu, "-name", cfg.name,
-           "-machine", "pc", "-accel", accel, "-cpu", cfg.accel.cpu,
+           "-machine", machine, "-accel", accel, "-cpu", cfg.accel.cpu,
            "-m", f"{cfg.memory >> 20}M", "-smp", str(cfg.cpus),
            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
            # QEMU's seccomp filter: no obsolete calls, no privilege changes, no
@@ -159,7 +164,7 @@ def command(cfg: MachineConfig) -> list[str]:
         # A snapshot's build has no ivshmem devices, so none is in its state;
         # a restore has them from its start, unknown to the restored kernel
         # until the agent rescans the bus (harness/vm/snapshot.py).
-        for i, path in enumerate(cfg.shm if cfg.incoming is not None or not cfg.snap else []):
+        for i, path in enumerate(cfg.shm if cfg.incoming or not cfg.snap else []):
             cmd += ["-object", f"memory-backend-file,id=shm{i},mem-path={path},"
                     f"size={path.stat().st_size},share=on",
                     "-device", f"ivshmem-plain,memdev=shm{i},bus=pci.0,addr={IVSHMEM_SLOT + i:#x}"]
@@ -169,12 +174,15 @@ def command(cfg: MachineConfig) -> list[str]:
         if cfg.root is not None:
             cmd += ["-drive", f"file={cfg.root},format=raw,if=none,id=root,readonly=on",
                     "-device", "virtio-blk-pci,drive=root,serial=dhroot"]
+    if cfg.ram_file is not None:
+        cmd += ["-object", f"memory-backend-file,id=pc.ram,size={cfg.memory >> 20}M,"
+                f"mem-path={cfg.ram_file},share={'off' if cfg.ram_private else 'on'}"]
     if cfg.snap:
         # Without the run state in the saved state, a restored guest runs as
         # soon as its state has loaded, not once the harness sees it loaded.
         cmd += ["-global", "migration.store-global-state=off"]
-    if cfg.incoming is not None:
-        cmd += ["-incoming", f"fd:{cfg.incoming}"]
+    if cfg.incoming:
+        cmd += ["-incoming", "defer"]
     # QEMU makes its chardevs in command-line order and QMP's comes last, so
     # once QMP has connected, every socket before it is made (a stream's
     # listening one, too).

@@ -5,9 +5,12 @@ The clean point is before anything that is one start's own exists in the
 guest: for `harness boot`, init with its modules loaded and the host root
 not yet mounted (DH-SNAP); for a cluster node, the agent imported from the
 root image (rootfs.py) and waiting for its spec (DH-WAITING). The state is
-written by `migrate fd:` to a file the harness opens and hands QEMU, and
-read back by `-incoming fd:N` from one QEMU inherits (QEMU's sandbox lets
-it open nothing; 7.2 has no `file:` migration).
+written by `migrate fd:` to a file the harness opens and hands QEMU (QEMU's
+sandbox lets it open nothing; 7.2 has no `file:` migration). The guest's
+RAM is not in it: the snapshot's guest ran on a shared file, which each
+restore maps copy-on-write (x-ignore-shared, as in Kata's VM templating),
+so a restore loads only the devices' state and its guest faults in the
+pages it touches.
 
 The ivshmem devices are not in the state: a region's contents would be
 loaded over a peer's live ring, and with x-ignore-shared QEMU 7.2 refuses to
@@ -56,7 +59,7 @@ from harness.vm import qemu
 from harness.vm.machine import VM
 from harness.vm.qemu import MachineConfig, command
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: the RAM in a file of its own
 KEEP = 12  # snapshots kept, the most recently used (other checkouts share the cache)
 GO_PORT = "dh.go"
 SNAP_RE = re.compile(rb"DH-SNAP")        # init, before the host root (harness boot)
@@ -70,9 +73,14 @@ class Snapshot:
     key: str
     node: str        # the node (or boot role) it was built for
     state: str       # the saved VM state
-    bytes: int
+    bytes: int       # on disk: the state and the RAM file's used blocks
     build_s: float   # the cold boot and the save
     built: float
+
+    @property
+    def ram(self) -> Path:
+        """The guest's RAM as saved: a restore maps it copy-on-write."""
+        return Path(self.state).with_name("ram")
 
 
 def snapshots_dir() -> Path:
@@ -114,7 +122,7 @@ def _load(d: Path) -> Snapshot | None:
         snap = Snapshot(**json.loads((d / "meta.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if not Path(snap.state).is_file():
+    if not (Path(snap.state).is_file() and snap.ram.is_file()):
         return None
     os.utime(d)  # its last use: pruning keeps the recently used
     return snap
@@ -151,7 +159,7 @@ def _build(cfg: MachineConfig, k: str, point: re.Pattern[bytes], say: Progress,
             with open(disk, "wb") as f:
                 f.truncate(cfg.disk.stat().st_size)
         bcfg = replace(cfg, name=f"snap-{cfg.name}", run_dir=Path(run), disk=disk,
-                       incoming=None)
+                       incoming=False, ram_file=work / "ram", ram_private=False)
         state = work / "state"
         with VM(bcfg) as vm:
             vm.launch()
@@ -160,9 +168,11 @@ def _build(cfg: MachineConfig, k: str, point: re.Pattern[bytes], say: Progress,
         out = work / "out"
         out.mkdir()
         state.rename(out / "state")
+        (work / "ram").rename(out / "ram")
         d = snapshots_dir() / k
         snap = Snapshot(key=k, node=cfg.name, state=str(d / "state"),
-                        bytes=(out / "state").stat().st_size,
+                        bytes=(out / "state").stat().st_size
+                        + (out / "ram").stat().st_blocks * 512,
                         build_s=round(time.monotonic() - t0, 2), built=time.time())
         (out / "meta.json").write_text(json.dumps(asdict(snap), indent=1))
         shutil.rmtree(d, ignore_errors=True)
@@ -200,6 +210,7 @@ def _wait_status(vm: VM, cmd: str, want: set[str], timeout: float, what: str) ->
 
 def _save(vm: VM, path: Path) -> None:
     vm.qmp("stop")  # a still guest: one pass, no dirty-page rounds
+    _ignore_shared(vm)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         vm.qmp_fd(STATE_FD, fd)
@@ -218,19 +229,30 @@ def go_line(params: dict[str, str]) -> bytes:
     return f"{time.time_ns()} {os.urandom(64).hex()} {' '.join(words)}\n".encode()
 
 
+def _ignore_shared(vm: VM) -> None:
+    """The guest's RAM is the snapshot's file (shared at the save, mapped
+    copy-on-write by a restore), so it stays out of the state: a restore
+    loads only the devices' state. Both ends must say so."""
+    vm.qmp("migrate-set-capabilities",
+           capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+
 def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
-    """QEMU started from the snapshot, loading the state file it is handed
-    (-incoming fd:N) as soon as it is up, and sent the guest's per-start
-    line (held until the restored guest reads it); finish() waits for the
-    load, so that restores begun side by side load side by side."""
-    fd = os.open(snap.state, os.O_RDONLY)
+    """QEMU started from the snapshot with its state loading, and sent the
+    guest's per-start line (held until the restored guest reads it);
+    finish() waits for the load, so that restores begun side by side load
+    side by side."""
+    vm = VM(replace(cfg, incoming=True, ram_file=snap.ram, ram_private=True))
     try:
-        os.set_inheritable(fd, True)
-        vm = VM(replace(cfg, incoming=fd)).launch(pass_fds=(fd,))
-    finally:
-        os.close(fd)
-    try:
-        vm.ports[GO_PORT].sendall(go_line(params))
+        vm.launch()
+        vm.ports[GO_PORT].sendall(go_line(params))  # before the load: a bad one ends QEMU
+        _ignore_shared(vm)
+        fd = os.open(snap.state, os.O_RDONLY)
+        try:
+            vm.qmp_fd(STATE_FD, fd)
+        finally:
+            os.close(fd)
+        vm.qmp("migrate-incoming", uri=f"fd:{STATE_FD}")
     except BaseException:
         vm.stop()
         raise
@@ -240,9 +262,7 @@ def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
 def finish(vm: VM, timeout: float = 30.0) -> None:
     """Waits for the state to load: the guest runs by itself then (its saved
     state has no run state, see qemu.command), and its dh-fresh answers on
-    the dh.go port once it has made the guest fresh. Not QMP: connecting to
-    it as the guest resumes loses the race with QEMU's RESUME event
-    (qemu.qmp's negotiation gets the event for its answer)."""
+    the dh.go port once it has made the guest fresh."""
     port, deadline = vm.ports[GO_PORT], time.monotonic() + timeout
     got = b""
     while not got.endswith(FRESH_ACK):
