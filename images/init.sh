@@ -53,7 +53,8 @@ load() {
 }
 load /etc/modules.load
 [ "$(arg dh.root)" = image ] && load /etc/modules.root
-[ "$(arg dh.disk)" = 1 ] && load /etc/modules.disk
+DISK=$(arg dh.disk)  # once: a restored guest pays for every process it starts
+[ "$DISK" = 1 ] && load /etc/modules.disk
 
 fresh() {  # blocks until the host, having restored this guest, sends its line
     port=/dev/vport0p1
@@ -107,7 +108,7 @@ hostroot() {
         || fail "cannot mount the host root over 9p"
 }
 disk() {
-    [ "$(arg dh.disk)" = 1 ] || return 0
+    [ "$DISK" = 1 ] || return 0
     blockdev --flushbufs /dev/vda  # blocks cached before a snapshot are another disk's
     # noinit_itable: no kernel thread zeroing the inode tables mkfs left
     # lazy, beside the node's own work on the guest's one CPU.
@@ -124,22 +125,23 @@ if [ "$(arg dh.root)" = image ]; then
     prepare /newroot
     chroot /newroot /.dh/agent < /dev/null > /dev/console 2>&1 &
     agent=$!
-    fresh
-    disk /newroot/run/dh/disk
     # The host root serves only the programs the node runs, and mounting it
     # costs a TCG guest ~0.3 s of its one CPU: done when the agent first asks
     # (a line on this FIFO, held open so that asking never blocks), not
-    # while the agent starts.
+    # while the agent starts. Made before the snapshot point, as is all
+    # that can be: a restored guest pays for every process it starts.
     mkfifo /newroot/run/dh/host.want
     exec 3<> /newroot/run/dh/host.want
-    : > /newroot/run/dh/fresh  # the agent goes on once this is here
     (
         read -r _ <&3
         hostroot /newroot/run/dh/host
         prepare /newroot/run/dh/host
-        [ "$(arg dh.disk)" = 1 ] && mount --bind /newroot/run/dh/disk /newroot/run/dh/host/run/dh/disk
+        [ "$DISK" = 1 ] && mount --bind /newroot/run/dh/disk /newroot/run/dh/host/run/dh/disk
         : > /newroot/run/dh/host.ready  # the agent runs programs once this is here
     ) &
+    fresh
+    disk /newroot/run/dh/disk
+    : > /newroot/run/dh/fresh  # the agent goes on once this is here
     wait $agent
     rc=$?
     umount /newroot/run/dh/host/run/dh/disk /newroot/run/dh/disk 2>/dev/null

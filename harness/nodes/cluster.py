@@ -149,6 +149,8 @@ class Cluster:
                     h.links = ends[h.node.name]
                     self._spawn(h)
                 for h in order:
+                    h.runner.load()
+                for h in order:
                     self._settle(h)
             finally:
                 for fd in fds:

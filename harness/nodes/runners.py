@@ -115,6 +115,9 @@ class ProcessRunner:
             raise
         return control
 
+    def load(self) -> None:
+        """Nothing to load: the agent started with its process."""
+
     def settle(self) -> Link | None:
         """Nothing to wait for: the agent started with its process."""
         return None
@@ -267,6 +270,12 @@ class VMRunner:
         ctl = self.vm.ports[CONTROL_PORT]
         ctl.sendall(struct.pack("<I", len(spec)) + spec)
         return Link.from_fd(ctl.fileno(), name=self.node.name)
+
+    def load(self) -> None:
+        """Starts loading a begun restore's state (the cluster starts every
+        node's QEMU first: none then starts beside guests already running)."""
+        if self._restore is not None:
+            self._restore.load()
 
     def settle(self) -> Link | None:
         """Lets a restored guest run once its state has loaded (the cluster

@@ -238,25 +238,33 @@ def _ignore_shared(vm: VM) -> None:
 
 
 def begin(cfg: MachineConfig, snap: Snapshot, params: dict[str, str]) -> VM:
-    """QEMU started from the snapshot with its state loading, and sent the
-    guest's per-start line (held until the restored guest reads it);
-    finish() waits for the load, so that restores begun side by side load
-    side by side."""
+    """QEMU started from the snapshot, waiting for its state (load() starts
+    the load), and sent the guest's per-start line (held until the
+    restored guest reads it)."""
     vm = VM(replace(cfg, incoming=True, ram_file=snap.ram, ram_private=True))
     try:
         vm.launch()
-        vm.ports[GO_PORT].sendall(go_line(params))  # before the load: a bad one ends QEMU
+        vm.ports[GO_PORT].sendall(go_line(params))
         _ignore_shared(vm)
+    except BaseException:
+        vm.stop()
+        raise
+    return vm
+
+
+def load(vm: VM, snap: Snapshot) -> Exception | None:
+    """Starts a begun QEMU loading the snapshot's state (finish() waits
+    for it); how that failed, if it did (QMP fails as QEMU exits)."""
+    try:
         fd = os.open(snap.state, os.O_RDONLY)
         try:
             vm.qmp_fd(STATE_FD, fd)
         finally:
             os.close(fd)
         vm.qmp("migrate-incoming", uri=f"fd:{STATE_FD}")
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+    except Exception as exc:
+        return exc
+    return None
 
 
 def finish(vm: VM, timeout: float = 30.0) -> None:
@@ -289,35 +297,48 @@ def drop(snap: Snapshot) -> None:
 
 @dataclass
 class Restore:
-    """A restore under way: QEMU started and loading the state (begin());
-    wait() lets the guest run. Restores begun side by side load side by
-    side."""
+    """A restore under way: QEMU started (begin()); load() starts its load,
+    wait() lets the guest run. A cluster begins every restore, then starts
+    every load, so that no QEMU starts beside guests already running and
+    the states load side by side."""
     cfg: MachineConfig
     point: re.Pattern[bytes]
     params: dict[str, str]
     say: Progress
     snap: Snapshot
     vm: VM
+    loaded: bool = False
+    _failed: Exception | None = None
+
+    def load(self) -> None:
+        if not self.loaded:
+            self._failed, self.loaded = load(self.vm, self.snap), True
 
     def wait(self) -> VM:
         """The running guest. A snapshot that does not load is dropped and
         taken again, once: the guest is then a new QEMU (a new self.vm)."""
+        self.load()
         try:
-            _finish(self.vm, self.snap)
+            _finish(self.vm, self.snap, self._failed)
             return self.vm
         except LaunchError as exc:
             self.say(f"{self.cfg.name}: snapshot {self.snap.key} did not load ({exc}); "
                      "taking it again")
         self.snap = ensure(self.cfg, self.point, self.say)
         self.vm = begin(self.cfg, self.snap, self.params)
-        _finish(self.vm, self.snap)
+        _finish(self.vm, self.snap, load(self.vm, self.snap))
         return self.vm
 
 
-def _finish(vm: VM, snap: Snapshot) -> None:
-    """finish(); a guest that fails is stopped, and a snapshot whose load
-    fails is dropped."""
+def _finish(vm: VM, snap: Snapshot, failed: Exception | None) -> None:
+    """finish() after load() (failed: how that failed); a guest that fails
+    is stopped, and a snapshot whose load fails is dropped."""
     try:
+        if failed is not None:
+            if not vm.alive:
+                raise vm.died(f"as its load began ({failed!r})")
+            raise LaunchError(f"{vm.name}: its load did not begin: {failed!r}",
+                              cmdline=vm.cmdline, console=vm.console_tail())
         finish(vm)
     except LaunchError:
         vm.stop()
