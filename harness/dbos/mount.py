@@ -94,6 +94,7 @@ class DBOSMount(pyfuse3.Operations):
         self.pending: dict[tuple, float] = {}  # (kind, ino, pid) -> first time
         self.names: dict[int, str] = {}
         self.handles: dict[int, tuple[int, int]] = {}  # fh -> (inode, opener's pid)
+        self.orphans: set[int] = set()  # unlinked inodes the kernel still knows
         self.next_fh = 1
 
     # ---- bookkeeping --------------------------------------------------------
@@ -110,6 +111,11 @@ class DBOSMount(pyfuse3.Operations):
         fh, self.next_fh = self.next_fh, self.next_fh + 1
         self.handles[fh] = (ino, ctx.pid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    def _orphaned(self, ino: int) -> None:
+        """A file lost its name; if the kernel knows it, it is an orphan."""
+        if ino in self.lookups and not ino % 2:
+            self.orphans.add(ino)
 
     def _note(self, op: str, ino: int, pid: int) -> None:
         """One event per (operation, file, process) per flush interval: a
@@ -189,6 +195,7 @@ class DBOSMount(pyfuse3.Operations):
     def unlink(self, parent, name, ctx):
         ino = self.vfs.lookup(parent, name)["ino"]
         self.vfs.unlink(parent, name, keep=ino in self.lookups)
+        self._orphaned(ino)
         self._note("unlink", ino, ctx.pid)
 
     @_fuse
@@ -201,11 +208,14 @@ class DBOSMount(pyfuse3.Operations):
             raise FSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         ino = self.vfs.lookup(old_parent, old)["ino"]
         try:
-            keep = self.vfs.lookup(new_parent, new)["ino"] in self.lookups
+            replaced = self.vfs.lookup(new_parent, new)["ino"]
         except FSError:
-            keep = False
+            replaced = None
         self.vfs.rename(old_parent, old, new_parent, new,
-                        noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), keep=keep)
+                        noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+                        keep=replaced in self.lookups)
+        if replaced is not None and replaced != ino:
+            self._orphaned(replaced)
         if not ino % 2:
             self._note("rename", ino, ctx.pid)
 
@@ -217,6 +227,7 @@ class DBOSMount(pyfuse3.Operations):
                 self.lookups[ino] = left
             else:
                 self.lookups.pop(ino, None)
+                self.orphans.discard(ino)
                 self.vfs.forget(ino)
 
     @_fuse
@@ -253,7 +264,14 @@ class DBOSMount(pyfuse3.Operations):
 
     @_fuse
     def release(self, fh):
-        self.handles.pop(fh, None)
+        ino, _ = self.handles.pop(fh, (None, None))
+        if ino in self.orphans and all(i != ino for i, _ in self.handles.values()):
+            # Nothing can reach an unlinked file once its last handle closes,
+            # so it goes now rather than at the kernel's FORGET, which comes
+            # only when the kernel evicts the inode (seconds later, or never
+            # while it keeps the inode cached).
+            self.orphans.discard(ino)
+            self.vfs.forget(ino)
 
     @_fuse
     def fsync(self, fh, datasync):

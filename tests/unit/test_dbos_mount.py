@@ -164,7 +164,7 @@ def test_an_unlinked_open_file_stays_readable_until_closed(mnt):
     assert os.pread(fd, 5, 0) == b"Still"
     assert os.fstat(fd).st_nlink == 0
     os.close(fd)
-    deadline = time.monotonic() + 10  # the kernel forgets the inode a little later
+    deadline = time.monotonic() + 10  # the kernel sends RELEASE after close returns
     while mnt.sql("SELECT count(*) FROM files")[0][0]:
         assert time.monotonic() < deadline, "the unlinked file's row was never deleted"
         time.sleep(0.05)
