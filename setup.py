@@ -50,6 +50,13 @@ FUSE_NULL = Extension(
     include_dirs=["/usr/include/fuse3"], libraries=["fuse3"],
     extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
 
+# `harness mount --db`: the DBOS file system's FUSE mount of a local
+# database, in C (libfuse3-dev and libsqlite3-dev), loaded with ctypes.
+DBOSFS = Extension(
+    "harness._native.dh_dbosfs", sources("dbosfs"),
+    include_dirs=["/usr/include/fuse3"], libraries=["fuse3", "sqlite3"],
+    extra_compile_args=[*CORE_FLAGS, "-fvisibility=hidden"])
+
 
 class BuildExt(build_ext):
     """The interposer compiles the core's sources with other macros: its
@@ -89,5 +96,6 @@ setup(
     libraries=[CORE],
     cmdclass={"build_ext": BuildExt},
     ext_modules=[*cythonize([ext("errors"), ext("transport"), ext("excache"), PKEY],
-                            compiler_directives={"language_level": "3"}), INTERPOSER, FUSE_NULL],
+                            compiler_directives={"language_level": "3"}), INTERPOSER, FUSE_NULL,
+                 DBOSFS],
 )

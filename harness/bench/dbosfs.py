@@ -5,6 +5,8 @@ that holds the database, in the same run and at the same durability.
   fs_create          create + fsync(file) + fsync(dir), per file   vs the same on ext4
   fs_create_fuse_null  the same on a FUSE file system in C that stores nothing
                      (native/fusenull): what FUSE's round trips alone cost here
+  fs_create_pyfuse3  the same on the same tables through the pyfuse3 mount (what
+                     serves a remote snode's files), here on the local database
   randread_4k        fio, psync, 4 KiB random reads of a 64 MiB file (clat)
   randwrite_4k_fsync fio, psync, 4 KiB random writes, fsync after each (clat + fsync)
   seqwrite_1m        fio, 1 MiB sequential writes of 128 MiB, fsync at the end (MB/s;
@@ -26,8 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from harness.bench.dbos import fs_of
@@ -65,36 +65,6 @@ def _create_samples(d: Path, n: int) -> list[float]:
     if p.returncode != 0:
         raise HarnessError(f"creating files in {d} failed: {p.stderr.strip()[-500:]}")
     return json.loads(p.stdout)
-
-
-@contextmanager
-def _null_mount(mnt: Path, timeout: float = 10.0) -> Iterator[None]:
-    """native/fusenull's file system that stores nothing, mounted at mnt by
-    a process of its own (as `harness mount` is) for a with block."""
-    from harness._native import shared_object
-
-    so = shared_object("dh_fuse_null")
-    p = subprocess.Popen([sys.executable, "-c", "import ctypes, sys; "
-                          "sys.exit(ctypes.CDLL(sys.argv[1]).dh_fuse_null(sys.argv[2].encode()))",
-                          str(so), str(mnt)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while not os.path.ismount(mnt):
-            if p.poll() is not None:
-                raise HarnessError(f"the null FUSE file system did not mount at {mnt}: "
-                                   f"{p.stderr.read().strip()}")
-            if time.monotonic() > deadline:
-                raise HarnessError(f"the null FUSE file system was not mounted at {mnt} "
-                                   f"in {timeout:g} s")
-            time.sleep(0.01)
-        yield
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=timeout)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _fio(d: Path, name: str, *opts: str) -> dict:
@@ -151,8 +121,9 @@ def run_here(workdir: Path, n: int = 300, rounds: int = 3, seconds: float = 4.0,
     """The benchmark on the file system holding workdir; file_mib is fio's
     random-I/O file, seq_mib what seqwrite_1m writes per round, tree the
     directory copied for the last two rows (default: the standard library)."""
+    from harness._native import shared_object
     from harness.dbos import DBOS
-    from harness.dbos.mount import mounted
+    from harness.dbos.mount import mounted, process_mount
 
     say = progress or silent
     workdir.mkdir(parents=True, exist_ok=True)
@@ -161,18 +132,27 @@ def run_here(workdir: Path, n: int = 300, rounds: int = 3, seconds: float = 4.0,
         ext4, mnt = d / "ext4", d / "mnt"
         ext4.mkdir()
         mnt.mkdir()
-        db = DBOS.open(d / "fs.sqlite", synchronous="normal", node="bench")
+        path = d / "fs.sqlite"
+        db = DBOS.open(path, synchronous="normal", node="bench")
         rep = Report("dbosfs", placement="process")
-        with mounted(db.vfs, str(mnt), source=str(d / "fs.sqlite")):
-            say(f"fs_create: {n} files on each side, and on a FUSE file system that "
-                "stores nothing")
+        null = [sys.executable, "-c", "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1])."
+                "dh_fuse_null(sys.argv[2].encode()))", str(shared_object("dh_fuse_null"))]
+        with process_mount([sys.executable, "-m", "harness.cli", "mount", "--db", str(path),
+                            str(mnt)], mnt, "the DBOS mount (harness mount)"):
+            say(f"fs_create: {n} files on each side, on a FUSE file system that stores "
+                "nothing, and through the pyfuse3 mount")
             on_ext4 = _create_samples(ext4 / "c", n)
             rep.rows.append(Row.of("fs_create", "us", _create_samples(mnt / "c", n),
                                    "ext4_create_fsync", on_ext4))
             (d / "null").mkdir()
-            with _null_mount(d / "null"):
+            with process_mount([*null, str(d / "null")], d / "null", "the null FUSE mount"):
                 rep.rows.append(Row.of("fs_create_fuse_null", "us",
                                        _create_samples(d / "null" / "c", n),
+                                       "ext4_create_fsync", on_ext4))
+            (d / "py").mkdir()
+            with mounted(db.vfs, str(d / "py"), source=str(path)):
+                rep.rows.append(Row.of("fs_create_pyfuse3", "us",
+                                       _create_samples(d / "py" / "c-py", n),
                                        "ext4_create_fsync", on_ext4))
             rt = ["--time_based", f"--runtime={int(seconds * 1000)}ms", f"--size={file_mib}M",
                   "--bs=4k"]

@@ -30,20 +30,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from harness.dbos import DBOS
-    from harness.dbos.mount import serve
+    from harness.dbos.mount import serve_native
     from harness.paths import data_dir
 
     path = Path(args.db) if args.db else data_dir() / "dbosfs.sqlite"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Commits wait for no disk: a program's fsync is what makes them durable.
-    db = DBOS.open(path, synchronous="normal", node="local")
-    try:
-        serve(db.vfs, args.mountpoint, args.task, ready=lambda _stop: print(
-            f"mounted {path} at {args.mountpoint}; Ctrl-C or `fusermount3 -u "
-            f"{args.mountpoint}` unmounts", file=sys.stderr, flush=True), source=str(path))
-    finally:
-        db.close()
+    serve_native(path, args.mountpoint, args.task, ready=lambda: print(
+        f"mounted {path} at {args.mountpoint}; Ctrl-C or `fusermount3 -u "
+        f"{args.mountpoint}` unmounts", file=sys.stderr, flush=True))
     return 0
 
 

@@ -1,12 +1,17 @@
-"""The DBOS file system as a FUSE mount (libfuse3's low-level API through
-pyfuse3): the kernel resolves paths and caches attributes for a second,
-each request is one VFS call (one SQLite transaction), and what programs
-do is logged in `events` with their pid and name, in batches.
+"""The DBOS file system as a FUSE mount: the kernel resolves paths and
+caches attributes for a second, each request is one transaction over the
+`dirs`, `files` and `blocks` tables, and what programs do is logged in
+`events` with their pid and name, in batches.
 
-Why pyfuse3 and not C: the VFS it calls is the Python DBOS layer that the
-snode already serves over the transport, so a local database and a remote
-snode are the same object here; a request costs one SQLite transaction,
-which the Python call does not dominate.
+Two servers of the same tables and rules (harness.dbos.vfs):
+- a local database (`harness mount --db`, serve_native) is served by
+  native/dbosfs, in C on libfuse3's low-level API and SQLite: a request
+  through pyfuse3 and trio costs ~60 us of Python before any SQL, and a
+  create with its fsyncs is six requests;
+- a remote snode (`harness run --files dbos`) is served by DBOSMount, over
+  pyfuse3, since its VFS is the Python DBOS layer that the snode already
+  serves over the transport; there a request is an RPC, which the Python
+  around it does not dominate.
 
 Record locks (fcntl, which SQLite uses) are not forwarded: the kernel
 keeps them for the mount, which is right for programs on one machine.
@@ -21,6 +26,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -419,6 +425,78 @@ def serve(vfs: Any, mountpoint: str, task: int | None = None,
         ops.flush_log()
         pyfuse3.close(unmount=True)
         vfs.purge_orphans()
+
+
+def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
+                 node: str = "local", ready: Callable[[], None] | None = None,
+                 lib: str | Path | None = None) -> None:
+    """Mounts the local DBOS database db at mountpoint with native/dbosfs
+    and serves it until unmounted (fusermount3 -u) or SIGINT/SIGTERM, in
+    this thread (the main one: the C server takes those signals); ready()
+    is called once the mount is up. Orphans are purged at both ends. lib
+    is another build of native/dbosfs (the tests' sanitized one)."""
+    import ctypes
+
+    from harness._native import shared_object
+    from harness.dbos import DBOS
+
+    db = os.path.abspath(db)
+    if not os.path.isdir(mountpoint):
+        raise DBOSError(f"mount point {mountpoint} is not a directory: mkdir it first")
+    ensure_fuse()
+    clear_stale(mountpoint)
+    store = DBOS.open(db, synchronous="normal", node=node)  # made and migrated here
+    try:
+        store.vfs.purge_orphans()
+        so = ctypes.CDLL(str(lib or shared_object("dh_dbosfs")))
+        so.dh_dbosfs.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_longlong, ctypes.c_int]
+        up_r, up_w = os.pipe()
+
+        def wait_up() -> None:
+            with os.fdopen(up_r, "rb") as f:
+                if f.readline() and ready:
+                    ready()
+        waiter = threading.Thread(target=wait_up, daemon=True)
+        waiter.start()
+        rc = so.dh_dbosfs(db.encode(), os.fsencode(mountpoint), f"dbos:{db}".encode(),
+                           node.encode(), -1 if task is None else task, up_w)
+        if rc != 0:
+            os.close(up_w)  # the C side closes it only once mounted
+            raise DBOSError(f"cannot mount {db} at {mountpoint} (said above): is /dev/fuse "
+                            "there and fusermount3 installed (apt-get install fuse3)?")
+        waiter.join(1)
+    finally:
+        store.vfs.purge_orphans()
+        store.close()
+
+
+@contextmanager
+def process_mount(argv: list[str], mountpoint: str | Path, what: str,
+                  timeout: float = 30.0) -> Iterator[None]:
+    """The FUSE file system that the command argv mounts at mountpoint and
+    serves from a process of its own, for a with block; unmounted after it.
+    A program timed on it then shares no interpreter with its server."""
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + timeout
+            while not os.path.ismount(mountpoint):
+                if p.poll() is not None:
+                    err.seek(0)
+                    raise DBOSError(f"{what} did not mount at {mountpoint}: "
+                                    f"{err.read().decode(errors='replace').strip()[-500:]}")
+                if time.monotonic() > deadline:
+                    raise DBOSError(f"{what} was not mounted at {mountpoint} in {timeout:g} s")
+                time.sleep(0.01)
+            yield
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                           timeout=timeout)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 @contextmanager

@@ -1,5 +1,7 @@
 """`harness mount`: the DBOS file system under real programs, through a
-real FUSE mount of a real SQLite file, compared with tmpfs."""
+real FUSE mount of a real SQLite file, compared with tmpfs. Both servers of
+the tables run each test: the C one of `harness mount` and the pyfuse3 one
+that serves a remote snode's files (here on the same local database)."""
 
 import errno
 import hashlib
@@ -26,15 +28,55 @@ def mounted(mnt: Path) -> bool:
         return any(line.split()[1] == str(mnt.resolve()) for line in f)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+ASAN_SO = Path("/tmp") / f"dh-dbosfs-asan-{os.getpid()}.so"  # built by the asan_build fixture
+LIBASAN = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                         text=True).stdout.strip()
+SERVERS = {
+    "native": [sys.executable, "-m", "harness.cli", "mount", "--db"],
+    # The same C under AddressSanitizer and UBSan, in a Python preloaded with
+    # ASan's runtime (it must come first); Python's own leaks are not ours.
+    "native-asan": ["env", f"LD_PRELOAD={LIBASAN}", "ASAN_OPTIONS=detect_leaks=0",
+                    sys.executable, "-c", "import sys\n"
+                    "from harness.dbos.mount import serve_native\n"
+                    f"serve_native(sys.argv[1], sys.argv[2], lib='{ASAN_SO}')"],
+    "pyfuse3": [sys.executable, "-c", "import sys\n"
+                "from harness.dbos import DBOS\n"
+                "from harness.dbos.mount import serve\n"
+                "db = DBOS.open(sys.argv[1], synchronous='normal', node='local')\n"
+                "serve(db.vfs, sys.argv[2], source=sys.argv[1])"],
+}
+
+
+@pytest.fixture(scope="session")
+def asan_build():
+    """native/dbosfs built with the sanitizers, for the native-asan server."""
+    build = subprocess.run(
+        ["gcc", "-std=c11", "-D_GNU_SOURCE", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
+         "-Wshadow", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-fno-omit-frame-pointer", "-fPIC", "-shared", "-I/usr/include/fuse3",
+         str(ROOT / "native/dbosfs/dbosfs.c"), "-lfuse3", "-lsqlite3", "-o", str(ASAN_SO)],
+        capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    yield
+    ASAN_SO.unlink(missing_ok=True)
+
+
+@pytest.fixture(params=SERVERS)
+def server(request):
+    if request.param == "native-asan":
+        request.getfixturevalue("asan_build")
+    return request.param
+
+
 class Mount:
-    def __init__(self, db: Path, mnt: Path, *extra: str) -> None:
+    def __init__(self, db: Path, mnt: Path, server: str = "native") -> None:
         self.db, self.path = db, mnt
         mnt.mkdir(exist_ok=True)
         # A file, not a pipe nobody reads while it runs: a full pipe would stall it.
         self.log = db.with_name(db.name + ".mount.log")
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "mount", "--db",
-                                          str(db), str(mnt), *extra],
+            self.proc = subprocess.Popen([*SERVERS[server], str(db), str(mnt)],
                                          stdout=out, stderr=out)
         deadline = time.monotonic() + 30
         while not mounted(mnt):
@@ -72,8 +114,8 @@ class Mount:
 
 
 @pytest.fixture
-def mnt(tmp_path):
-    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt")
+def mnt(tmp_path, server):
+    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
     yield m
     m.stop()
     assert not mounted(m.path)
@@ -257,10 +299,12 @@ def apply(root: str, op: tuple):
         return ("errno", errno.errorcode[exc.errno])
 
 
-@pytest.fixture(scope="module")
-def shared_mount(tmp_path_factory):
+@pytest.fixture(scope="module", params=SERVERS)
+def shared_mount(tmp_path_factory, request):
+    if request.param == "native-asan":
+        request.getfixturevalue("asan_build")
     d = tmp_path_factory.mktemp("posix")
-    m = Mount(d / "fs.sqlite", d / "mnt")
+    m = Mount(d / "fs.sqlite", d / "mnt", request.param)
     yield m
     m.stop()
 
@@ -358,8 +402,8 @@ def test_events_name_the_programs_and_answer_who_read_what_a_program_wrote(mnt):
         db.close()
 
 
-def test_what_a_program_fsynced_survives_a_sigkill_of_the_mount(tmp_path):
-    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt")
+def test_what_a_program_fsynced_survives_a_sigkill_of_the_mount(tmp_path, server):
+    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
     try:
         run(sys.executable, "-c", "import os\n"
             "fd = os.open('kept', os.O_CREAT | os.O_WRONLY)\n"
@@ -372,15 +416,15 @@ def test_what_a_program_fsynced_survives_a_sigkill_of_the_mount(tmp_path):
             time.sleep(0.05)
     finally:
         m.stop()
-    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt")
+    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
     try:
         assert (m.path / "kept").read_bytes() == b"x" * 100000
     finally:
         m.stop()
 
 
-def test_sigterm_unmounts_even_with_a_file_open(tmp_path):
-    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt")
+def test_sigterm_unmounts_even_with_a_file_open(tmp_path, server):
+    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
     fd = os.open(m.path / "open-file", os.O_CREAT | os.O_WRONLY)
     try:
         m.proc.terminate()
@@ -453,8 +497,8 @@ def test_bench_dbosfs_reports_every_row_beside_ext4(tmp_path):
     rep = dbosfs.run_here(tmp_path, n=10, rounds=1, seconds=0.2, file_mib=4, seq_mib=4,
                           tree=Path(shutil.__file__).parent / "json")
     assert [r.metric for r in rep.rows] == [
-        "fs_create", "fs_create_fuse_null", "randread_4k", "randwrite_4k_fsync", "seqwrite_1m",
-        "analytics_query", "git_commit_tree"]
+        "fs_create", "fs_create_fuse_null", "fs_create_pyfuse3", "randread_4k",
+        "randwrite_4k_fsync", "seqwrite_1m", "analytics_query", "git_commit_tree"]
     assert all(r.floor and r.floor_p50 and r.ratio for r in rep.rows)
 
 
