@@ -1058,12 +1058,15 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 {
     struct fs *fs = fs_of(req);
     int64_t fsize = 0;
-    int err = off < 0 ? EINVAL : begin(fs, 0);
+    int err = off < 0 ? EINVAL : 0;
+    if (!err) {
+        note(fs, "file_read", ino, (pid_t)fi->fh); /* outside the read: it may flush the log */
+        err = begin(fs, 0);
+    }
     if (err) {
         fuse_reply_err(req, err);
         return;
     }
-    note(fs, "file_read", ino, (pid_t)fi->fh);
     err = file_of(fs, ino, &fsize, NULL);
     if (size > MAX_READ)
         size = MAX_READ;
