@@ -194,6 +194,7 @@ int dh_excache_create(dh_link *link, uint64_t capacity, uint32_t ways, int polic
     if (!c)
         return DH_ENOMEM;
     c->uffd = -1; /* none yet: a failed create must not close descriptor 0 */
+    c->pidfd = -1;
     c->link = link;
     c->ways = ways;
     c->nsets = (uint32_t)(capacity / DH_PAGE / ways);
@@ -305,6 +306,8 @@ void dh_excache_destroy(dh_excache *c)
         }
     if (c->uffd >= 0)
         close(c->uffd);
+    if (c->pidfd >= 0 && c->pidfd_of == getpid())
+        close(c->pidfd);
     free(c->lines);
     free(c->req);
     free(c->page);

@@ -4,6 +4,8 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
 #include "excache_wire.h"
 
@@ -49,6 +51,10 @@ struct dh_excache {
     struct line *lines;
     struct line *pf[DH_PREFETCH_MAX]; /* a miss's victims, one per line of its window */
     struct line *dv[DH_PREFETCH_MAX]; /* those that are dirty (under the lock) */
+    struct iovec zap[DH_PREFETCH_MAX]; /* their mappings, dropped in one call (cache.c) */
+    uint32_t nzap;
+    int pidfd;     /* this process, for process_madvise: -1 not open yet, -2 not usable */
+    pid_t pidfd_of; /* the process pidfd names (a forked child must open its own) */
     struct region regions[DH_EXCACHE_MAX_REGIONS];
     atomic_flag lock;
     uint64_t clock;
