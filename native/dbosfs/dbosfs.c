@@ -516,24 +516,28 @@ static void reply_attr(fuse_req_t req, int err, const struct stat *a)
 
 /* ---- lookups ------------------------------------------------------------- */
 
+/* Begins a transaction and finds a name in directory inode parent: 0 with
+ * the transaction open, or an errno with it ended. */
+static int begin_at(struct fs *fs, int write, fuse_ino_t parent, const char *name, int64_t *d,
+                    int64_t *ino)
+{
+    int err = check_name(name);
+    if (err || (err = begin(fs, write)))
+        return err;
+    err = dir_of(fs, parent, d);
+    if (!err)
+        err = (*ino = entry(fs, *d, name)) < 0 ? EIO : *ino == 0 ? ENOENT : 0;
+    return err ? end(fs, err, write) : 0;
+}
+
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
     struct stat a;
     int64_t d, ino = 0;
-    int err = check_name(name);
+    int err = begin_at(fs, 0, parent, name, &d, &ino);
     if (!err)
-        err = begin(fs, 0);
-    if (err) {
-        fuse_reply_err(req, err);
-        return;
-    }
-    err = dir_of(fs, parent, &d);
-    if (!err)
-        err = (ino = entry(fs, d, name)) < 0 ? EIO : ino == 0 ? ENOENT : 0;
-    if (!err)
-        err = attr(fs, (uint64_t)ino, &a);
-    err = end(fs, err, 0);
+        err = end(fs, attr(fs, (uint64_t)ino, &a), 0);
     if (err)
         fuse_reply_err(req, err);
     else
@@ -737,16 +741,12 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
     int64_t d, ino = 0;
-    int err = check_name(name);
-    if (!err)
-        err = begin(fs, 1);
+    int err = begin_at(fs, 1, parent, name, &d, &ino);
     if (err) {
         fuse_reply_err(req, err);
         return;
     }
-    err = dir_of(fs, parent, &d);
-    if (!err)
-        err = (ino = entry(fs, d, name)) < 0 ? EIO : ino == 0 ? ENOENT : ino % 2 ? EISDIR : 0;
+    err = ino % 2 ? EISDIR : 0;
     double t = now();
     if (!err)
         err = drop_file(fs, ino_file((uint64_t)ino), t);
@@ -781,16 +781,12 @@ static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
     int64_t d, ino = 0;
-    int err = check_name(name);
-    if (!err)
-        err = begin(fs, 1);
+    int err = begin_at(fs, 1, parent, name, &d, &ino);
     if (err) {
         fuse_reply_err(req, err);
         return;
     }
-    err = dir_of(fs, parent, &d);
-    if (!err)
-        err = (ino = entry(fs, d, name)) < 0 ? EIO : ino == 0 ? ENOENT : !(ino % 2) ? ENOTDIR : 0;
+    err = !(ino % 2) ? ENOTDIR : 0;
     if (!err)
         err = remove_dir(fs, ino_dir((uint64_t)ino));
     if (!err)
