@@ -258,7 +258,8 @@ static int check_name(const char *name)
     if (n > NAME_MAX_)
         return ENAMETOOLONG;
     for (const unsigned char *p = (const unsigned char *)name; *p;) {
-        int more = *p < 0x80 ? 0 : (*p >> 5) == 6 ? 1 : (*p >> 4) == 14 ? 2 : (*p >> 3) == 30 ? 3 : -1;
+        int more = *p < 0x80 ? 0 : (*p >> 5) == 6 ? 1 : (*p >> 4) == 14 ? 2
+                 : (*p >> 3) == 30 ? 3 : -1;
         if (more < 0)
             return EINVAL;
         for (p++; more--; p++)
@@ -278,14 +279,18 @@ static struct timespec ts_of(double t)
     return ts;
 }
 
+/* A time column, or t where it is NULL (never set: vfs.py's fallbacks). */
+static double time_or(sqlite3_stmt *st, int col, double t)
+{
+    return sqlite3_column_type(st, col) == SQLITE_NULL ? t : sqlite3_column_double(st, col);
+}
+
 /* Attributes from a FILE_COLS row starting at column c. */
 static void file_attr(struct fs *fs, sqlite3_stmt *st, int c, struct stat *a)
 {
     memset(a, 0, sizeof *a);
     int64_t size = sqlite3_column_int64(st, c + 4);
-    double created = sqlite3_column_double(st, c + 8);
-    double mt = sqlite3_column_type(st, c + 6) == SQLITE_NULL ? created
-                                                               : sqlite3_column_double(st, c + 6);
+    double mt = time_or(st, c + 6, sqlite3_column_double(st, c + 8));
     a->st_ino = file_ino(sqlite3_column_int64(st, c));
     a->st_mode = (mode_t)sqlite3_column_int(st, c + 1);
     a->st_nlink = sqlite3_column_int64(st, c + 9) == fs->orphans ? 0 : 1;
@@ -295,10 +300,8 @@ static void file_attr(struct fs *fs, sqlite3_stmt *st, int c, struct stat *a)
     a->st_blocks = (size + BLOCK - 1) / BLOCK * 8;
     a->st_blksize = BLOCK;
     a->st_mtim = ts_of(mt);
-    a->st_atim = sqlite3_column_type(st, c + 5) == SQLITE_NULL ? a->st_mtim
-                                                                 : ts_of(sqlite3_column_double(st, c + 5));
-    a->st_ctim = sqlite3_column_type(st, c + 7) == SQLITE_NULL ? a->st_mtim
-                                                                 : ts_of(sqlite3_column_double(st, c + 7));
+    a->st_atim = ts_of(time_or(st, c + 5, mt));
+    a->st_ctim = ts_of(time_or(st, c + 7, mt));
 }
 
 /* Attributes from a DIR_COLS row starting at column c; 0 or an errno. */
@@ -306,9 +309,7 @@ static int dir_attr(struct fs *fs, sqlite3_stmt *st, int c, struct stat *a)
 {
     memset(a, 0, sizeof *a);
     int64_t d = sqlite3_column_int64(st, c);
-    double created = sqlite3_column_double(st, c + 7);
-    double mt = sqlite3_column_type(st, c + 5) == SQLITE_NULL ? created
-                                                               : sqlite3_column_double(st, c + 5);
+    double mt = time_or(st, c + 5, sqlite3_column_double(st, c + 7));
     a->st_ino = dir_ino(d);
     a->st_mode = (mode_t)sqlite3_column_int(st, c + 1);
     a->st_uid = (uid_t)sqlite3_column_int(st, c + 2);
@@ -317,10 +318,8 @@ static int dir_attr(struct fs *fs, sqlite3_stmt *st, int c, struct stat *a)
     a->st_blocks = 8;
     a->st_blksize = BLOCK;
     a->st_mtim = ts_of(mt);
-    a->st_atim = sqlite3_column_type(st, c + 4) == SQLITE_NULL ? a->st_mtim
-                                                                 : ts_of(sqlite3_column_double(st, c + 4));
-    a->st_ctim = sqlite3_column_type(st, c + 6) == SQLITE_NULL ? a->st_mtim
-                                                                 : ts_of(sqlite3_column_double(st, c + 6));
+    a->st_atim = ts_of(time_or(st, c + 4, mt));
+    a->st_ctim = ts_of(time_or(st, c + 6, mt));
     sqlite3_stmt *sub = q(fs, S_SUBDIRS);
     sqlite3_bind_int64(sub, 1, d);
     int r = row(fs, sub);
@@ -737,32 +736,6 @@ static int drop_file(struct fs *fs, int64_t fid, double t)
     return run(fs, st);
 }
 
-static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
-{
-    struct fs *fs = fs_of(req);
-    int64_t d, ino = 0;
-    int err = begin_at(fs, 1, parent, name, &d, &ino);
-    if (err) {
-        fuse_reply_err(req, err);
-        return;
-    }
-    err = ino % 2 ? EISDIR : 0;
-    double t = now();
-    if (!err)
-        err = drop_file(fs, ino_file((uint64_t)ino), t);
-    if (!err)
-        err = touch_dir(fs, d, t);
-    err = end(fs, err, 1);
-    if (!err)
-        note(fs, "file_unlink", (uint64_t)ino, fuse_req_ctx(req)->pid);
-    else {
-        struct known *k = ino > 0 ? known(fs, (uint64_t)ino, 0) : NULL;
-        if (k)
-            k->orphan = 0;
-    }
-    fuse_reply_err(req, err);
-}
-
 /* Deletes an empty directory d (vfs._rmdir). */
 static int remove_dir(struct fs *fs, int64_t d)
 {
@@ -777,7 +750,8 @@ static int remove_dir(struct fs *fs, int64_t d)
     return run(fs, st);
 }
 
-static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+/* unlink (dir 0) and rmdir (dir 1) of a name in directory inode parent. */
+static void remove_name(fuse_req_t req, fuse_ino_t parent, const char *name, int dir)
 {
     struct fs *fs = fs_of(req);
     int64_t d, ino = 0;
@@ -786,12 +760,30 @@ static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_err(req, err);
         return;
     }
-    err = !(ino % 2) ? ENOTDIR : 0;
+    err = ino % 2 == dir ? 0 : dir ? ENOTDIR : EISDIR;
+    double t = now();
     if (!err)
-        err = remove_dir(fs, ino_dir((uint64_t)ino));
+        err = dir ? remove_dir(fs, ino_dir((uint64_t)ino))
+                  : drop_file(fs, ino_file((uint64_t)ino), t);
     if (!err)
-        err = touch_dir(fs, d, now());
-    fuse_reply_err(req, end(fs, err, 1));
+        err = touch_dir(fs, d, t);
+    err = end(fs, err, 1);
+    struct known *k = dir ? NULL : known(fs, (uint64_t)ino, 0);
+    if (!dir && !err)
+        note(fs, "file_unlink", (uint64_t)ino, fuse_req_ctx(req)->pid);
+    else if (k)
+        k->orphan = 0; /* rolled back: the file keeps its name */
+    fuse_reply_err(req, err);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    remove_name(req, parent, name, 0);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    remove_name(req, parent, name, 1);
 }
 
 /* POSIX rename: replaces a file, or an empty directory by a directory;
