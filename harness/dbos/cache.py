@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -61,17 +60,8 @@ class ReadCache:
         return True
 
     def _open(self) -> bool:
-        try:
-            fd = os.open(self.db.path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False  # no WAL index yet, or none at all (":memory:")
-        try:
-            self._map = mmap.mmap(fd, 2 * HEADER, mmap.MAP_SHARED, mmap.PROT_READ)
-        except (OSError, ValueError):  # not yet as long as a header
-            return False
-        finally:
-            os.close(fd)
-        return True
+        self._map = self.db.wal_index(2 * HEADER)
+        return self._map is not None
 
     def read_through(self, key: Any, resolve: Callable[[sqlite3.Connection, Any], tuple],
                      offset: int, size: int) -> bytes | None:

@@ -9,6 +9,8 @@ commits without the fsync; the next durable commit syncs it with its own."""
 
 from __future__ import annotations
 
+import mmap
+import os
 import sqlite3
 import threading
 import time
@@ -46,6 +48,8 @@ class Store:
         self.node = node
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # new tasks or messages
+        self._shm_fd: int | None = None
+        self._shm_map: mmap.mmap | None = None
 
     @classmethod
     def open(cls, path: str | Path, synchronous: str = "full", node: str = "") -> Self:
@@ -74,9 +78,37 @@ class Store:
         with self.lock:
             self.con.execute(f"PRAGMA wal_checkpoint({mode})")
 
+    def wal_index(self, length: int) -> mmap.mmap | None:
+        """A read-only mapping of the first length bytes of the WAL index
+        (the `-shm` file), or None while there is none that long. The file
+        stays open until close(), after the connection: closing any
+        descriptor of a file drops every POSIX lock this process holds on
+        it, SQLite's own too. Without its lock on the WAL index, another
+        process's connection rebuilds that file under this one's mapping
+        (SIGBUS; seen in the mount tests) and no longer sees this one's
+        readers."""
+        with self.lock:
+            if self._shm_map is None:
+                if self._shm_fd is None:
+                    try:
+                        self._shm_fd = os.open(self.path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError:
+                        return None  # no WAL index yet, or none at all (":memory:")
+                try:
+                    self._shm_map = mmap.mmap(self._shm_fd, length, mmap.MAP_SHARED,
+                                              mmap.PROT_READ)
+                except (OSError, ValueError):  # not yet that long
+                    return None
+            return self._shm_map
+
     def close(self) -> None:
         with self.lock:
             self.con.close()
+            if self._shm_map is not None:
+                self._shm_map.close()
+            if self._shm_fd is not None:
+                os.close(self._shm_fd)
+            self._shm_map = self._shm_fd = None
 
     @contextmanager
     def tx(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:

@@ -224,6 +224,25 @@ def test_cached_reads_see_every_commit_from_this_connection_and_others(db, tmp_p
     assert db.vfs.read(db.vfs.lookup(1, "f")["ino"], 0, 10) == b"zzz"
 
 
+def test_the_read_cache_leaves_sqlite_its_locks_on_the_wal_index(db):
+    """Closing a descriptor of the -shm file would drop SQLite's POSIX locks
+    on it: then another process's connection rebuilt the file under this
+    one's mapping (a SIGBUS killed the mount in its tests)."""
+    db.fs.create("/f")
+    db.fs.write("/f", 0, b"x")
+    assert db.fs.read("/f") == db.vfs.read(db.vfs.lookup(1, "f")["ino"], 0, 1) == b"x"
+    assert db.fs.cache.blocks  # the cache mapped the WAL index
+    # SQLite's DMS lock (unix VFS: byte 128 of the -shm file): held by us, so
+    # no other connection may take it and rebuild the file.
+    held = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, struct
+        fd = os.open({str(db.path) + "-shm"!r}, os.O_RDWR)
+        lk = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 128, 1, 0)
+        print(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, lk))[4])
+        """)], check=True, timeout=60, capture_output=True, text=True).stdout
+    assert int(held) == os.getpid()
+
+
 def test_an_in_memory_store_reads_without_a_cache():
     mem = DBOS.open(":memory:")
     mem.fs.create("/f")
