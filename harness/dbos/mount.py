@@ -388,43 +388,76 @@ def serve(vfs: Any, mountpoint: str, task: int | None = None,
     ops = DBOSMount(vfs, task)
     opts = set(pyfuse3.default_options) | {f"fsname=dbos:{source}",
                                            "subtype=dbos", "noatime", "auto_unmount"}
+    with _watched(_dbosfs(), mountpoint):  # told to go only after the unmount below
+        try:
+            pyfuse3.init(ops, mountpoint, opts)
+        except RuntimeError as exc:
+            raise DBOSError(f"cannot mount at {mountpoint} ({exc}): is /dev/fuse there and "
+                            "fusermount3 installed (apt-get install fuse3)?") from exc
+        try:
+            trio.run(_serving, ops, ready)
+        finally:
+            ops.flush_log()
+            pyfuse3.close(unmount=True)
+            vfs.purge_orphans()
+
+
+async def _serving(ops: DBOSMount, ready: Callable[[Callable[[], None]], None] | None) -> None:
+    """pyfuse3's loop beside the provenance flusher, until unmounted from
+    outside, SIGINT/SIGTERM (in the main thread) or the stop handed to ready."""
+    import signal
+    async with trio.open_nursery() as nursery:
+        async def fuse_main() -> None:
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # unmounted from outside
+        nursery.start_soon(fuse_main)
+
+        async def flusher() -> None:
+            while True:
+                await trio.sleep(LOG_EVERY)
+                ops.flush_log()
+        nursery.start_soon(flusher)
+
+        async def stopper() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                async for _ in sigs:
+                    nursery.cancel_scope.cancel()
+                    return
+        if threading.current_thread() is threading.main_thread():
+            nursery.start_soon(stopper)
+        if ready:
+            token = trio.lowlevel.current_trio_token()
+            ready(lambda: trio.from_thread.run_sync(nursery.cancel_scope.cancel,
+                                                    trio_token=token))
+
+
+def _dbosfs(lib: str | Path | None = None) -> Any:
+    """native/dbosfs, loaded (lib: another build of it, the tests' sanitized one)."""
+    import ctypes
+
+    from harness._native import shared_object
+
+    so = ctypes.CDLL(str(lib or shared_object("dh_dbosfs")), use_errno=True)
+    so.dh_dbosfs.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_longlong, ctypes.c_int]
+    so.dh_unmount_when_gone.argtypes = [ctypes.c_char_p]
+    return so
+
+
+@contextmanager
+def _watched(so: Any, mountpoint: str) -> Iterator[None]:
+    """A watcher process that unmounts mountpoint if this process dies and
+    leaves the mount dead there (libfuse's auto_unmount can miss it: see
+    dh_unmount_when_gone); after a clean end it is told to go."""
+    import ctypes
+
+    fd = so.dh_unmount_when_gone(os.fsencode(mountpoint))
+    if fd < 0:
+        raise DBOSError(f"cannot start the watcher of the mount at {mountpoint}: "
+                        f"{os.strerror(ctypes.get_errno())}")
     try:
-        pyfuse3.init(ops, mountpoint, opts)
-    except RuntimeError as exc:
-        raise DBOSError(f"cannot mount at {mountpoint} ({exc}): is /dev/fuse there and "
-                        "fusermount3 installed (apt-get install fuse3)?") from exc
-
-    async def main() -> None:
-        import signal
-        async with trio.open_nursery() as nursery:
-            async def fuse_main() -> None:
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()  # unmounted from outside
-            nursery.start_soon(fuse_main)
-
-            async def flusher() -> None:
-                while True:
-                    await trio.sleep(LOG_EVERY)
-                    ops.flush_log()
-            nursery.start_soon(flusher)
-
-            async def stopper() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-                    async for _ in sigs:
-                        nursery.cancel_scope.cancel()
-                        return
-            if threading.current_thread() is threading.main_thread():
-                nursery.start_soon(stopper)
-            if ready:
-                token = trio.lowlevel.current_trio_token()
-                ready(lambda: trio.from_thread.run_sync(nursery.cancel_scope.cancel,
-                                                        trio_token=token))
-    try:
-        trio.run(main)
+        yield
     finally:
-        ops.flush_log()
-        pyfuse3.close(unmount=True)
-        vfs.purge_orphans()
+        os.close(fd)
 
 
 def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
@@ -435,9 +468,6 @@ def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
     this thread (the main one: the C server takes those signals); ready()
     is called once the mount is up. Orphans are purged at both ends. lib
     is another build of native/dbosfs (the tests' sanitized one)."""
-    import ctypes
-
-    from harness._native import shared_object
     from harness.dbos import DBOS
 
     db = os.path.abspath(db)
@@ -448,8 +478,7 @@ def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
     store = DBOS.open(db, synchronous="normal", node=node)  # made and migrated here
     try:
         store.vfs.purge_orphans()
-        so = ctypes.CDLL(str(lib or shared_object("dh_dbosfs")))
-        so.dh_dbosfs.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_longlong, ctypes.c_int]
+        so = _dbosfs(lib)
         up_r, up_w = os.pipe()
 
         def wait_up() -> None:
@@ -458,8 +487,9 @@ def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
                     ready()
         waiter = threading.Thread(target=wait_up, daemon=True)
         waiter.start()
-        rc = so.dh_dbosfs(db.encode(), os.fsencode(mountpoint), f"dbos:{db}".encode(),
-                           node.encode(), -1 if task is None else task, up_w)
+        with _watched(so, mountpoint):
+            rc = so.dh_dbosfs(db.encode(), os.fsencode(mountpoint), f"dbos:{db}".encode(),
+                              node.encode(), -1 if task is None else task, up_w)
         if rc != 0:
             os.close(up_w)  # the C side closes it only once mounted
             raise DBOSError(f"cannot mount {db} at {mountpoint} (said above): is /dev/fuse "
