@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -241,6 +242,9 @@ class DBOSMount(pyfuse3.Operations):
         a = self.vfs.getattr(ino)
         if stat.S_ISDIR(a["mode"]):
             raise FSError(errno.EISDIR, f"inode {ino}")
+        if flags & os.O_TRUNC and a["size"]:  # libfuse lets the open truncate (atomic O_TRUNC)
+            self.vfs.setattr(ino, size=0)
+            self._note("write", ino, ctx.pid)
         return self._open(ino, ctx)
 
     @_fuse
@@ -405,7 +409,6 @@ def serve(vfs: Any, mountpoint: str, task: int | None = None,
 async def _serving(ops: DBOSMount, ready: Callable[[Callable[[], None]], None] | None) -> None:
     """pyfuse3's loop beside the provenance flusher, until unmounted from
     outside, SIGINT/SIGTERM (in the main thread) or the stop handed to ready."""
-    import signal
     async with trio.open_nursery() as nursery:
         async def fuse_main() -> None:
             await pyfuse3.main()
@@ -487,11 +490,18 @@ def serve_native(db: str | Path, mountpoint: str, task: int | None = None,
                     ready()
         waiter = threading.Thread(target=wait_up, daemon=True)
         waiter.start()
-        with _watched(so, mountpoint):
-            rc = so.dh_dbosfs(db.encode(), os.fsencode(mountpoint), f"dbos:{db}".encode(),
-                              node.encode(), -1 if task is None else task, up_w)
+        # libfuse takes SIGINT only where nothing else does: Python's own
+        # handler would just set a flag the C loop never reads.
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
+        try:
+            with _watched(so, mountpoint):  # up_w: closed by the C side, always
+                rc = so.dh_dbosfs(db.encode(), os.fsencode(mountpoint), f"dbos:{db}".encode(),
+                                  node.encode(), -1 if task is None else task, up_w)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
         if rc != 0:
-            os.close(up_w)  # the C side closes it only once mounted
             raise DBOSError(f"cannot mount {db} at {mountpoint} (said above): is /dev/fuse "
                             "there and fusermount3 installed (apt-get install fuse3)?")
         waiter.join(1)

@@ -38,6 +38,7 @@
 #define SPIN 100e-6      /* seconds the server stays awake after a request (see serve) */
 #define READDIR_BATCH 256
 #define MAX_EVENTS 4096
+#define FUSERMOUNT "/usr/bin/fusermount3" /* Debian's fuse3; execv, no PATH search after fork */
 #define MAX_READ (64 << 20)
 /* The WAL's size between checkpoints: 1000 frames (SQLite's autocheckpoint)
  * of a 4 KiB page and its 24-byte header, and the WAL header; rounded up. */
@@ -178,7 +179,7 @@ static struct known *known(struct fs *fs, uint64_t ino, int add)
     if (k->ino == 0) {
         if (!add)
             return NULL;
-        k->ino = ino;
+        *k = (struct known){.ino = ino}; /* a freed slot keeps nothing of its last inode */
         fs->nknown++;
     }
     return k;
@@ -188,11 +189,11 @@ static struct known *known(struct fs *fs, uint64_t ino, int add)
 static void drop_known(struct fs *fs, struct known *k)
 {
     size_t mask = fs->cap - 1, i = (size_t)(k - fs->known);
-    fs->known[i].ino = 0;
+    fs->known[i] = (struct known){0};
     fs->nknown--;
     for (size_t j = (i + 1) & mask; fs->known[j].ino; j = (j + 1) & mask) {
         struct known moved = fs->known[j];
-        fs->known[j].ino = 0;
+        fs->known[j] = (struct known){0};
         fs->known[slot_of(fs, moved.ino)] = moved;
     }
 }
@@ -259,13 +260,24 @@ static int check_name(const char *name)
         return EINVAL;
     if (n > NAME_MAX_)
         return ENAMETOOLONG;
+    /* Well-formed UTF-8 only, as Python decodes it: no overlong forms, no
+     * surrogates, nothing above U+10FFFF (RFC 3629's table). */
     for (const unsigned char *p = (const unsigned char *)name; *p;) {
-        int more = *p < 0x80 ? 0 : (*p >> 5) == 6 ? 1 : (*p >> 4) == 14 ? 2
-                 : (*p >> 3) == 30 ? 3 : -1;
+        unsigned c = *p++, lo = 0x80, hi = 0xBF;
+        int more = c < 0x80 ? 0 : c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2
+                 : c >= 0xF0 && c <= 0xF4 ? 3 : -1;
         if (more < 0)
             return EINVAL;
-        for (p++; more--; p++)
-            if ((*p >> 6) != 2)
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+        else if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+        for (int i = 0; i < more; i++, p++, lo = 0x80, hi = 0xBF)
+            if (*p < lo || *p > hi)
                 return EINVAL;
     }
     return 0;
@@ -1109,6 +1121,7 @@ static int write_blocks(struct fs *fs, int64_t fid, int64_t off, const char *dat
                 return EIO;
             if (r) {
                 old = sqlite3_column_bytes(st, 0);
+                old = old > BLOCK ? BLOCK : old; /* blocks are at most BLOCK bytes */
                 memcpy(block, sqlite3_column_blob(st, 0), (size_t)old);
                 sqlite3_reset(st);
             }
@@ -1309,7 +1322,17 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_statfs(req, &out);
 }
 
+/* Without atomic O_TRUNC the kernel truncates an opened file by a setattr
+ * of its size, as for pyfuse3; with it (libfuse's default) open would have
+ * to. */
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    (void)userdata;
+    conn->want &= ~(unsigned)FUSE_CAP_ATOMIC_O_TRUNC;
+}
+
 static const struct fuse_lowlevel_ops OPS = {
+    .init = op_init,
     .lookup = op_lookup, .forget = op_forget, .forget_multi = op_forget_multi,
     .getattr = op_getattr, .setattr = op_setattr, .readlink = op_readlink,
     .mknod = op_mknod, .mkdir = op_mkdir, .unlink = op_unlink, .rmdir = op_rmdir,
@@ -1419,6 +1442,8 @@ static int serve(struct fs *fs, struct fuse_session *se)
             if (t < spin_until)
                 continue;
             int wait = fs->nevents ? (int)((fs->first_event + LOG_EVERY - t) * 1000) + 1 : -1;
+            if (fs->nevents && wait < 1000 * LOG_EVERY / 10) /* a flush failed: retry, not spin */
+                wait = (int)(1000 * LOG_EVERY / 10);
             if (poll(&p, 1, wait) < 0 && errno != EINTR) {
                 perror("[mount] poll");
                 rc = -1;
@@ -1476,6 +1501,7 @@ __attribute__((visibility("default"))) int dh_dbosfs(const char *db, const char 
                 ssize_t w = write(ready_fd, "up\n", 3);
                 (void)w;
                 close(ready_fd);
+                ready_fd = -1;
             }
             rc = serve(&fs, se);
             fuse_session_unmount(se);
@@ -1484,6 +1510,8 @@ __attribute__((visibility("default"))) int dh_dbosfs(const char *db, const char 
     }
     fuse_session_destroy(se);
 out:
+    if (ready_fd >= 0) /* never mounted: the caller sees the end of the pipe */
+        close(ready_fd);
     if (fs.db)
         close_db(&fs);
     free(fs.known);
@@ -1526,15 +1554,22 @@ __attribute__((visibility("default"))) int dh_unmount_when_gone(const char *moun
             dup2(null, fd);
     if (p[0] != 3)
         dup2(p[0], 3);
-    close_range(4, ~0u, 0);
+    if (close_range(4, ~0u, 0)) /* before Linux 5.9: one by one */
+        for (int fd = 4; fd < 65536; fd++)
+            close(fd);
     char c;
     while (read(3, &c, 1) < 0 && errno == EINTR)
         ;
-    struct stat st; /* the server is gone: blocks until its connection is aborted */
+    /* The server is gone. statfs always asks the server (lstat could be
+     * answered from cached attributes); it blocks until the connection is
+     * aborted. */
+    struct statvfs st;
     int rc;
-    while ((rc = lstat(mountpoint, &st)) < 0 && errno == EINTR)
+    while ((rc = statvfs(mountpoint, &st)) < 0 && errno == EINTR)
         ;
-    if (rc < 0 && (errno == ENOTCONN || errno == ECONNABORTED))
-        execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint, (char *)NULL);
+    if (rc < 0 && (errno == ENOTCONN || errno == ECONNABORTED)) {
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        execv(FUSERMOUNT, (char *const[]){"fusermount3", "-u", "-z", (char *)mountpoint, NULL});
+    }
     _exit(0);
 }

@@ -195,6 +195,25 @@ def test_directories_renames_and_links(mnt):
     assert e.value.errno == errno.EPERM
 
 
+def test_reopening_with_o_trunc_empties_the_file(mnt):
+    p = mnt.path / "f"
+    p.write_text("hello world\n")
+    p.write_text("a\n")  # open(O_WRONLY | O_CREAT | O_TRUNC) of a file that exists
+    assert p.read_text() == "a\n" and p.stat().st_size == 2
+    fd = os.open(p, os.O_RDWR | os.O_TRUNC)
+    os.close(fd)
+    assert p.read_bytes() == b""
+
+
+def test_names_that_are_not_utf8_are_einval(mnt):
+    for name in (b"\xc0\xaf", b"\xed\xa0\x80", b"\xf5\x80\x80\x80", b"\xff"):
+        with pytest.raises(OSError) as e:
+            os.close(os.open(os.fsencode(mnt.path) + b"/" + name, os.O_CREAT | os.O_WRONLY))
+        assert e.value.errno == errno.EINVAL, name
+    (mnt.path / "caf\u00e9 \U0001f600").write_text("ok")  # well-formed, two to four bytes
+    assert os.listdir(mnt.path) == ["caf\u00e9 \U0001f600"]
+
+
 def test_an_unlinked_open_file_stays_readable_until_closed(mnt):
     p = mnt.path / "tmp"
     p.write_bytes(b"still here")
@@ -419,6 +438,16 @@ def test_what_a_program_fsynced_survives_a_sigkill_of_the_mount(tmp_path, server
     m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
     try:
         assert (m.path / "kept").read_bytes() == b"x" * 100000
+    finally:
+        m.stop()
+
+
+def test_sigint_unmounts(tmp_path, server):
+    m = Mount(tmp_path / "fs.sqlite", tmp_path / "mnt", server)
+    try:
+        m.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert m.proc.wait(timeout=30) == 0
+        assert not mounted(m.path)
     finally:
         m.stop()
 
