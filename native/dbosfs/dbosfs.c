@@ -53,7 +53,7 @@ enum stmt {
     S_FILE_SIZE, S_TOUCH_DIR, S_NEW_FILE, S_NEW_DIR, S_ORPHAN, S_DEL_FILE, S_DIR_USED,
     S_DEL_DIR, S_MOVE_DIR, S_MOVE_FILE, S_PARENT, S_FORGET, S_READLINK,
     S_RD_DIRS, S_RD_FILES, S_COUNT, S_BLOCK, S_PUT_BLOCK, S_BLOCKS, S_CUT_BLOCKS,
-    S_TAIL_BLOCK, S_GROW, S_WROTE, S_SET_SIZE, S_EVENT, N_STMT
+    S_TAIL_BLOCK, S_GROW, S_WROTE, S_SET_SIZE, S_SET_FILE, S_SET_DIR, S_EVENT, N_STMT
 };
 
 static const char *const SQL[N_STMT] = {
@@ -100,6 +100,12 @@ static const char *const SQL[N_STMT] = {
     /* size not SET: SQLite then leaves the files_size index alone */
     [S_WROTE] = "UPDATE files SET modified = ?2, changed = ?2 WHERE file_id = ?1",
     [S_SET_SIZE] = "UPDATE files SET size = ?, modified = ? WHERE file_id = ?",
+    /* setattr: ?1 the change time; ?2-?6 NULL where not asked to change */
+#define SET_COLS "SET changed = ?1, mode = coalesce(?2, mode), uid = coalesce(?3, uid), " \
+                 "gid = coalesce(?4, gid), accessed = coalesce(?5, accessed), " \
+                 "modified = coalesce(?6, modified)"
+    [S_SET_FILE] = "UPDATE files " SET_COLS " WHERE file_id = ?7",
+    [S_SET_DIR] = "UPDATE dirs " SET_COLS " WHERE dir_id = ?7",
     [S_EVENT] = "INSERT INTO events (time, node, task_id, kind, detail, pid, program) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
 };
@@ -943,7 +949,6 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *in, int to_s
     int64_t size;
     int mode = 0, err = begin(fs, 1);
     double t = now();
-    char sql[256];
     (void)fi;
     if (err) {
         fuse_reply_err(req, err);
@@ -972,41 +977,23 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *in, int to_s
             }
         }
     }
-    if (!err) {
-        /* The columns to set, in this order: changed always, then each given. */
-        int n = snprintf(sql, sizeof sql, "UPDATE %s SET changed = ?1",
-                         ino % 2 ? "dirs" : "files");
+    if (!err) { /* a value left NULL keeps its column */
+        sqlite3_stmt *st = q(fs, ino % 2 ? S_SET_DIR : S_SET_FILE);
+        sqlite3_bind_double(st, 1, t);
         if (to_set & FUSE_SET_ATTR_MODE)
-            n += snprintf(sql + n, sizeof sql - (size_t)n, ", mode = ?2");
-        if (to_set & FUSE_SET_ATTR_UID)
-            n += snprintf(sql + n, sizeof sql - (size_t)n, ", uid = ?3");
-        if (to_set & FUSE_SET_ATTR_GID)
-            n += snprintf(sql + n, sizeof sql - (size_t)n, ", gid = ?4");
-        if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW))
-            n += snprintf(sql + n, sizeof sql - (size_t)n, ", accessed = ?5");
-        if (to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW))
-            n += snprintf(sql + n, sizeof sql - (size_t)n, ", modified = ?6");
-        snprintf(sql + n, sizeof sql - (size_t)n, " WHERE %s = ?7",
-                 ino % 2 ? "dir_id" : "file_id");
-        sqlite3_stmt *st;
-        if (sqlite3_prepare_v2(fs->db, sql, -1, &st, NULL) != SQLITE_OK) {
-            fprintf(stderr, "[mount] setattr: %s\n", sqlite3_errmsg(fs->db));
-            err = EIO;
-        } else {
-            double at = to_set & FUSE_SET_ATTR_ATIME_NOW ? t
-                        : (double)in->st_atim.tv_sec + in->st_atim.tv_nsec / 1e9;
-            double mt = to_set & FUSE_SET_ATTR_MTIME_NOW ? t
-                        : (double)in->st_mtim.tv_sec + in->st_mtim.tv_nsec / 1e9;
-            sqlite3_bind_double(st, 1, t);
             sqlite3_bind_int(st, 2, (int)((mode & S_IFMT) | (in->st_mode & 07777)));
+        if (to_set & FUSE_SET_ATTR_UID)
             sqlite3_bind_int(st, 3, (int)in->st_uid);
+        if (to_set & FUSE_SET_ATTR_GID)
             sqlite3_bind_int(st, 4, (int)in->st_gid);
-            sqlite3_bind_double(st, 5, at);
-            sqlite3_bind_double(st, 6, mt);
-            sqlite3_bind_int64(st, 7, ino % 2 ? ino_dir(ino) : ino_file(ino));
-            err = run(fs, st);
-            sqlite3_finalize(st);
-        }
+        if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW))
+            sqlite3_bind_double(st, 5, to_set & FUSE_SET_ATTR_ATIME_NOW ? t
+                                : (double)in->st_atim.tv_sec + in->st_atim.tv_nsec / 1e9);
+        if (to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW))
+            sqlite3_bind_double(st, 6, to_set & FUSE_SET_ATTR_MTIME_NOW ? t
+                                : (double)in->st_mtim.tv_sec + in->st_mtim.tv_nsec / 1e9);
+        sqlite3_bind_int64(st, 7, ino % 2 ? ino_dir(ino) : ino_file(ino));
+        err = run(fs, st);
     }
     if (!err)
         err = attr(fs, ino, &a);
